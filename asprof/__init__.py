@@ -1,0 +1,76 @@
+"""asprof: continuous profiling for Python services, built on async-profiler.
+
+    import asprof
+    asprof.start_profiling()        # a JFR profile in ./profiles every 30 s
+    ...
+    asprof.stop_profiling()         # the last profile is flushed
+
+or, with explicit control::
+
+    profiler = asprof.Profiler(reporter=asprof.LocalReporter("/var/profiles"),
+                               reporting_interval=30.0,
+                               options=asprof.ProfilerOptions(cpu_interval=0.01, wall_interval=0.1))
+    with profiler.start():
+        ...
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Optional
+
+from asprof.agent import Profiler, RunningProfiler, start_profiling, stop_profiling
+from asprof.errors import (
+    AsprofError,
+    LibraryNotFoundError,
+    ProfilerAlreadyRunningError,
+    ProfilerError,
+    UnsupportedVersionError,
+)
+from asprof.metadata import AgentMetadata, Ec2Metadata, FargateMetadata, NoMetadata, ReportMetadata
+from asprof.options import ProfilerOptions
+from asprof.reporter import LocalReporter, MultiReporter, Reporter, ReporterError
+
+if TYPE_CHECKING:
+    from asprof.engine import LibraryInfo
+    from asprof.reporter.s3 import S3Reporter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Profiler",
+    "RunningProfiler",
+    "ProfilerOptions",
+    "start_profiling",
+    "stop_profiling",
+    "library_info",
+    "Reporter",
+    "ReporterError",
+    "LocalReporter",
+    "MultiReporter",
+    "S3Reporter",
+    "AgentMetadata",
+    "Ec2Metadata",
+    "FargateMetadata",
+    "NoMetadata",
+    "ReportMetadata",
+    "AsprofError",
+    "LibraryNotFoundError",
+    "UnsupportedVersionError",
+    "ProfilerError",
+    "ProfilerAlreadyRunningError",
+]
+
+
+def library_info(path: Optional[str] = None) -> "LibraryInfo":
+    """Loads async-profiler (see :func:`asprof.engine.load_library`) and describes it:
+    path, version, optional features. Raises LibraryNotFoundError."""
+    from asprof.engine import load_library
+
+    return load_library(path)[1]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "S3Reporter":  # boto3 is imported only when an S3 reporter is used
+        from asprof.reporter.s3 import S3Reporter
+
+        return S3Reporter
+    raise AttributeError(f"module 'asprof' has no attribute {name!r}")

@@ -1,0 +1,126 @@
+"""ProfilerOptions: what async-profiler samples, validated before use.
+
+Every value here ends up in async-profiler's command string
+(``start,event=cpu,interval=...``), where a ``,`` or ``=`` would add
+arguments of the caller's choosing. Values are therefore checked when the
+options are built, and a bad one raises ``ValueError`` naming the option.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Optional, Union
+
+__all__ = ["ProfilerOptions", "DEFAULT_CPU_INTERVAL", "DEFAULT_WALL_INTERVAL"]
+
+DEFAULT_CPU_INTERVAL = 0.1  # seconds, as the Rust agent
+DEFAULT_WALL_INTERVAL = 1.0  # seconds, as the Rust agent
+_MIN_INTERVAL = 1e-6
+_MAX_INTERVAL = 3600.0
+_SIZE = re.compile(r"^([0-9]{1,15})([bkmg]?)$", re.IGNORECASE)
+_SIZE_FACTOR = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+_CSTACK = ("dwarf", "fp", "no")
+
+
+def _interval(name: str, value: object, *, allow_none: bool = False) -> Optional[float]:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number of seconds, got {value!r}")
+    v = float(value)
+    if math.isnan(v) or math.isinf(v):
+        raise ValueError(f"{name} must be a finite number of seconds, got {value!r}")
+    if v <= 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    if v < _MIN_INTERVAL or v > _MAX_INTERVAL:
+        raise ValueError(f"{name} must be between 1 µs and 1 hour, got {value!r} s")
+    return v
+
+
+def _native_mem(value: object) -> Optional[int]:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"native_mem must be a byte count or a size like '10m', got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"native_mem must not be negative, got {value!r}")
+        return value
+    if isinstance(value, str):
+        m = _SIZE.match(value.strip())
+        if not m:
+            raise ValueError(
+                f"native_mem must be a byte count or a size like '512k', '10m', '1g', got {value!r}"
+            )
+        return int(m.group(1)) * _SIZE_FACTOR[m.group(2).lower()]
+    raise ValueError(f"native_mem must be a byte count or a size like '10m', got {value!r}")
+
+
+@dataclass(frozen=True)
+class ProfilerOptions:
+    """What async-profiler records.
+
+    - ``cpu_interval``: seconds of CPU time between CPU samples (default 0.1).
+    - ``wall_interval``: seconds between wall-clock samples of each thread
+      (default 1.0); ``None`` turns wall-clock sampling off.
+    - ``native_mem``: sample native allocations every that many bytes
+      (an int, or a string such as ``"10m"``); ``0`` records every
+      allocation; ``None`` (default) turns it off.
+    - ``all_user``: leave kernel frames out of CPU stacks (async-profiler's
+      ``alluser``). On by default: Python services rarely need kernel frames,
+      and it saves memory and start-up time (see benchmarks/README.md).
+    - ``cstack``: how native stacks are walked: ``"dwarf"`` (default; CPython
+      is usually built without frame pointers), ``"fp"`` or ``"no"``.
+    - ``force_native_mem``: sample native memory even on interpreters where
+      async-profiler's malloc hooks are known to crash the process.
+    """
+
+    cpu_interval: float = DEFAULT_CPU_INTERVAL
+    wall_interval: Optional[float] = DEFAULT_WALL_INTERVAL
+    native_mem: Union[int, str, None] = None
+    all_user: bool = True
+    cstack: str = "dwarf"
+    force_native_mem: bool = False
+
+    def __post_init__(self) -> None:
+        cpu = _interval("cpu_interval", self.cpu_interval)
+        wall = _interval("wall_interval", self.wall_interval, allow_none=True)
+        mem = _native_mem(self.native_mem)
+        if not isinstance(self.all_user, bool):
+            raise ValueError(f"all_user must be True or False, got {self.all_user!r}")
+        if not isinstance(self.force_native_mem, bool):
+            raise ValueError(f"force_native_mem must be True or False, got {self.force_native_mem!r}")
+        if self.cstack not in _CSTACK:
+            raise ValueError(f"cstack must be one of {', '.join(_CSTACK)}, got {self.cstack!r}")
+        object.__setattr__(self, "cpu_interval", cpu)
+        object.__setattr__(self, "wall_interval", wall)
+        object.__setattr__(self, "native_mem", mem)
+
+    @property
+    def cpu_interval_ns(self) -> int:
+        return max(1, round(self.cpu_interval * 1e9))
+
+    @property
+    def wall_interval_ms(self) -> Optional[int]:
+        return None if self.wall_interval is None else max(1, round(self.wall_interval * 1e3))
+
+    def start_command(self) -> str:
+        """async-profiler's start command, without ``file=`` and the log arguments.
+
+        The same format as the Rust agent:
+        ``start,event=cpu,interval={ns},wall={ms}ms,jfr,cstack=dwarf[,nativemem={bytes}]``.
+        """
+        parts = ["start", "event=cpu", f"interval={self.cpu_interval_ns}"]
+        wall_ms = self.wall_interval_ms
+        if wall_ms is not None:
+            parts.append(f"wall={wall_ms}ms")
+        parts += ["jfr", f"cstack={self.cstack}"]
+        if self.all_user:
+            parts.append("alluser")
+        if self.native_mem is not None:
+            parts.append(f"nativemem={self.native_mem}")
+        command = ",".join(parts)
+        # Defence in depth: nothing above can contain these, by construction.
+        assert not any(c in command for c in "\n\0") and "file=" not in command
+        return command

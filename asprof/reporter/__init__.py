@@ -1,0 +1,27 @@
+"""Reporters: where finished profiles go.
+
+A reporter receives each finished JFR recording with its
+:class:`~asprof.metadata.ReportMetadata`. ``LocalReporter`` writes files,
+``MultiReporter`` fans out, ``S3Reporter`` uploads (imported lazily, it needs
+the ``s3`` extra).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from asprof.reporter.base import Reporter, ReporterError
+from asprof.reporter.local import LocalReporter
+from asprof.reporter.multi import MultiReporter
+
+if TYPE_CHECKING:
+    from asprof.reporter.s3 import S3Reporter
+
+__all__ = ["Reporter", "ReporterError", "LocalReporter", "MultiReporter", "S3Reporter"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "S3Reporter":
+        from asprof.reporter.s3 import S3Reporter
+
+        return S3Reporter
+    raise AttributeError(f"module 'asprof.reporter' has no attribute {name!r}")

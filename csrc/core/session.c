@@ -1,0 +1,236 @@
+/*
+ * The dual-file JFR rotation (the Rust agent's JfrFile / ProfilerState /
+ * tick_blocking), and the guard that keeps forked children away from the
+ * parent's recordings.
+ *
+ * async-profiler is given "/proc/self/fd/N" of the active file and opens that
+ * path itself, so it holds its own descriptor of our file and writes to it
+ * until it is stopped. Hence the rule of this file: a file is closed only when
+ * async-profiler is known to be stopped. When a stop fails, or the session is
+ * destroyed while the profiler may be running or starting, the descriptors are
+ * leaked on purpose: closing them would free the number N, the next open() in
+ * the process could reuse it, and async-profiler (which may still re-open or
+ * write "/proc/self/fd/N") would then write into an unrelated file.
+ */
+#include "asprof_core.h"
+#include "internal.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+/* Sessions alive (or leaked) in this process; walked by the at-fork handler. */
+static asp_session *sessions;
+static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+
+static void set_err(char *err, size_t errlen, const char *msg, int e) {
+    if (err != NULL && errlen > 0) snprintf(err, errlen, "%s: %s", msg, strerror(e));
+}
+
+/* ---- fork guard ---- */
+
+static void before_fork(void) {
+    /* Fork only between commands, never in the middle of a start/stop/tick,
+       so the child's copy of async-profiler and of our state is consistent. */
+    pthread_mutex_lock(&asp_exec_lock);
+    pthread_mutex_lock(&registry_lock);
+}
+
+static void after_fork_parent(void) {
+    pthread_mutex_unlock(&registry_lock);
+    pthread_mutex_unlock(&asp_exec_lock);
+}
+
+/*
+ * In the child, async-profiler's own descriptors of our recordings are shared
+ * with the parent (same open file description). Its atexit hook stops a running
+ * profiler, which would append to the parent's file or rewrite the header of a
+ * finished one. Point every such descriptor at /dev/null. Only async-signal-safe
+ * calls here: raw getdents64, fstat, dup2.
+ */
+struct linux_dirent64 {
+    unsigned long long d_ino;
+    long long d_off;
+    unsigned short d_reclen;
+    unsigned char d_type;
+    char d_name[];
+};
+
+static int matches_recording(int fd) {
+    struct stat st;
+    if (fstat(fd, &st) != 0) return 0;
+    for (asp_session *s = sessions; s != NULL; s = s->next) {
+        for (int i = 0; i < 2; i++) {
+            if (fd == s->fd[i]) return 0;  /* our own descriptor: the child's session object owns it */
+            if (s->dev[i] == st.st_dev && s->ino[i] == st.st_ino) return 1;
+        }
+    }
+    return 0;
+}
+
+static void after_fork_child(void) {
+    int devnull = -1;
+    int dir = open("/proc/self/fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dir >= 0 && sessions != NULL) {
+        char buf[4096];
+        for (;;) {
+            long n = syscall(SYS_getdents64, dir, buf, sizeof(buf));
+            if (n <= 0) break;
+            for (long off = 0; off < n;) {
+                struct linux_dirent64 *d = (struct linux_dirent64 *)(buf + off);
+                off += d->d_reclen;
+                int fd = 0;
+                const char *p = d->d_name;
+                if (*p < '0' || *p > '9') continue;
+                while (*p >= '0' && *p <= '9') fd = fd * 10 + (*p++ - '0');
+                if (fd == dir || !matches_recording(fd)) continue;
+                if (devnull < 0) devnull = open("/dev/null", O_WRONLY | O_CLOEXEC);
+                if (devnull >= 0) dup2(devnull, fd);
+            }
+        }
+    }
+    if (dir >= 0) close(dir);
+    if (devnull >= 0) close(devnull);
+    /* async-profiler's log file is the parent's too: the child gets its own on first use.
+       Its own descriptor of it is left alone (messages from the child are harmless there). */
+    if (asp_log_fd >= 0) {
+        close(asp_log_fd);
+        asp_log_fd = -1;
+    }
+    pthread_mutex_unlock(&registry_lock);
+    pthread_mutex_unlock(&asp_exec_lock);
+}
+
+static void register_atfork(void) {
+    pthread_atfork(before_fork, after_fork_parent, after_fork_child);
+}
+
+/* ---- the session ---- */
+
+asp_session *asp_session_new(asp_library *lib, const char *start_command, const char *loglevel,
+                             char *err, size_t errlen) {
+    pthread_once(&atfork_once, register_atfork);
+    asp_session *s = calloc(1, sizeof(*s));
+    if (s == NULL) {
+        set_err(err, errlen, "cannot allocate the session", ENOMEM);
+        return NULL;
+    }
+    s->lib = lib;
+    s->pid = getpid();
+    s->fd[0] = s->fd[1] = -1;
+    snprintf(s->loglevel, sizeof(s->loglevel), "%s", loglevel);
+    s->start_command = strdup(start_command);
+    if (s->start_command == NULL) {
+        set_err(err, errlen, "cannot allocate the session", ENOMEM);
+        free(s);
+        return NULL;
+    }
+    for (int i = 0; i < 2; i++) {
+        s->fd[i] = asp_tmpfile(err, errlen);
+        struct stat st;
+        if (s->fd[i] < 0 || fstat(s->fd[i], &st) != 0) {
+            if (s->fd[i] >= 0) set_err(err, errlen, "cannot stat the recording file", errno);
+            for (int j = 0; j <= i; j++) if (s->fd[j] >= 0) close(s->fd[j]);
+            free(s->start_command);
+            free(s);
+            return NULL;
+        }
+        s->dev[i] = st.st_dev;
+        s->ino[i] = st.st_ino;
+    }
+    /* async-profiler opens the path itself: /proc must be there. */
+    char path[64];
+    asp_fd_path(s->fd[0], path, sizeof(path));
+    if (access(path, R_OK | W_OK) != 0) {
+        set_err(err, errlen, "cannot reach the recording through /proc/self/fd (is /proc mounted?)", errno);
+        close(s->fd[0]);
+        close(s->fd[1]);
+        free(s->start_command);
+        free(s);
+        return NULL;
+    }
+    pthread_mutex_lock(&registry_lock);
+    s->next = sessions;
+    sessions = s;
+    pthread_mutex_unlock(&registry_lock);
+    return s;
+}
+
+static int foreign(asp_session *s) {
+    /* A forked child's copy: the profiler and the files belong to the parent. */
+    return s->pid != getpid();
+}
+
+const char *asp_session_start(asp_session *s, asp_buf *log) {
+    if (foreign(s)) return "this profiler belongs to the parent process (the process forked)";
+    if (s->leaked) return "the recording files were abandoned after a failed stop";
+    if (s->status != ASP_IDLE) return "the profiler session is already started";
+    char path[64];
+    asp_fd_path(s->fd[s->active], path, sizeof(path));
+    size_t n = strlen(s->start_command) + sizeof(path) + 16;
+    char *cmd = malloc(n);
+    if (cmd == NULL) return "out of memory";
+    snprintf(cmd, n, "%s,file=%s", s->start_command, path);
+    /* From here until start returns, the profiler may be running: a session destroyed
+       now leaks its files (the seed's Status::Starting). */
+    s->status = ASP_STARTING;
+    const char *e = asp_execute(s->lib, cmd, s->loglevel, NULL, log);
+    free(cmd);
+    if (e == NULL) s->status = ASP_RUNNING;
+    return e;
+}
+
+const char *asp_session_stop(asp_session *s, asp_buf *log) {
+    if (foreign(s)) return "this profiler belongs to the parent process (the process forked)";
+    if (s->status == ASP_IDLE) return NULL;
+    const char *e = asp_execute(s->lib, "stop", s->loglevel, NULL, log);
+    if (e == NULL) s->status = ASP_IDLE;
+    return e;
+}
+
+const char *asp_session_tick(asp_session *s, int *finished, asp_buf *log) {
+    *finished = -1;
+    if (s->status != ASP_RUNNING) return asp_session_start(s, log);
+    const char *e = asp_session_stop(s, log);
+    if (e != NULL) return e;
+    int inactive = 1 - s->active;
+    /* Empty the other file before async-profiler gets it (start also truncates it). */
+    if (ftruncate(s->fd[inactive], 0) != 0) return "cannot empty the inactive recording file";
+    s->active = inactive;
+    *finished = s->fd[1 - s->active];
+    return asp_session_start(s, log);
+}
+
+int asp_session_destroy(asp_session *s, asp_buf *log) {
+    if (s == NULL) return 0;
+    if (foreign(s)) return 1;  /* the parent's files: never touched from a child */
+    if (s->status == ASP_RUNNING) asp_session_stop(s, log);
+    if (s->status != ASP_IDLE || s->leaked) {
+        /* Stop failed, or a start may be in progress: async-profiler may still
+           write "/proc/self/fd/N". Keep the descriptors (and the registry entry,
+           so that forked children are still guarded). */
+        s->leaked = 1;
+        return 1;
+    }
+    pthread_mutex_lock(&registry_lock);
+    for (asp_session **pp = &sessions; *pp != NULL; pp = &(*pp)->next) {
+        if (*pp == s) {
+            *pp = s->next;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&registry_lock);
+    close(s->fd[0]);
+    close(s->fd[1]);
+    free(s->start_command);
+    free(s);
+    return 0;
+}

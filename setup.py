@@ -1,0 +1,43 @@
+"""Build script for the compiled parts of asprof.
+
+Metadata lives in pyproject.toml; this file only declares the C/Cython
+extensions, because setuptools cannot express them declaratively.
+"""
+from __future__ import annotations
+
+import glob
+import os
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CFLAGS = ["-O2", "-g0", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fvisibility=hidden", "-std=gnu11"]
+
+# The native core: csrc/ (plain C, no Python API) wrapped by asprof/_native.pyx.
+native_core = Extension(
+    "asprof._native",
+    sources=["asprof/_native.pyx"] + sorted(glob.glob("csrc/core/*.c")),
+    include_dirs=["csrc/core"],
+    libraries=["dl", "pthread"],
+    extra_compile_args=CFLAGS,
+    define_macros=[("_GNU_SOURCE", "1")],
+)
+
+# The JFR reader's hot loops (issue: read and view profiles).
+jfr_extensions = [
+    Extension(
+        "asprof.jfr._parser",
+        sources=["asprof/jfr/_parser.pyx"],
+        extra_compile_args=CFLAGS,
+        define_macros=[("_GNU_SOURCE", "1")],
+    )
+] if os.path.exists(os.path.join(HERE, "asprof/jfr/_parser.pyx")) else []
+
+setup(
+    ext_modules=cythonize(
+        [native_core, *jfr_extensions],
+        language_level="3",
+        compiler_directives={"embedsignature": True},
+    ),
+)
