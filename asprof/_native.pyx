@@ -25,6 +25,7 @@ cdef extern from "asprof_core.h":
 
     asp_library *asp_library_open(const char *path, char *err, size_t errlen) nogil
     void asp_library_init(asp_library *lib) nogil
+    void asp_release_log(asp_library *lib) nogil
     const char *asp_execute(asp_library *lib, const char *command, const char *loglevel,
                             asp_buf *out, asp_buf *log) nogil
 
@@ -47,6 +48,18 @@ cdef extern from "asprof_core.h":
     int asp_read_fd(int fd, asp_buf *out, char *err, size_t errlen) nogil
     long long asp_fd_size(int fd) nogil
     int asp_session_destroy(asp_session *s, asp_buf *log) nogil
+
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef unsigned long pthread_t
+    pthread_t pthread_self()
+    int pthread_setname_np(pthread_t thread, const char *name)
+
+
+def set_thread_name(str name):
+    """Names the calling OS thread (visible in /proc/self/task/*/comm, top, gdb)."""
+    cdef bytes b = name.encode()[:15]
+    pthread_setname_np(pthread_self(), b)
 
 
 cdef str _text(asp_buf *b):
@@ -93,6 +106,11 @@ cdef class Library:
     def init(self):
         with nogil:
             asp_library_init(self.lib)
+
+    def release_log(self):
+        """Closes async-profiler's log descriptors while it is idle."""
+        with nogil:
+            asp_release_log(self.lib)
 
     def execute(self, str command, str loglevel="warn"):
         """Runs a command: returns (error or None, output text, log text)."""

@@ -80,6 +80,7 @@ class _Agent:
     # ---- the agent thread ----
     def _run(self) -> None:
         try:
+            _name_os_thread("asprof-agent")
             deadline = time.monotonic() + self.interval
             while True:
                 with self.cond:
@@ -177,6 +178,15 @@ class _Agent:
                            "(%d bytes) is lost; call stop() before exiting to deliver it", self.reporter, len(jfr))
         except Exception as e:  # noqa: BLE001 - reporter errors never stop profiling
             logger.error("%r failed to report a profile (%d bytes): %s", self.reporter, len(jfr), e)
+
+
+def _name_os_thread(name: str) -> None:
+    try:
+        from asprof._native import set_thread_name
+
+        set_thread_name(name)
+    except ImportError:  # a pure-Python engine in tests
+        pass
 
 
 class RunningProfiler:

@@ -136,6 +136,7 @@ def load_library(path: Optional[str] = None) -> Tuple[object, LibraryInfo]:
             lib.init()
             err, out, log = lib.execute("version", engine_loglevel())
             forward_log(log)
+            lib.release_log()
             version = out.strip() if err is None else ""
             vt = _parse_version(version)
             if vt and vt < MIN_VERSION:

@@ -23,7 +23,7 @@ _SIZE_FACTOR = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 _CSTACK = ("dwarf", "fp", "no")
 
 
-def _interval(name: str, value: object, *, allow_none: bool = False) -> Optional[float]:
+def _interval(name: str, value: object, *, allow_none: bool = False, minimum: float = _MIN_INTERVAL) -> Optional[float]:
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -33,8 +33,8 @@ def _interval(name: str, value: object, *, allow_none: bool = False) -> Optional
         raise ValueError(f"{name} must be a finite number of seconds, got {value!r}")
     if v <= 0:
         raise ValueError(f"{name} must be positive, got {value!r}")
-    if v < _MIN_INTERVAL or v > _MAX_INTERVAL:
-        raise ValueError(f"{name} must be between 1 µs and 1 hour, got {value!r} s")
+    if v < minimum or v > _MAX_INTERVAL:
+        raise ValueError(f"{name} must be between {minimum:g} s and 1 hour, got {value!r} s")
     return v
 
 
@@ -48,7 +48,7 @@ def _native_mem(value: object) -> Optional[int]:
             raise ValueError(f"native_mem must not be negative, got {value!r}")
         return value
     if isinstance(value, str):
-        m = _SIZE.match(value.strip())
+        m = _SIZE.fullmatch(value)
         if not m:
             raise ValueError(
                 f"native_mem must be a byte count or a size like '512k', '10m', '1g', got {value!r}"
@@ -85,13 +85,13 @@ class ProfilerOptions:
 
     def __post_init__(self) -> None:
         cpu = _interval("cpu_interval", self.cpu_interval)
-        wall = _interval("wall_interval", self.wall_interval, allow_none=True)
+        wall = _interval("wall_interval", self.wall_interval, allow_none=True, minimum=0.001)
         mem = _native_mem(self.native_mem)
         if not isinstance(self.all_user, bool):
             raise ValueError(f"all_user must be True or False, got {self.all_user!r}")
         if not isinstance(self.force_native_mem, bool):
             raise ValueError(f"force_native_mem must be True or False, got {self.force_native_mem!r}")
-        if self.cstack not in _CSTACK:
+        if not isinstance(self.cstack, str) or self.cstack not in _CSTACK:
             raise ValueError(f"cstack must be one of {', '.join(_CSTACK)}, got {self.cstack!r}")
         object.__setattr__(self, "cpu_interval", cpu)
         object.__setattr__(self, "wall_interval", wall)

@@ -31,6 +31,8 @@ class LocalReporter(Reporter):
 
     def __init__(self, directory: Union[str, "os.PathLike[str]"] = "profiles") -> None:
         path = os.path.abspath(os.fspath(directory))
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError(f"LocalReporter: {path!r} is not a directory")
         try:
             os.makedirs(path, exist_ok=True)
         except OSError as e:

@@ -72,6 +72,12 @@ void asp_library_init(asp_library *lib);
 const char *asp_execute(asp_library *lib, const char *command, const char *loglevel,
                         asp_buf *out, asp_buf *log);
 
+/*
+ * Closes the descriptors of async-profiler's log (ours and its own) while it
+ * is idle; the next command opens a new one.
+ */
+void asp_release_log(asp_library *lib);
+
 /* ---- session.c: the dual-file JFR rotation ---- */
 typedef enum { ASP_IDLE = 0, ASP_STARTING = 1, ASP_RUNNING = 2 } asp_status;
 

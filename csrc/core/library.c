@@ -232,6 +232,18 @@ static void drain_log(asp_buf *log, off_t from) {
     log_offset = (off_t)size;
 }
 
+void asp_release_log(asp_library *lib) {
+    pthread_mutex_lock(&asp_exec_lock);
+    if (asp_log_fd >= 0 && lib->initialized) {
+        /* async-profiler keeps its log file open until its next command: make it
+           switch to stderr with logging off, which closes that descriptor. */
+        lib->execute("status,log=stderr,loglevel=none", NULL);
+        close(asp_log_fd);
+        asp_log_fd = -1;
+    }
+    pthread_mutex_unlock(&asp_exec_lock);
+}
+
 const char *asp_execute(asp_library *lib, const char *command, const char *loglevel,
                         asp_buf *out, asp_buf *log) {
     if (!lib->initialized) asp_library_init(lib);

@@ -182,7 +182,14 @@ const char *asp_session_start(asp_session *s, asp_buf *log) {
     /* From here until start returns, the profiler may be running: a session destroyed
        now leaks its files (the seed's Status::Starting). */
     s->status = ASP_STARTING;
+    /* async-profiler's threads (timer, wall clock) inherit the name of the thread
+       that starts them: name them after the engine, so that top, /proc and the
+       benchmarks attribute their CPU time correctly. */
+    char own_name[16] = "";
+    int named = pthread_getname_np(pthread_self(), own_name, sizeof(own_name)) == 0 &&
+                pthread_setname_np(pthread_self(), "async-profiler") == 0;
     const char *e = asp_execute(s->lib, cmd, s->loglevel, NULL, log);
+    if (named) pthread_setname_np(pthread_self(), own_name);
     free(cmd);
     if (e == NULL) s->status = ASP_RUNNING;
     return e;
@@ -230,7 +237,14 @@ int asp_session_destroy(asp_session *s, asp_buf *log) {
     pthread_mutex_unlock(&registry_lock);
     close(s->fd[0]);
     close(s->fd[1]);
+    asp_library *lib = s->lib;
     free(s->start_command);
     free(s);
+    /* Leave no descriptor behind once nothing is recording. */
+    pthread_mutex_lock(&registry_lock);
+    int others = 0;
+    for (asp_session *o = sessions; o != NULL; o = o->next) others |= !o->leaked;
+    pthread_mutex_unlock(&registry_lock);
+    if (!others) asp_release_log(lib);
     return 0;
 }

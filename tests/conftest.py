@@ -1,0 +1,94 @@
+"""Shared fixtures: the stand-in library, the real one, child interpreters."""
+from __future__ import annotations
+
+import ctypes.util
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Dict, Iterator, Optional
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+STUB_SOURCE = Path(__file__).resolve().parent / "stub" / "fake_asprof.c"
+JFR_TOOL = next(iter(sorted(Path("/usr/lib/jvm").glob("*/bin/jfr"))), None) if Path("/usr/lib/jvm").exists() else None
+
+
+def _compiler() -> Optional[str]:
+    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+
+
+@pytest.fixture(scope="session")
+def stub_builds(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
+    """The stand-in library compiled in three variants: full, without the 4.x
+    functions, and without asprof_execute."""
+    cc = _compiler()
+    if cc is None:
+        pytest.skip("no C compiler to build the stand-in libasyncProfiler.so")
+    out = tmp_path_factory.mktemp("stub")
+    builds = {}
+    for name, flags in (("full", []), ("no_optional", ["-DSTUB_NO_OPTIONAL"]), ("no_execute", ["-DSTUB_NO_EXECUTE"])):
+        d = out / name
+        d.mkdir()
+        target = d / "libasyncProfiler.so"
+        subprocess.run([cc, "-shared", "-fPIC", "-O1", *flags, "-o", str(target), str(STUB_SOURCE)], check=True)
+        builds[name] = target
+    return builds
+
+
+@pytest.fixture
+def stub_lib(stub_builds: Dict[str, Path], tmp_path: Path) -> Path:
+    """A private copy of the full stand-in: a new file is a new library instance
+    (async-profiler and its stand-in are never unloaded), so each test starts clean."""
+    target = tmp_path / "lib" / "libasyncProfiler.so"
+    target.parent.mkdir()
+    shutil.copy(stub_builds["full"], target)
+    return target
+
+
+def _real_library() -> Optional[str]:
+    env = os.environ.get("ASPROF_LIB")
+    if env and os.path.exists(env) and "stub" not in env:
+        return env
+    found = ctypes.util.find_library("asyncProfiler")
+    return found
+
+
+REAL_LIB = _real_library()
+requires_real = pytest.mark.skipif(
+    REAL_LIB is None,
+    reason="async-profiler (libasyncProfiler.so) is not installed: real-engine tests skipped; "
+    "install it (see README) to run them",
+)
+
+
+def child_env(**extra: str) -> Dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.pop("ASPROF_LIB", None)
+    env.update(extra)
+    return env
+
+
+def run_python(code: str, *, timeout: float = 60, python: str = sys.executable, cwd: Optional[Path] = None,
+               **env: str) -> subprocess.CompletedProcess:
+    """Runs code in a child interpreter (bounded in time) and returns the result."""
+    return subprocess.run(
+        [python, "-c", textwrap.dedent(code)],
+        capture_output=True, text=True, timeout=timeout, env=child_env(**env), cwd=cwd,
+    )
+
+
+@pytest.fixture
+def no_profiler() -> Iterator[None]:
+    """Fails a test that leaves a profiler running in this process."""
+    yield
+    from asprof import agent
+
+    if agent._active is not None and not agent._active.done.is_set():
+        agent._active.request_stop()
+        agent._active.done.wait(10)
+        pytest.fail("the test left a profiler running")

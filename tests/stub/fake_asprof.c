@@ -1,0 +1,155 @@
+/*
+ * A stand-in for libasyncProfiler.so, written for asprof's tests.
+ *
+ * It implements async-profiler's C API (asprof_init, asprof_execute,
+ * asprof_error_str and, unless STUB_NO_OPTIONAL, the 4.x functions) well
+ * enough to exercise the real dlopen/dlsym path and the JFR rotation through
+ * /proc/self/fd/N, with failures on demand. Behaviour is read from the
+ * environment at each call:
+ *   STUB_VERSION      text of the "version" command (default "4.5")
+ *   STUB_FAIL_START   "all", or N: fail the N-th start (1-based)
+ *   STUB_FAIL_STOP    "all", or N: fail the N-th stop
+ *   STUB_LOG_WARN     a message logged at WARN on every command
+ *   STUB_COMMANDS     a file to which every command line is appended
+ * Like the real library it logs to stdout unless the command has log=, and
+ * its atexit hook writes to a recording that is still active (which is what
+ * corrupts a parent's file when a forked child exits).
+ * Build: cc -shared -fPIC -o libasyncProfiler.so fake_asprof.c
+ */
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define EXPORT __attribute__((visibility("default")))
+
+static int initialized;
+static int running;
+static int rec_fd = -1;
+static int log_fd = 1;
+static int starts, stops;
+static int warn_enabled = 1, info_enabled = 1;
+
+static void log_line(const char *level, const char *msg) {
+    char line[512];
+    int n = snprintf(line, sizeof(line), "[%s] %s\n", level, msg);
+    if (n > 0 && write(log_fd, line, (size_t)n) < 0) { /* ignored */ }
+}
+
+static int should_fail(const char *var, int count) {
+    const char *v = getenv(var);
+    if (v == NULL || *v == '\0') return 0;
+    if (strcmp(v, "all") == 0) return 1;
+    return atoi(v) == count;
+}
+
+static void append(const char *text) {
+    if (rec_fd < 0) return;
+    off_t end = lseek(rec_fd, 0, SEEK_END);
+    if (pwrite(rec_fd, text, strlen(text), end) < 0) { /* ignored */ }
+}
+
+static void at_exit(void) {
+    if (running) {
+        char buf[64];
+        snprintf(buf, sizeof(buf), "ATEXIT pid=%d\n", (int)getpid());
+        append(buf);
+    }
+}
+
+EXPORT void asprof_init(void) {
+    if (!initialized) atexit(at_exit);
+    initialized++;
+}
+
+EXPORT const char *asprof_error_str(const char *err) { return err; }
+
+#ifndef STUB_NO_EXECUTE
+EXPORT const char *asprof_execute(const char *command, void (*writer)(const char *, size_t)) {
+    const char *record = getenv("STUB_COMMANDS");
+    if (record != NULL) {
+        int fd = open(record, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+        if (fd >= 0) {
+            if (write(fd, command, strlen(command)) < 0 || write(fd, "\n", 1) < 0) { /* ignored */ }
+            close(fd);
+        }
+    }
+    char *cmd = strdup(command);
+    char *action = NULL, *file = NULL, *log = NULL, *level = NULL;
+    for (char *save = NULL, *tok = strtok_r(cmd, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+        if (action == NULL) action = tok;
+        else if (strncmp(tok, "file=", 5) == 0) file = tok + 5;
+        else if (strncmp(tok, "log=", 4) == 0) log = tok + 4;
+        else if (strncmp(tok, "loglevel=", 9) == 0) level = tok + 9;
+    }
+    /* Like Log::open: every call re-opens the log (truncating it), stdout by default. */
+    if (log_fd > 2) close(log_fd);
+    log_fd = 1;
+    if (log != NULL && strcmp(log, "stdout") != 0) {
+        int fd = strcmp(log, "stderr") == 0 ? 2 : creat(log, 0660);
+        if (fd >= 0) log_fd = fd;
+    }
+    info_enabled = level == NULL || strcmp(level, "info") == 0 || strcmp(level, "debug") == 0;
+    warn_enabled = info_enabled || (level != NULL && strcmp(level, "warn") == 0);
+    const char *warn = getenv("STUB_LOG_WARN");
+    if (warn != NULL && warn_enabled) log_line("WARN", warn);
+
+    const char *err = NULL;
+    char msg[256];
+    if (action == NULL) {
+        err = "No action";
+    } else if (strcmp(action, "version") == 0) {
+        const char *v = getenv("STUB_VERSION");
+        v = v ? v : "4.5";
+        if (writer) writer(v, strlen(v));
+    } else if (strcmp(action, "status") == 0) {
+        const char *s = running ? "Profiling is running\n" : "Profiler is not active\n";
+        if (writer) writer(s, strlen(s));
+    } else if (strcmp(action, "start") == 0) {
+        starts++;
+        if (running) err = "Profiler already started";
+        else if (file == NULL) err = "Flight Recorder output file is not specified";
+        else if (should_fail("STUB_FAIL_START", starts)) err = "Stub: start failed on demand";
+        else {
+            rec_fd = open(file, O_CREAT | O_RDWR | O_TRUNC, 0644);
+            if (rec_fd < 0) err = "Could not open Flight Recorder output file";
+            else {
+                snprintf(msg, sizeof(msg), "STUBJFR start=%d pid=%d\n", starts, (int)getpid());
+                append(msg);
+                running = 1;
+                if (info_enabled) log_line("INFO", "stub started");
+            }
+        }
+    } else if (strcmp(action, "stop") == 0) {
+        stops++;
+        if (!running) err = "Profiler is not active";
+        else if (should_fail("STUB_FAIL_STOP", stops)) err = "Stub: stop failed on demand";
+        else {
+            snprintf(msg, sizeof(msg), "END start=%d\n", starts);
+            append(msg);
+            close(rec_fd);
+            rec_fd = -1;
+            running = 0;
+        }
+    } else {
+        snprintf(msg, sizeof(msg), "Unknown argument: %s", action);
+        if (warn_enabled) log_line("WARN", msg);
+    }
+    free(cmd);
+    return err;
+}
+#endif
+
+#ifndef STUB_NO_OPTIONAL
+typedef struct { volatile uint64_t sample_counter; } tld_t;
+static __thread tld_t tld;
+EXPORT tld_t *asprof_get_thread_local_data(void) { return &tld; }
+EXPORT int asprof_register_jfr_event(const char *name) { return name && *name ? 1 : -1; }
+EXPORT const char *asprof_emit_jfr_event(int key, const uint8_t *data, size_t len) {
+    return len > 2048 ? "Unable to emit JFR event larger than ASPROF_MAX_JFR_EVENT_LENGTH bytes" : NULL;
+}
+#endif
