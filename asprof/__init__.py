@@ -15,23 +15,48 @@ or, with explicit control::
 """
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any, Optional
 
-from asprof.agent import Profiler, RunningProfiler, start_profiling, stop_profiling
-from asprof.errors import (
-    AsprofError,
-    LibraryNotFoundError,
-    ProfilerAlreadyRunningError,
-    ProfilerError,
-    UnsupportedVersionError,
-)
-from asprof.metadata import AgentMetadata, Ec2Metadata, FargateMetadata, NoMetadata, ReportMetadata
-from asprof.options import ProfilerOptions
-from asprof.reporter import LocalReporter, MultiReporter, Reporter, ReporterError
-
 if TYPE_CHECKING:
+    from asprof.agent import Profiler, RunningProfiler, start_profiling, stop_profiling
     from asprof.engine import LibraryInfo
+    from asprof.errors import (
+        AsprofError,
+        LibraryNotFoundError,
+        ProfilerAlreadyRunningError,
+        ProfilerError,
+        UnsupportedVersionError,
+    )
+    from asprof.metadata import AgentMetadata, Ec2Metadata, FargateMetadata, NoMetadata, ReportMetadata
+    from asprof.options import ProfilerOptions
+    from asprof.reporter import LocalReporter, MultiReporter, Reporter, ReporterError
     from asprof.reporter.s3 import S3Reporter
+
+# Names are imported on first use (PEP 562): `import asprof` stays cheap, and
+# boto3 is imported only when an S3 reporter is used.
+_LAZY = {
+    "Profiler": "asprof.agent",
+    "RunningProfiler": "asprof.agent",
+    "start_profiling": "asprof.agent",
+    "stop_profiling": "asprof.agent",
+    "AsprofError": "asprof.errors",
+    "LibraryNotFoundError": "asprof.errors",
+    "ProfilerAlreadyRunningError": "asprof.errors",
+    "ProfilerError": "asprof.errors",
+    "UnsupportedVersionError": "asprof.errors",
+    "AgentMetadata": "asprof.metadata",
+    "Ec2Metadata": "asprof.metadata",
+    "FargateMetadata": "asprof.metadata",
+    "NoMetadata": "asprof.metadata",
+    "ReportMetadata": "asprof.metadata",
+    "ProfilerOptions": "asprof.options",
+    "Reporter": "asprof.reporter.base",
+    "ReporterError": "asprof.reporter.base",
+    "LocalReporter": "asprof.reporter.local",
+    "MultiReporter": "asprof.reporter.multi",
+    "S3Reporter": "asprof.reporter.s3",
+}
 
 __version__ = "0.1.0"
 
@@ -69,8 +94,13 @@ def library_info(path: Optional[str] = None) -> "LibraryInfo":
 
 
 def __getattr__(name: str) -> Any:
-    if name == "S3Reporter":  # boto3 is imported only when an S3 reporter is used
-        from asprof.reporter.s3 import S3Reporter
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'asprof' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
-        return S3Reporter
-    raise AttributeError(f"module 'asprof' has no attribute {name!r}")
+
+def __dir__() -> "list[str]":
+    return sorted(set(globals()) | set(_LAZY))

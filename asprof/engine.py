@@ -12,10 +12,13 @@ import re
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Dict, FrozenSet, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, FrozenSet, List, Optional, Tuple
 
 from asprof.errors import LibraryNotFoundError, ProfilerError, UnsupportedVersionError
 from asprof.options import ProfilerOptions
+
+if TYPE_CHECKING:
+    from asprof._native import Library
 
 __all__ = ["LibraryInfo", "load_library", "NativeEngine", "Engine", "TickResult", "nativemem_hazard"]
 
@@ -56,7 +59,7 @@ class LibraryInfo:
 
 
 _lock = threading.Lock()
-_loaded: Dict[str, Tuple[object, LibraryInfo]] = {}
+_loaded: Dict[str, Tuple["Library", LibraryInfo]] = {}
 
 
 def forward_log(text: str) -> None:
@@ -106,7 +109,7 @@ def _candidates(path: Optional[str]) -> List[Tuple[str, str]]:
     return out
 
 
-def load_library(path: Optional[str] = None) -> Tuple[object, LibraryInfo]:
+def load_library(path: Optional[str] = None) -> Tuple["Library", LibraryInfo]:
     """Finds, loads and initialises async-profiler; returns (native handle, info).
 
     Discovery, first hit wins: ``path`` → ``$ASPROF_LIB`` → the copy bundled

@@ -31,10 +31,7 @@ class MultiReporter(Reporter):
         for r in self.reporters:
             if not isinstance(r, Reporter):
                 raise TypeError(f"MultiReporter: {r!r} is not an asprof.Reporter")
-
-    @property  # type: ignore[override]
-    def wants_host_metadata(self) -> bool:
-        return any(r.wants_host_metadata for r in self.reporters)
+        self.wants_host_metadata = any(r.wants_host_metadata for r in self.reporters)
 
     def __repr__(self) -> str:
         return f"MultiReporter({self.reporters!r})"
