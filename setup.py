@@ -34,10 +34,28 @@ jfr_extensions = [
     )
 ] if os.path.exists(os.path.join(HERE, "asprof/jfr/_parser.pyx")) else []
 
+# Python frames in samples (issue #5; owner: csrc/pyframes). Plain C, built per CPython
+# version: it reads the interpreter's internal frame structures. Only where it is supported.
+import platform  # noqa: E402
+import sys  # noqa: E402
+
+pyframes_extensions = [
+    Extension(
+        "asprof._pyframes",
+        sources=sorted(glob.glob("csrc/pyframes/*.c")),
+        include_dirs=["csrc/pyframes"],
+        libraries=["dl", "pthread"],
+        extra_compile_args=CFLAGS,
+        define_macros=[("_GNU_SOURCE", "1")],
+    )
+] if (sys.implementation.name == "cpython" and (3, 9) <= sys.version_info[:2] <= (3, 13)
+      and sys.platform.startswith("linux") and platform.machine() in ("x86_64", "aarch64")
+      and glob.glob(os.path.join(HERE, "csrc/pyframes/*.c"))) else []
+
 setup(
     ext_modules=cythonize(
         [native_core, *jfr_extensions],
         language_level="3",
         compiler_directives={"embedsignature": True},
-    ),
+    ) + pyframes_extensions,
 )

@@ -45,6 +45,8 @@ cdef extern from "asprof_core.h":
     const char *asp_session_start(asp_session *s, asp_buf *log) nogil
     const char *asp_session_stop(asp_session *s, asp_buf *log) nogil
     const char *asp_session_tick(asp_session *s, int *finished, asp_buf *log) nogil
+    const char *asp_session_pause(asp_session *s, asp_buf *log) nogil
+    const char *asp_session_resume(asp_session *s, asp_buf *log) nogil
     int asp_read_fd(int fd, asp_buf *out, char *err, size_t errlen) nogil
     long long asp_fd_size(int fd) nogil
     int asp_session_destroy(asp_session *s, asp_buf *log) nogil
@@ -203,6 +205,32 @@ cdef class Session:
         try:
             with nogil:
                 e = asp_session_stop(self.s, &log)
+            return (None if e == NULL else e.decode("utf-8", "replace")), _text(&log)
+        finally:
+            asp_buf_free(&log)
+
+    def pause(self):
+        """Stops before a fork, to be resumed on the same file: (error or None, log)."""
+        cdef asp_buf log
+        cdef const char *e
+        self._check()
+        memset(&log, 0, sizeof(log))
+        try:
+            with nogil:
+                e = asp_session_pause(self.s, &log)
+            return (None if e == NULL else e.decode("utf-8", "replace")), _text(&log)
+        finally:
+            asp_buf_free(&log)
+
+    def resume(self):
+        """Resumes after a fork, appending a chunk to the active file: (error or None, log)."""
+        cdef asp_buf log
+        cdef const char *e
+        self._check()
+        memset(&log, 0, sizeof(log))
+        try:
+            with nogil:
+                e = asp_session_resume(self.s, &log)
             return (None if e == NULL else e.decode("utf-8", "replace")), _text(&log)
         finally:
             asp_buf_free(&log)

@@ -24,11 +24,16 @@ __all__ = ["LibraryInfo", "load_library", "NativeEngine", "Engine", "TickResult"
 
 logger = logging.getLogger("asprof")
 _engine_log = logging.getLogger("asprof.async-profiler")
+# async-profiler's own messages (e.g. a perf_event_open warning for a thread that
+# just exited) are detail: shown where the application configured logging, never
+# printed to stderr by logging's last-resort handler when it did not.
+_engine_log.addHandler(logging.NullHandler())
 
 SONAME = "libasyncProfiler.so"
 MIN_VERSION = (3, 0)
 _BUNDLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib", SONAME)
 _LOG_LINE = re.compile(r"^\[(TRACE|DEBUG|INFO|WARN|ERROR)\]\s?(.*)$")
+_BENIGN = re.compile(r"for TID \d+ failed: No such process")
 _LEVELS = {
     "TRACE": logging.DEBUG,
     "DEBUG": logging.DEBUG,
@@ -70,7 +75,10 @@ def forward_log(text: str) -> None:
             continue
         m = _LOG_LINE.match(line)
         if m:
-            _engine_log.log(_LEVELS[m.group(1)], "%s", m.group(2))
+            level = _LEVELS[m.group(1)]
+            if level == logging.WARNING and _BENIGN.search(m.group(2)):
+                level = logging.DEBUG  # a thread that exited while async-profiler attached to it
+            _engine_log.log(level, "%s", m.group(2))
         else:
             _engine_log.info("%s", line)
 
@@ -209,6 +217,21 @@ class Engine:
     def close(self) -> None:
         """Releases resources; must not raise."""
 
+    def before_fork(self) -> bool:
+        """Called by the forking thread before os.fork(): make the child's copy of the
+        engine safe to restart. Returns True when the child may profile itself."""
+        return False
+
+    def after_fork_in_parent(self) -> None:
+        """Called in the parent after os.fork(): carry on recording."""
+
+    def after_fork_in_child(self) -> None:
+        """Called in the child after os.fork(): this engine now belongs to the parent."""
+
+    def memory_bytes(self) -> Optional[int]:
+        """Memory the engine holds (async-profiler's buffers and the recording), if known."""
+        return None
+
 
 class NativeEngine(Engine):
     """async-profiler through the native core's dual-file rotation."""
@@ -225,17 +248,31 @@ class NativeEngine(Engine):
                     "ProfilerOptions(force_native_mem=True) to try anyway."
                 )
         self.options = options
-        lib, self.info = load_library(library_path)
-        self._session = _native.Session(lib, options.start_command(), engine_loglevel())
+        self.library_path = library_path
+        self._lib, self.info = load_library(library_path)
+        self._session = _native.Session(self._lib, options.start_command(), engine_loglevel())
+        # Serializes the agent thread's ticks with the forking thread's pause/resume.
+        self._lock = threading.Lock()
+        self._paused = False
+        # issue #5: Python frames in every sample (asprof/pystacks.py, csrc/pyframes).
+        self._pyframes = None
+        if getattr(options, "python_frames", False):
+            from asprof.pystacks import attach_capture
+
+            self._pyframes = attach_capture(self.info)
 
     def start(self) -> None:
-        err, log = self._session.start()
+        with self._lock:
+            err, log = self._session.start()
         forward_log(log)
         if err is not None:
             raise ProfilerError(f"async-profiler could not start: {err}")
 
     def tick(self) -> TickResult:
-        recording, err, log = self._session.tick()
+        if self._pyframes is not None:  # issue #5: module names, before the stop
+            self._pyframes.before_rotation()
+        with self._lock:
+            recording, err, log = self._session.tick()
         forward_log(log)
         if recording is None:
             if err is not None:
@@ -245,22 +282,71 @@ class NativeEngine(Engine):
         return TickResult(recording, restart)
 
     def stop(self) -> Optional[bytes]:
-        if self._session.status != "running":
-            return None
-        err, log = self._session.stop()
+        if self._pyframes is not None and self._session.status == "running":  # issue #5
+            self._pyframes.before_rotation()
+        with self._lock:
+            if self._session.status != "running":
+                return None
+            err, log = self._session.stop()
+            forward_log(log)
+            if err is not None:
+                raise ProfilerError(f"async-profiler could not stop: {err}")
+            data: bytes = self._session.read_active()
+        return data or None
+
+    def before_fork(self) -> bool:
+        # Held until after the fork: no tick may run in between. The stop makes the
+        # child inherit an idle async-profiler (restarting one inherited while running
+        # deadlocks on its timer thread's condition variable).
+        self._lock.acquire()
+        self._paused = False
+        try:
+            err, log = self._session.pause()
+        except Exception as e:  # noqa: BLE001 - never break the application's fork
+            err, log = str(e), ""
+        forward_log(log)
+        self._paused = True  # resume in the parent whatever happened (a no-op unless stopped)
+        if err is not None:
+            logger.warning("could not pause async-profiler before fork (%s): the child will not profile", err)
+            return False
+        return True
+
+    def after_fork_in_parent(self) -> None:
+        try:
+            if self._paused:
+                err, log = self._session.resume()
+                forward_log(log)
+                if err is not None:
+                    logger.error("async-profiler could not resume after fork: %s", err)
+        finally:
+            self._paused = False
+            self._lock.release()
+
+    def after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()  # the parent's threads are gone; so is whoever held it
+        self._paused = False
+
+    def memory_bytes(self) -> Optional[int]:
+        err, out, log = self._lib.execute("metrics", engine_loglevel())  # 4.3+
         forward_log(log)
         if err is not None:
-            raise ProfilerError(f"async-profiler could not stop: {err}")
-        data: bytes = self._session.read_active()
-        return data or None
+            return None
+        kb = sum(int(p[1]) for p in (line.split() for line in out.splitlines())
+                 if len(p) == 2 and p[0].startswith("mem_") and p[0].endswith("_kb") and p[1].isdigit())
+        size = self._session.active_size() if self._session.status != "closed" else 0
+        return kb * 1024 + max(0, size)
 
     @property
     def status(self) -> str:
         return str(self._session.status)
 
     def close(self) -> None:
-        leaked, log = self._session.close()
+        with self._lock:
+            leaked, log = self._session.close()
         forward_log(log)
+        if self._pyframes is not None:  # issue #5
+            self._pyframes.detach()
+            self._pyframes = None
         if leaked:
             logger.warning(
                 "async-profiler may still be writing its recording (stop failed or a start was "

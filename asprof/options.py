@@ -74,6 +74,9 @@ class ProfilerOptions:
       is usually built without frame pointers), ``"fp"`` or ``"no"``.
     - ``force_native_mem``: sample native memory even on interpreters where
       async-profiler's malloc hooks are known to crash the process.
+    - ``python_frames``: give every CPU and wall-clock sample the Python stack of the
+      thread it interrupted (issue #5; needs async-profiler 4.1+ and CPython 3.9-3.13,
+      otherwise off with one log line). On by default.
     """
 
     cpu_interval: float = DEFAULT_CPU_INTERVAL
@@ -82,6 +85,7 @@ class ProfilerOptions:
     all_user: bool = True
     cstack: str = "dwarf"
     force_native_mem: bool = False
+    python_frames: bool = True  # issue #5
 
     def __post_init__(self) -> None:
         cpu = _interval("cpu_interval", self.cpu_interval)
@@ -91,6 +95,8 @@ class ProfilerOptions:
             raise ValueError(f"all_user must be True or False, got {self.all_user!r}")
         if not isinstance(self.force_native_mem, bool):
             raise ValueError(f"force_native_mem must be True or False, got {self.force_native_mem!r}")
+        if not isinstance(self.python_frames, bool):  # issue #5
+            raise ValueError(f"python_frames must be True or False, got {self.python_frames!r}")
         if not isinstance(self.cstack, str) or self.cstack not in _CSTACK:
             raise ValueError(f"cstack must be one of {', '.join(_CSTACK)}, got {self.cstack!r}")
         object.__setattr__(self, "cpu_interval", cpu)

@@ -42,3 +42,12 @@ class Reporter(abc.ABC):
 
     def close(self, timeout: Optional[float] = None) -> None:
         """Flush pending work (bounded by ``timeout`` seconds) and release resources."""
+
+    def for_child_process(self) -> "Reporter":
+        """The reporter a forked child process uses (it profiles itself).
+
+        The default, this same object, suits reporters without threads or
+        connections. Reporters with background threads must return a fresh
+        reporter: threads do not survive fork().
+        """
+        return self

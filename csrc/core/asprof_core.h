@@ -87,6 +87,7 @@ typedef struct asp_session {
     int active;         /* index into fd of the file async-profiler writes */
     asp_status status;
     int leaked;         /* the files were leaked on purpose (see session.c) */
+    int paused;         /* stopped by asp_session_pause, to be resumed */
     pid_t pid;          /* process that created the session */
     dev_t dev[2];
     ino_t ino[2];
@@ -112,6 +113,16 @@ const char *asp_session_stop(asp_session *s, asp_buf *log);
  * When stop fails, its error is returned and *finished = -1.
  */
 const char *asp_session_tick(asp_session *s, int *finished, asp_buf *log);
+
+/*
+ * Around os.fork(): pause stops async-profiler, finishing the current chunk of
+ * the active file (so the child inherits an idle profiler it can restart);
+ * resume appends a new chunk to the same file ("resume" action), so the
+ * recording covering the fork stays one file. A pause when not running is a
+ * no-op; resume only resumes a paused session.
+ */
+const char *asp_session_pause(asp_session *s, asp_buf *log);
+const char *asp_session_resume(asp_session *s, asp_buf *log);
 
 /* Reads a whole recording file into out (no size limit beyond memory). */
 int asp_read_fd(int fd, asp_buf *out, char *err, size_t errlen);

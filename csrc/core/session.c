@@ -24,6 +24,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 /* Sessions alive (or leaked) in this process; walked by the at-fork handler. */
@@ -113,6 +114,34 @@ static void register_atfork(void) {
     pthread_atfork(before_fork, after_fork_parent, after_fork_child);
 }
 
+/* ---- hooks around start/stop (issue #5, Python frames; owner: csrc/pyframes) ----
+ * An optional extension (asprof._pyframes) sets these through asp_session_set_hooks, found
+ * with dlsym on this module; without it they stay NULL and nothing changes. They run on the
+ * thread doing the start/stop, outside asp_exec_lock, and must not need the GIL. */
+typedef struct {
+    void (*before_start)(void);
+    void (*after_start)(int ok);
+    void (*before_stop)(void);
+    void (*after_stop)(int ok);
+} asp_session_hooks;
+static asp_session_hooks session_hooks;
+static pthread_mutex_t hooks_lock = PTHREAD_MUTEX_INITIALIZER;
+
+__attribute__((visibility("default"))) void asp_session_set_hooks(const asp_session_hooks *h) {
+    pthread_mutex_lock(&hooks_lock);
+    if (h != NULL) session_hooks = *h;
+    else memset(&session_hooks, 0, sizeof(session_hooks));
+    pthread_mutex_unlock(&hooks_lock);
+}
+
+static asp_session_hooks current_hooks(void) {
+    pthread_mutex_lock(&hooks_lock);
+    asp_session_hooks h = session_hooks;
+    pthread_mutex_unlock(&hooks_lock);
+    return h;
+}
+/* ---- end of the issue #5 hooks ---- */
+
 /* ---- the session ---- */
 
 asp_session *asp_session_new(asp_library *lib, const char *start_command, const char *loglevel,
@@ -169,7 +198,66 @@ static int foreign(asp_session *s) {
     return s->pid != getpid();
 }
 
+static const char *run_start(asp_session *s, const char *action, asp_buf *log);
+
 const char *asp_session_start(asp_session *s, asp_buf *log) {
+    return run_start(s, "start", log);
+}
+
+/* Is a thread named "async-profiler" (see run_start) still alive in this process? */
+static int engine_thread_alive(void) {
+    int dir = open("/proc/self/task", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dir < 0) return 1;  /* cannot tell: assume the worst */
+    int alive = 0;
+    char buf[4096];
+    for (;;) {
+        long n = syscall(SYS_getdents64, dir, buf, sizeof(buf));
+        if (n <= 0) break;
+        for (long off = 0; off < n && !alive;) {
+            struct linux_dirent64 *d = (struct linux_dirent64 *)(buf + off);
+            off += d->d_reclen;
+            if (d->d_name[0] < '0' || d->d_name[0] > '9') continue;
+            char path[64], comm[32] = "";
+            snprintf(path, sizeof(path), "/proc/self/task/%s/comm", d->d_name);
+            int fd = open(path, O_RDONLY | O_CLOEXEC);
+            if (fd < 0) continue;
+            ssize_t r = read(fd, comm, sizeof(comm) - 1);
+            close(fd);
+            if (r > 0 && strncmp(comm, "async-profiler", 14) == 0) alive = 1;
+        }
+    }
+    close(dir);
+    return alive;
+}
+
+const char *asp_session_pause(asp_session *s, asp_buf *log) {
+    if (foreign(s)) return "this profiler belongs to the parent process (the process forked)";
+    if (s->status != ASP_RUNNING) return NULL;
+    const char *e = asp_session_stop(s, log);
+    if (e != NULL) return e;
+    s->paused = 1;
+    /*
+     * async-profiler's stop only signals its timer thread, which exits on its own
+     * a moment later. A fork while that thread is still inside pthread_cond_timedwait
+     * hands the child a condition variable in a state no thread will ever complete:
+     * the child's next stop then blocks forever in pthread_cond_signal (seen with
+     * 4.5). Wait, bounded, until the engine's threads are gone.
+     */
+    for (int waited_ms = 0; engine_thread_alive(); waited_ms++) {
+        if (waited_ms >= 500) return "async-profiler's timer thread did not exit within 500 ms";
+        struct timespec ts = {0, 1000000};
+        nanosleep(&ts, NULL);
+    }
+    return NULL;
+}
+
+const char *asp_session_resume(asp_session *s, asp_buf *log) {
+    if (!s->paused) return NULL;
+    s->paused = 0;
+    return run_start(s, "resume", log);
+}
+
+static const char *run_start(asp_session *s, const char *action, asp_buf *log) {
     if (foreign(s)) return "this profiler belongs to the parent process (the process forked)";
     if (s->leaked) return "the recording files were abandoned after a failed stop";
     if (s->status != ASP_IDLE) return "the profiler session is already started";
@@ -178,7 +266,9 @@ const char *asp_session_start(asp_session *s, asp_buf *log) {
     size_t n = strlen(s->start_command) + sizeof(path) + 16;
     char *cmd = malloc(n);
     if (cmd == NULL) return "out of memory";
-    snprintf(cmd, n, "%s,file=%s", s->start_command, path);
+    /* start_command begins with "start,"; resume keeps the rest of the arguments. */
+    const char *args = strncmp(s->start_command, "start,", 6) == 0 ? s->start_command + 6 : s->start_command;
+    snprintf(cmd, n, "%s,%s,file=%s", action, args, path);
     /* From here until start returns, the profiler may be running: a session destroyed
        now leaks its files (the seed's Status::Starting). */
     s->status = ASP_STARTING;
@@ -188,7 +278,10 @@ const char *asp_session_start(asp_session *s, asp_buf *log) {
     char own_name[16] = "";
     int named = pthread_getname_np(pthread_self(), own_name, sizeof(own_name)) == 0 &&
                 pthread_setname_np(pthread_self(), "async-profiler") == 0;
+    asp_session_hooks hooks = current_hooks();                 /* issue #5 hooks */
+    if (hooks.before_start != NULL) hooks.before_start();
     const char *e = asp_execute(s->lib, cmd, s->loglevel, NULL, log);
+    if (hooks.after_start != NULL) hooks.after_start(e == NULL);
     if (named) pthread_setname_np(pthread_self(), own_name);
     free(cmd);
     if (e == NULL) s->status = ASP_RUNNING;
@@ -198,19 +291,31 @@ const char *asp_session_start(asp_session *s, asp_buf *log) {
 const char *asp_session_stop(asp_session *s, asp_buf *log) {
     if (foreign(s)) return "this profiler belongs to the parent process (the process forked)";
     if (s->status == ASP_IDLE) return NULL;
+    asp_session_hooks hooks = current_hooks();                 /* issue #5 hooks */
+    if (hooks.before_stop != NULL) hooks.before_stop();
     const char *e = asp_execute(s->lib, "stop", s->loglevel, NULL, log);
+    /* "not active": someone else stopped it (async-profiler's own atexit hook runs
+       before ours when a server exits without finalizing Python, e.g. uwsgi).
+       It is not writing, and that stop finished the recording in our file. */
+    if (e != NULL && strcmp(e, "Profiler is not active") == 0) e = NULL;
+    if (hooks.after_stop != NULL) hooks.after_stop(e == NULL);
     if (e == NULL) s->status = ASP_IDLE;
     return e;
 }
 
 const char *asp_session_tick(asp_session *s, int *finished, asp_buf *log) {
     *finished = -1;
+    s->paused = 0;
     if (s->status != ASP_RUNNING) return asp_session_start(s, log);
     const char *e = asp_session_stop(s, log);
     if (e != NULL) return e;
     int inactive = 1 - s->active;
-    /* Empty the other file before async-profiler gets it (start also truncates it). */
-    if (ftruncate(s->fd[inactive], 0) != 0) return "cannot empty the inactive recording file";
+    /* Empty the other file before async-profiler gets it (start also truncates it).
+       If that fails, the finished recording is still handed over (nothing lost). */
+    if (ftruncate(s->fd[inactive], 0) != 0) {
+        *finished = s->fd[s->active];
+        return "cannot empty the inactive recording file";
+    }
     s->active = inactive;
     *finished = s->fd[1 - s->active];
     return asp_session_start(s, log);

@@ -109,16 +109,17 @@ EXPORT const char *asprof_execute(const char *command, void (*writer)(const char
     } else if (strcmp(action, "status") == 0) {
         const char *s = running ? "Profiling is running\n" : "Profiler is not active\n";
         if (writer) writer(s, strlen(s));
-    } else if (strcmp(action, "start") == 0) {
+    } else if (strcmp(action, "start") == 0 || strcmp(action, "resume") == 0) {
+        int resume = action[0] == 'r';
         starts++;
         if (running) err = "Profiler already started";
         else if (file == NULL) err = "Flight Recorder output file is not specified";
         else if (should_fail("STUB_FAIL_START", starts)) err = "Stub: start failed on demand";
         else {
-            rec_fd = open(file, O_CREAT | O_RDWR | O_TRUNC, 0644);
+            rec_fd = open(file, O_CREAT | O_RDWR | (resume ? 0 : O_TRUNC), 0644);
             if (rec_fd < 0) err = "Could not open Flight Recorder output file";
             else {
-                snprintf(msg, sizeof(msg), "STUBJFR start=%d pid=%d\n", starts, (int)getpid());
+                snprintf(msg, sizeof(msg), "%s start=%d pid=%d\n", resume ? "RESUMED" : "STUBJFR", starts, (int)getpid());
                 append(msg);
                 running = 1;
                 if (info_enabled) log_line("INFO", "stub started");

@@ -1,0 +1,55 @@
+"""Read and view the JFR recordings that async-profiler writes.
+
+>>> import asprof.jfr
+>>> rec = asprof.jfr.open("profile.jfr")            # .jfr, S3 reporter .zip, a directory, or bytes
+>>> rec.counts["jdk.ExecutionSample"]               # (events, bytes)
+>>> for ev in rec.events(["profiler.UserEvent"]):   # any event type, decoded from the metadata
+...     print(ev.time_ns, ev.thread, ev["data"])
+>>> prof = rec.samples("cpu", threads=["worker.*"], exclude=".*PyGC.*")
+>>> open("cpu.html", "w").write(asprof.jfr.to_html(prof))
+>>> print(asprof.jfr.format_top(prof, 10))
+
+Every problem with the input raises :class:`JfrError` (a ``ValueError``)
+naming the file, the byte offset and what is wrong.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+from asprof.jfr.errors import JfrError
+from asprof.jfr.model import Event, Frame, FrameType, Setting, StackTrace, Thread
+from asprof.jfr.profile import KINDS, Profile, build_profile
+from asprof.jfr.reader import Chunk, PathOrBytes, ProgressFn, Recording, open_recording
+from asprof.jfr.views import TopEntry, format_top, to_collapsed, to_html, to_pprof, top, write_collapsed
+
+__all__ = [
+    "open",
+    "JfrError",
+    "Recording",
+    "Chunk",
+    "Event",
+    "Frame",
+    "FrameType",
+    "Setting",
+    "StackTrace",
+    "Thread",
+    "Profile",
+    "KINDS",
+    "build_profile",
+    "to_collapsed",
+    "write_collapsed",
+    "to_html",
+    "to_pprof",
+    "top",
+    "format_top",
+    "TopEntry",
+]
+
+
+def open(  # noqa: A001 - mirrors the builtin on purpose: asprof.jfr.open(path)
+    source: Union[PathOrBytes, Sequence[PathOrBytes]],
+    progress: Optional[ProgressFn] = None,
+) -> Recording:
+    """Open a recording: a ``.jfr`` path, an S3 reporter ``.zip``, a directory
+    of profiles (merged in time order), JFR bytes, or a list of these."""
+    return open_recording(source, progress)

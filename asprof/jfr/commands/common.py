@@ -1,0 +1,184 @@
+"""Options shared by ``asprof convert`` and ``asprof top``, and the progress indicator."""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from typing import IO, TYPE_CHECKING, Any, Callable, List, Optional, Union
+
+from asprof.jfr.profile import Profile, TimeSpec
+from asprof.jfr.reader import Recording, open_recording
+
+if TYPE_CHECKING:  # pragma: no cover
+    from datetime import datetime, timedelta
+
+__all__ = ["add_input_args", "add_profile_args", "open_inputs", "profile_from_args", "parse_time", "Progress"]
+
+_DURATION = re.compile(r"^(-?\d+(?:\.\d+)?)(ns|us|ms|s|m|h)?$")
+_UNITS = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_time(text: str) -> Union[datetime, timedelta, "_TimeOfDay"]:
+    """A ``--from``/``--to`` value.
+
+    * ``N`` (milliseconds, as in async-profiler's converter) or ``N<unit>`` with
+      unit ns/us/ms/s/m/h: offset from the start of the recording; negative
+      values count back from its end. A bare number of 1.5e12 or more is an
+      absolute time in epoch milliseconds.
+    * ``YYYY-MM-DDTHH:MM:SS[.f][Z|+HH:MM]``: absolute (local time without a zone).
+    * ``HH:MM[:SS[.f]]``: that time of day (local), on the recording's first day.
+    """
+    from datetime import datetime, timedelta, timezone
+
+    s = text.strip()
+    m = _DURATION.match(s)
+    if m:
+        value = float(m.group(1))
+        unit = m.group(2)
+        if unit is None:
+            if value >= 1.5e12:
+                return datetime.fromtimestamp(value / 1000.0, tz=timezone.utc)
+            unit = "ms"
+        return timedelta(seconds=value * _UNITS[unit])
+    if re.match(r"^\d{1,2}:\d{2}(:\d{2}(\.\d+)?)?$", s):
+        parts = s.split(":")
+        sec = float(parts[2]) if len(parts) > 2 else 0.0
+        return _TimeOfDay(int(parts[0]), int(parts[1]), sec)
+    try:
+        iso = s[:-1] + "+00:00" if s.endswith("Z") else s
+        return datetime.fromisoformat(iso)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid time {text!r} (use e.g. 1500ms, 10s, -30s, 12:34:56 or 2024-01-02T12:34:56Z)") from None
+
+
+class _TimeOfDay:
+    def __init__(self, h: int, m: int, s: float) -> None:
+        self.h, self.m, self.s = h, m, s
+
+    def on(self, start_nanos: int) -> "datetime":
+        from datetime import datetime
+
+        day = datetime.fromtimestamp(start_nanos / 1e9).astimezone()
+        return day.replace(hour=self.h, minute=self.m, second=int(self.s),
+                           microsecond=int(round((self.s % 1) * 1e6)))
+
+
+def _resolve_time(spec: Any, rec: Recording) -> TimeSpec:
+    if isinstance(spec, _TimeOfDay):
+        return spec.on(rec.start_nanos)
+    return spec  # type: ignore[no-any-return]
+
+
+def add_input_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", metavar="IN",
+                   help=".jfr file, S3 reporter .zip, or a directory of them (several are merged in time order)")
+
+
+def add_profile_args(p: argparse.ArgumentParser) -> None:
+    kinds = p.add_argument_group("profile kind (default: cpu, or the first kind the recording has)")
+    k = kinds.add_mutually_exclusive_group()
+    k.add_argument("--cpu", dest="kind", action="store_const", const="cpu",
+                   help="CPU samples (jdk.ExecutionSample)")
+    k.add_argument("--wall", dest="kind", action="store_const", const="wall",
+                   help="wall-clock samples (profiler.WallClockSample)")
+    k.add_argument("--nativemem", dest="kind", action="store_const", const="nativemem",
+                   help="native memory: bytes allocated (profiler.Malloc)")
+    k.add_argument("--leaks", "--leak", dest="kind", action="store_const", const="leaks",
+                   help="native memory leaks: allocations never freed")
+    p.set_defaults(kind="auto")
+    f = p.add_argument_group("filters")
+    f.add_argument("--threads", "-t", action="store_true", help="split the profile per thread")
+    f.add_argument("--thread", action="append", metavar="NAME", default=None,
+                   help="only samples of this thread (name, regex of the whole name, or tid); repeatable")
+    f.add_argument("--from", dest="from_", type=parse_time, metavar="TIME",
+                   help="start of the time range: offset from the start (1500ms, 10s; a bare number is ms) or from "
+                        "the end (--from=-30s), or a date/time (2024-01-02T12:34:56Z, 12:34:56)")
+    f.add_argument("--to", type=parse_time, metavar="TIME", help="end of the time range (like --from)")
+    f.add_argument("--include", "-I", action="append", metavar="REGEX",
+                   help="only stacks with a frame whose whole name matches REGEX; repeatable")
+    f.add_argument("--exclude", "-X", action="append", metavar="REGEX",
+                   help="drop stacks with a frame whose whole name matches REGEX; repeatable")
+    f.add_argument("--count", action="store_true",
+                   help="weigh each event 1 (e.g. number of allocations instead of bytes)")
+    f.add_argument("--tail", type=_ratio, default=0.1, metavar="RATIO",
+                   help="leaks: ignore allocations in the last RATIO of the recording (default 10%%)")
+
+
+def _ratio(text: str) -> float:
+    try:
+        v = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid ratio {text!r}") from None
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError("ratio must be between 0 and 1 (or 0% and 100%)")
+    return v
+
+
+class Progress:
+    """A one-line progress indicator on stderr, only when it is a terminal."""
+
+    def __init__(self, stream: Optional[IO[str]] = None, min_bytes: int = 4 << 20) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.min_bytes = min_bytes
+        self._last = 0.0
+        self._shown = False
+        self._t0 = time.monotonic()
+
+    def reading(self, done: int, total: int) -> None:
+        if not self.enabled or total < self.min_bytes:
+            return
+        now = time.monotonic()
+        if now - self._last < 0.1 and done < total:
+            return
+        self._last = now
+        pct = 100.0 * done / total if total else 100.0
+        self._write(f"reading {done / 1e6:.1f}/{total / 1e6:.1f} MB ({pct:.0f}%)")
+
+    def stage(self, text: str) -> None:
+        if self.enabled and self._shown:
+            self._write(text)
+
+    def _write(self, text: str) -> None:
+        self._shown = True
+        try:
+            self.stream.write("\r\x1b[K" + text)
+            self.stream.flush()
+        except OSError:
+            self.enabled = False
+
+    def done(self) -> None:
+        if self.enabled and self._shown:
+            try:
+                self.stream.write("\r\x1b[K")
+                self.stream.flush()
+            except OSError:
+                pass
+        self._shown = False
+
+
+def open_inputs(inputs: List[str], progress: Optional[Progress] = None) -> Recording:
+    for path in inputs:
+        if not os.path.exists(path):
+            from asprof.jfr.errors import JfrError
+
+            raise JfrError("no such file or directory", None, path)
+    cb: Optional[Callable[[int, int], None]] = progress.reading if progress is not None else None
+    return open_recording(inputs if len(inputs) > 1 else inputs[0], cb)
+
+
+def profile_from_args(rec: Recording, args: argparse.Namespace) -> Profile:
+    return rec.samples(
+        args.kind,
+        threads=args.thread,
+        start=_resolve_time(args.from_, rec),
+        end=_resolve_time(args.to, rec),
+        include=args.include,
+        exclude=args.exclude,
+        by_thread=args.threads,
+        count=args.count,
+        tail=args.tail,
+    )

@@ -1,0 +1,631 @@
+"""asprof benchmarks: one command, every ratio measured side by side in one run.
+
+    python benchmarks/run.py            # the full run (~8-10 min on 2 cores)
+    python benchmarks/run.py --quick    # a smoke run (~1.5 min)
+    python benchmarks/run.py --json results.json
+
+Build the extension first (``python setup.py build_ext --inplace``). Every
+measurement runs in a fresh interpreter (``benchmarks/workload.py``) so that
+async-profiler's process-global state never leaks from one configuration to
+the next; configurations are interleaved in a shuffled order every round and
+compared by medians against the baseline measured in the same run. See
+benchmarks/README.md for what is measured and the numbers we got.
+"""
+from __future__ import annotations
+
+import argparse
+import compileall
+import datetime
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+WORKLOAD = os.path.join(HERE, "workload.py")
+
+DEFAULTS: Dict[str, Any] = {}  # ProfilerOptions() as it is
+FAST: Dict[str, Any] = {"cpu_interval": 0.001, "wall_interval": 0.01}
+FAST_INTERVAL = 1.0
+
+# ------------------------------------------------------------------ helpers
+
+
+def log(msg: str) -> None:
+    sys.stderr.write(msg + "\n")
+    sys.stderr.flush()
+
+
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def pct(x: float, digits: int = 2) -> str:
+    return "n/a" if x != x else f"{x:+.{digits}f}%"
+
+
+def child_env() -> Dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.pop("ASPROF_LIB", None)
+    return env
+
+
+def run_child(args: List[str], timeout: float = 600) -> Dict[str, Any]:
+    cmd = [sys.executable, WORKLOAD, *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=timeout)
+    if p.returncode != 0:
+        raise RuntimeError(f"benchmark child failed ({p.returncode}): {' '.join(cmd)}\n{p.stderr[-3000:]}")
+    out: Dict[str, Any] = json.loads(p.stdout.strip().splitlines()[-1])
+    return out
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
+    line = "  ".join(str(h).ljust(w) if i == 0 else str(h).rjust(w) for i, (h, w) in enumerate(zip(headers, widths)))
+    out = [line, "  ".join("-" * w for w in widths)]
+    for r in rows:
+        out.append("  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    return "\n".join(out)
+
+
+def machine() -> Dict[str, Any]:
+    model = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = "?"
+    try:
+        with open("/proc/meminfo") as f:
+            mem = f"{int(f.readline().split()[1]) / 1024 / 1024:.0f} GiB"
+    except (OSError, ValueError, IndexError):
+        pass
+    return {"cpus": os.cpu_count(), "cpu": model, "memory": mem, "kernel": platform.release(),
+            "python": f"{platform.python_implementation()} {platform.python_version()} ({sys.executable})"}
+
+
+def loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "?"
+
+
+class Verdicts:
+    def __init__(self) -> None:
+        self.rows: List[Tuple[str, str, str, str]] = []
+
+    def add(self, target: str, measured: str, status: str, note: str = "") -> None:
+        self.rows.append((target, measured, status, note))
+
+
+# ------------------------------------------------------------------ configurations
+
+
+class Config:
+    def __init__(self, name: str, label: str, profiler: str, opts: Optional[Dict[str, Any]] = None,
+                 interval: float = 30.0, extra: Sequence[str] = ()) -> None:
+        self.name = name
+        self.label = label
+        self.profiler = profiler
+        self.opts = dict(opts or {})
+        self.interval = interval
+        self.extra = list(extra)
+
+    def args(self, lib: str, units: int) -> List[str]:
+        a = ["run", "--profiler", self.profiler, "--units", str(units), "--lib", lib]
+        if self.profiler in ("aprof", "agent"):
+            a += ["--command", start_command(self.opts)]
+        if self.profiler == "agent":
+            a += ["--opts", json.dumps(self.opts), "--interval", str(self.interval)]
+        return a + self.extra
+
+
+def start_command(opts: Dict[str, Any]) -> str:
+    import asprof
+
+    return asprof.ProfilerOptions(**opts).start_command()
+
+
+def run_rounds(configs: Sequence[Config], rounds: int, lib: str, units: int, section: str,
+               rng: random.Random) -> Dict[str, List[Dict[str, Any]]]:
+    """Every configuration once per round, in a shuffled order; results[name][round]."""
+    results: Dict[str, List[Dict[str, Any]]] = {c.name: [] for c in configs}
+    total = rounds * len(configs)
+    n = 0
+    for r in range(rounds):
+        order = list(configs)
+        rng.shuffle(order)
+        for c in order:
+            n += 1
+            res = run_child(c.args(lib, units))
+            res["round"] = r
+            results[c.name].append(res)
+            log(f"  [{section} {n}/{total}] round {r + 1} {c.name:14s} wall {res['wall_s']:.3f} s")
+    return results
+
+
+def paired(results: Dict[str, List[Dict[str, Any]]], name: str, base: str, key: str = "wall_s") -> List[float]:
+    """Per-round ratio name/base (same round), as percent overhead."""
+    by_round = {r["round"]: r[key] for r in results[base]}
+    return [(r[key] / by_round[r["round"]] - 1) * 100 for r in results[name] if r["round"] in by_round]
+
+
+# ------------------------------------------------------------------ sections
+
+
+def section_overhead(ctx: "Ctx") -> None:
+    print("\n## 1. Overhead on the mixed workload")
+    agent_default = Config("agent-default", "agent, defaults (cpu 100 ms, wall 1 s, report every 30 s)",
+                           "agent", DEFAULTS, 30.0)
+    agent_fast = Config("agent-fast", "agent, cpu 1 ms, wall 10 ms, report every 1 s",
+                        "agent", FAST, FAST_INTERVAL)
+    configs = [
+        Config("unprofiled", "unprofiled (baseline)", "none"),
+        Config("unprofiled-b", "unprofiled again (A/A: the noise)", "none"),
+        Config("import-only", "import asprof, never started", "import"),
+        Config("aprof-default", "async-profiler alone (ctypes), defaults", "aprof", DEFAULTS),
+        agent_default,
+        Config("aprof-fast", "async-profiler alone (ctypes), cpu 1 ms, wall 10 ms", "aprof", FAST),
+        agent_fast,
+    ]
+    if ctx.has_python_frames:
+        configs.append(Config("agent-fast-nopf", "agent-fast with python_frames=False", "agent",
+                              {**FAST, "python_frames": False}, FAST_INTERVAL))
+    print(f"{ctx.rounds} rounds x {len(configs)} configurations, each a fresh process doing "
+          f"{ctx.units} work units on each of 2 busy threads (~{ctx.seconds:g} s unprofiled) + 1 sleeping thread.")
+    for c in configs:
+        if c.profiler in ("aprof", "agent"):
+            print(f"  {c.name:16s} {start_command(c.opts)}")
+    res = run_rounds(configs, ctx.rounds, ctx.lib, ctx.units, "overhead", ctx.rng)
+    ctx.data["overhead"] = res
+
+    base = "unprofiled"
+    rows = []
+    summary: Dict[str, Dict[str, float]] = {}
+    for c in configs:
+        rs = res[c.name]
+        wall = median([r["wall_s"] for r in rs])
+        ov = median(paired(res, c.name, base)) if c.name != base else 0.0
+        cpu_ov = median(paired(res, c.name, base, "cpu_s")) if c.name != base else 0.0
+        agent_share = median([r["agent_cpu_s"] / r["cpu_s"] * 100 for r in rs])
+        aprof_share = median([r["aprof_cpu_s"] / r["cpu_s"] * 100 for r in rs])
+        rss = median([r["rss_kb"] for r in rs]) / 1024
+        start = median([r["start_s"] for r in rs]) * 1e3
+        summary[c.name] = {"wall": wall, "overhead": ov, "cpu_overhead": cpu_ov, "agent_share": agent_share,
+                           "aprof_share": aprof_share, "rss_mb": rss, "start_ms": start}
+        rows.append([c.name, f"{wall:.3f}", pct(ov), pct(cpu_ov), f"{agent_share:.3f}%", f"{aprof_share:.3f}%",
+                     f"{rss:.1f}", f"{start:.1f}" if c.profiler != "none" else "-"])
+    print()
+    print(table(["configuration", "wall s", "wall vs base", "CPU vs base", "agent thr CPU", "a-p thr CPU",
+                 "RSS MB", "start ms"], rows))
+    print("wall/CPU vs base: median over rounds of (config / unprofiled of the same round) - 1.\n"
+          "agent thr CPU: CPU time of the agent's own threads (asprof-agent, and native threads asprof starts,\n"
+          "such as the Python-stack drainer); a-p thr CPU: of async-profiler's own threads (its timer thread and,\n"
+          "with wall-clock sampling, its wall-clock sampler); both as a share of the process's CPU time over the\n"
+          "timed window, from /proc/self/task/*/schedstat. CPU samples are taken in signal handlers on the\n"
+          "sampled threads: that cost is in the wall and CPU columns, not in the thread shares.")
+    for c in configs:
+        rs = res[c.name]
+        if c.profiler in ("aprof", "agent"):
+            print(f"  threads of {c.name}: async-profiler {median([r['aprof_threads'] for r in rs]):.0f}, "
+                  f"asprof native {median([r['agent_native_threads'] for r in rs]):.0f}"
+                  + (" + asprof-agent" if c.profiler == "agent" else "")
+                  + f"; agent thread {median([r['agent_thread_cpu_s'] / r['cpu_s'] * 100 for r in rs]):.3f}%, "
+                  f"asprof native {median([r['agent_native_cpu_s'] / r['cpu_s'] * 100 for r in rs]):.3f}%")
+
+    aa = [abs(x) for x in paired(res, "unprofiled-b", base)]
+    noise = max(aa) if aa else float("nan")
+    ctx.noise = noise
+    print(f"\nA/A noise (|unprofiled-b / unprofiled - 1| over rounds): median {median(aa):.2f}%, max {noise:.2f}%")
+
+    def diff(a: str, b: str) -> float:
+        by_round = {r["round"]: r["wall_s"] for r in res[b]}
+        return median([(r["wall_s"] / by_round[r["round"]] - 1) * 100 for r in res[a] if r["round"] in by_round])
+
+    d_def = diff("agent-default", "aprof-default")
+    d_fast = diff("agent-fast", "aprof-fast")
+    print(f"agent vs async-profiler alone (paired per round): defaults {pct(d_def)}, fast rates {pct(d_fast)}")
+    s_def = summary["agent-default"]
+    s_fast = summary["agent-fast"]
+    s_afast = summary["aprof-fast"]
+    s_adef = summary["aprof-default"]
+    extra_fast = (s_fast["agent_share"] + s_fast["aprof_share"]) - s_afast["aprof_share"]
+    extra_def = (s_def["agent_share"] + s_def["aprof_share"]) - s_adef["aprof_share"]
+    print(f"threads' CPU the agent adds over async-profiler alone: defaults {extra_def:+.3f} points, "
+          f"fast {extra_fast:+.3f} points")
+    if ctx.has_python_frames:
+        print(f"python_frames cost at fast rates (agent-fast vs agent-fast-nopf, paired): "
+              f"{pct(diff('agent-fast', 'agent-fast-nopf'))}")
+    ctx.summary["overhead"] = summary
+
+    v = ctx.verdicts
+    aa_med = median(aa)
+
+    def verdict(wall_excess: float, budget: float, thread_extra: float) -> str:
+        """wall_excess: measured wall overhead beyond what is allowed for free (points)."""
+        threads = "threads' CPU " + ("within" if thread_extra <= budget else "OVER") + " budget"
+        if aa_med > budget:  # the machine is noisier than the budget: wall time cannot decide
+            return f"wall INCONCLUSIVE (A/A ±{aa_med:.1f}%); {threads}"
+        if wall_excess <= budget:
+            return f"MET; {threads}"
+        if wall_excess <= budget + aa_med:
+            return f"MET within noise; {threads}"
+        return f"NOT MET; {threads}"
+
+    v.add("agent at defaults <= 0.5% overhead",
+          f"wall {pct(s_def['overhead'])} (A/A median ±{aa_med:.2f}%), agent threads' extra CPU "
+          f"{extra_def:+.3f} pt", verdict(s_def["overhead"], 0.5, extra_def))
+    v.add("agent at 1 ms/10 ms <= async-profiler alone + 1 pt",
+          f"agent {pct(s_fast['overhead'])} vs alone {pct(s_afast['overhead'])} (paired diff {pct(d_fast)}), "
+          f"extra threads' CPU {extra_fast:+.3f} pt", verdict(d_fast, 1.0, extra_fast))
+    imp = summary["import-only"]["overhead"]
+    v.add("import alone does not slow the workload", f"wall {pct(imp)} (A/A median ±{aa_med:.2f}%)",
+          "MET" if imp <= max(aa_med, 0.5) else ("INCONCLUSIVE" if aa_med > 2 else "NOT MET"))
+    rs = res["agent-default"]
+    imp_mb = median([(r["rss_imported_kb"] - r["rss_before_kb"]) / 1024 for r in rs])
+    start_mb = median([(r["rss_started_kb"] - r["rss_imported_kb"]) / 1024 for r in rs])
+    imp_ms = median([r["import_s"] * 1e3 for r in rs])
+    ap = res["aprof-default"]
+    ap_start_mb = median([(r["rss_started_kb"] - r["rss_before_kb"]) / 1024 for r in ap])
+    print(f"agent at defaults: importing asprof and its names takes {imp_ms:.1f} ms and {imp_mb:.1f} MB RSS, "
+          f"starting adds {start_mb:.1f} MB (async-profiler alone: {ap_start_mb:.1f} MB at start)")
+    rss_agent = s_def["rss_mb"] - s_adef["rss_mb"]
+    rss_agent_fast = s_fast["rss_mb"] - s_afast["rss_mb"]
+    base_rss = summary["unprofiled"]["rss_mb"]
+    print(f"RSS: async-profiler alone adds {s_adef['rss_mb'] - base_rss:.1f} MB (defaults) / "
+          f"{s_afast['rss_mb'] - base_rss:.1f} MB (fast); the agent adds {rss_agent:+.1f} MB / {rss_agent_fast:+.1f} MB "
+          f"on top (import asprof included)")
+    v.add("agent adds <= 5 MB RSS over async-profiler's own",
+          f"{rss_agent:+.1f} MB at defaults, {rss_agent_fast:+.1f} MB at fast rates "
+          f"(async-profiler's own: {s_adef['rss_mb'] - base_rss:.1f} / {s_afast['rss_mb'] - base_rss:.1f} MB)",
+          "MET" if max(rss_agent, rss_agent_fast) <= 5 else "NOT MET")
+
+
+def section_rotation(ctx: "Ctx") -> None:
+    print("\n## 2. Samples kept across rotations")
+    units = max(20, int(ctx.units * ctx.rotation_seconds / ctx.seconds))
+    configs = [
+        Config("one-recording", "async-profiler alone, one recording", "aprof", FAST, extra=["--count"]),
+        Config("agent-1h", "agent, no rotation (interval 1 h)", "agent", FAST, 3600.0, extra=["--count"]),
+        Config("rotated-1s", "agent, a rotation every 1 s", "agent", FAST, FAST_INTERVAL, extra=["--count"]),
+    ]
+    print(f"cpu 1 ms / wall 10 ms, ~{ctx.rotation_seconds:g} s of the workload, {ctx.rot_rounds} rounds. "
+          "CPU samples are normalised by the process's CPU time\nin the window, wall-clock samples by its length "
+          "(both configurations have the same threads: the single recording\ngets an idle thread in place of "
+          "asprof-agent).")
+    res = run_rounds(configs, ctx.rot_rounds, ctx.lib, units, "rotation", ctx.rng)
+    ctx.data["rotation"] = res
+    rows = []
+    per: Dict[str, Dict[str, float]] = {}
+    for c in configs:
+        rs = res[c.name]
+        cps = median([r["cpu_samples_window"] / r["cpu_s"] for r in rs])
+        wps = median([r["wall_samples_window"] / r["wall_s"] for r in rs])
+        per[c.name] = {"cpu_per_cpu_s": cps, "wall_per_s": wps}
+        rows.append([c.name, f"{median([r['wall_s'] for r in rs]):.2f}", f"{median([r['cpu_s'] for r in rs]):.2f}",
+                     f"{median([r['cpu_samples_window'] for r in rs]):.0f}", f"{cps:.1f}",
+                     f"{median([r['wall_samples_window'] for r in rs]):.0f}", f"{wps:.1f}",
+                     f"{median([r['cpu_samples'] for r in rs]):.0f}",
+                     f"{median([r['files'] for r in rs]):.0f}/{median([r['chunks'] for r in rs]):.0f}"])
+    print()
+    print(table(["configuration", "window s", "CPU s", "CPU samples", "per CPU-s", "wall samples", "per s",
+                 "all CPU samples", "files/chunks"], rows))
+    print("Samples counted in the timed window (after start, before stop: the same window for both), from\n"
+          "their JFR timestamps; 'all CPU samples' includes those taken during start and stop.")
+    def ratios(name: str, base: str, samples: str, per: str) -> List[float]:
+        by_round = {r["round"]: r for r in res[base]}
+        return [(r[samples] / r[per]) / (by_round[r["round"]][samples] / by_round[r["round"]][per]) * 100
+                for r in res[name] if r["round"] in by_round]
+
+    cpu_ratios = ratios("rotated-1s", "one-recording", "cpu_samples_window", "cpu_s")
+    # the agent's process may have more threads (asprof's native ones) for wall-clock sampling:
+    # compare its wall-clock samples with the agent's own that does not rotate
+    wall_ratios = ratios("rotated-1s", "agent-1h", "wall_samples_window", "wall_s")
+    rot_only = ratios("rotated-1s", "agent-1h", "cpu_samples_window", "cpu_s")
+    agent_only = ratios("agent-1h", "one-recording", "cpu_samples_window", "cpu_s")
+    kept = median(cpu_ratios)
+    print(f"CPU samples kept, rotated vs one recording (per CPU-second, paired per round): median {kept:.2f}% "
+          f"(rounds: {', '.join(f'{x:.1f}%' for x in cpu_ratios)})")
+    print(f"  of which the rotations (rotated-1s vs agent-1h): {median(rot_only):.2f}%, and the agent without "
+          f"rotating (agent-1h vs one-recording): {median(agent_only):.2f}%")
+    print(f"wall-clock samples per second, rotated vs agent-1h: median {median(wall_ratios):.2f}% "
+          f"(rounds: {', '.join(f'{x:.1f}%' for x in wall_ratios)})")
+    ctx.summary["rotation"] = {"kept_pct": kept, "wall_kept_pct": median(wall_ratios),
+                               "rotation_only_pct": median(rot_only), "agent_only_pct": median(agent_only), **per}
+    ctx.verdicts.add("samples kept across 1 s rotations >= 99%", f"{kept:.2f}% (CPU samples per CPU-s)",
+                     "MET" if kept >= 99 else "NOT MET")
+
+
+def section_tick(ctx: "Ctx") -> None:
+    print("\n## 3. Duration of a tick (stop -> swap -> start)")
+    configs = [
+        ("fast/gil-free", {**FAST}, "nogil"),
+        ("fast/mixed", {**FAST}, "mixed"),
+        ("default/mixed", dict(DEFAULTS), "mixed"),
+        ("fast/mixed/kernel", {**FAST, "all_user": False}, "mixed"),
+    ]
+    print(f"NativeEngine.tick() every 1 s, {ctx.ticks} ticks per process, {ctx.tick_rounds} rounds, while two threads "
+          "are busy and one sleeps.\n'gil-free': the busy threads hash 2 MiB buffers (CPU-bound, GIL released), so "
+          "the caller gets the GIL back at once;\n'mixed': the busy threads run the mixed workload, and the time "
+          "includes waiting for the GIL after the native call.")
+    res: Dict[str, List[Dict[str, Any]]] = {c[0]: [] for c in configs}
+    n = 0
+    for r in range(ctx.tick_rounds):
+        order = list(configs)
+        ctx.rng.shuffle(order)
+        for name, opts, load in order:
+            n += 1
+            out = run_child(["tick", "--lib", ctx.lib, "--opts", json.dumps(opts), "--interval", "1",
+                             "--ticks", str(ctx.ticks), "--load", load])
+            res[name].append(out)
+            log(f"  [tick {n}/{ctx.tick_rounds * len(configs)}] {name:18s} median {median(out['tick_ms']):.2f} ms")
+    ctx.data["tick"] = res
+    rows = []
+    summ: Dict[str, Dict[str, float]] = {}
+    for name, _opts, _load in configs:
+        t = [x for o in res[name] for x in o["tick_ms"]]
+        c = [x for o in res[name] for x in o["tick_cpu_ms"]]
+        g = [x for o in res[name] for x in o["gap_ms"]]
+        sg = [x for o in res[name] for x in o["sample_gap_ms"]]
+        b = [x for o in res[name] for x in o["bytes"]]
+        p90 = sorted(t)[int(0.9 * (len(t) - 1))] if t else float("nan")
+        sp99 = median([o["spacing_p99_ms"] for o in res[name] if o["spacing_p99_ms"] is not None])
+        spmax = max([o["spacing_max_ms"] for o in res[name] if o["spacing_max_ms"] is not None] or [float("nan")])
+        summ[name] = {"median": median(t), "p90": p90, "max": max(t), "cpu": median(c),
+                      "gap_median": median(g), "gap_max": max(g) if g else float("nan"),
+                      "sample_gap_median": median(sg), "sample_gap_max": max(sg) if sg else float("nan"),
+                      "spacing_p99": sp99, "spacing_max": spmax}
+        rows.append([name, str(len(t)), f"{median(t):.2f}", f"{p90:.2f}", f"{max(t):.2f}", f"{median(c):.2f}",
+                     f"{median(g):.2f} / {max(g):.2f}" if g else "-",
+                     f"{median(sg):.1f} / {max(sg):.1f}" if sg else "-", f"{sp99:.1f} / {spmax:.1f}",
+                     f"{median(b) / 1024:.0f}"])
+    print()
+    print(table(["configuration", "ticks", "tick ms med", "p90", "max", "CPU ms", "rec. gap ms med/max",
+                 "sample gap med/max", "spacing p99/max", "KiB"], rows))
+    print("tick ms: NativeEngine.tick() as the agent thread sees it (stop, swap, start, then reading the finished\n"
+          "recording into bytes). CPU ms: the calling thread's CPU time for it. rec. gap: from the end of one JFR\n"
+          "chunk to the start of the next (async-profiler's own timestamps). sample gap: from the last CPU sample\n"
+          "before a rotation to the first after it; spacing: between consecutive CPU samples inside the\n"
+          "recordings, for comparison (at defaults, 100 ms of CPU between samples makes both large).")
+    ctx.summary["tick"] = summ
+    s = summ["fast/gil-free"]
+    ctx.verdicts.add("tick stop->swap->start <= 5 ms (median and max)",
+                     f"median {s['median']:.2f} ms, max {s['max']:.2f} ms (gil-free, fast rates); "
+                     f"recording gap median {s['gap_median']:.2f}, max {s['gap_max']:.2f} ms",
+                     "MET" if s["median"] <= 5 and s["max"] <= 5 else
+                     ("median MET, max NOT MET" if s["median"] <= 5 else "NOT MET"),
+                     "max is sensitive to other processes on the machine")
+    d = summ["default/mixed"]
+    share = d["cpu"] / 1e3 / 30.0 / 2 * 100
+    print(f"At defaults a tick costs the agent thread ~{d['cpu']:.2f} ms CPU per 30 s interval: "
+          f"{share:.4f}% of 2 busy cores.")
+
+
+IMPORT_SNIPPET = r"""
+import sys, time
+for m in filter(None, sys.argv[1].split(",")):
+    __import__(m)
+names = list(filter(None, sys.argv[2].split(",")))
+def rss():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+r0 = rss(); n0 = len(sys.modules)
+t0 = time.perf_counter()
+import asprof
+for n in names:
+    getattr(asprof, n)
+dt = time.perf_counter() - t0
+print(dt, rss() - r0, len(sys.modules) - n0, int("asprof._native" in sys.modules))
+"""
+# Modules a typical service has loaded before it imports asprof.
+APP_PRELOAD = "logging,dataclasses,typing,re,threading,datetime,json,enum,collections,abc"
+
+
+def importtime_breakdown(code: str) -> List[Tuple[str, int, int]]:
+    """(module, self µs, cumulative µs) of what `code` imports, from -X importtime."""
+    def parse(code: str) -> Dict[str, Tuple[int, int]]:
+        p = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True,
+                           env=child_env())
+        out = {}
+        for line in p.stderr.splitlines():
+            if not line.startswith("import time:") or "self [us]" in line:
+                continue
+            parts = line[len("import time:"):].split("|")
+            if len(parts) == 3:
+                out[parts[2].strip()] = (int(parts[0]), int(parts[1]))
+        return out
+
+    base = parse("pass")
+    full = parse(code)
+    return sorted(((m, s, c) for m, (s, c) in full.items() if m not in base), key=lambda x: -x[1])
+
+
+IMPORT_VARIANTS = [
+    ("import asprof", "", ""),
+    ("+ names to start", "", "Profiler,ProfilerOptions,LocalReporter"),
+    ("+ names, stdlib preloaded", APP_PRELOAD, "Profiler,ProfilerOptions,LocalReporter"),
+]
+
+
+def section_import(ctx: "Ctx") -> None:
+    print("\n## 4. import asprof")
+    res: Dict[str, List[List[float]]] = {v[0]: [] for v in IMPORT_VARIANTS}
+    for _ in range(ctx.import_runs):
+        order = list(IMPORT_VARIANTS)
+        ctx.rng.shuffle(order)
+        for name, pre, names in order:
+            p = subprocess.run([sys.executable, "-c", IMPORT_SNIPPET, pre, names], capture_output=True, text=True,
+                               env=child_env(), check=True)
+            res[name].append([float(x) for x in p.stdout.split()])
+    ctx.data["import"] = res
+    rows = []
+    for name, _pre, _names in IMPORT_VARIANTS:
+        rs = res[name]
+        rows.append([name, str(len(rs)), f"{median([r[0] for r in rs]) * 1e3:.1f}",
+                     f"{min(r[0] for r in rs) * 1e3:.1f}", f"{median([r[1] for r in rs]) / 1024:.1f}",
+                     f"{median([r[2] for r in rs]):.0f}", "yes" if any(r[3] for r in rs) else "no"])
+    print(f"A fresh interpreter each time, {ctx.import_runs} runs of each variant, interleaved.")
+    print(table(["variant", "runs", "median ms", "min ms", "RSS MB", "new modules", "loads _native"], rows))
+    print("'+ names to start': then asprof.Profiler, asprof.ProfilerOptions and asprof.LocalReporter are looked up\n"
+          "(what an application needs before starting; asprof's names are imported lazily).\n"
+          f"'stdlib preloaded': {APP_PRELOAD} imported first, as a typical service has.")
+    top = importtime_breakdown("import asprof; asprof.Profiler; asprof.ProfilerOptions; asprof.LocalReporter")
+    if top:
+        print("largest self times for import + names, -X importtime, one run (µs): " +
+              ", ".join(f"{m} {s}" for m, s, _c in top[:10]))
+    plain = median([r[0] for r in res["import asprof"]]) * 1e3
+    full = median([r[0] for r in res["+ names to start"]]) * 1e3
+    warm = median([r[0] for r in res["+ names, stdlib preloaded"]]) * 1e3
+    ctx.summary["import"] = {"import_ms": plain, "names_ms": full, "names_warm_ms": warm}
+    ctx.verdicts.add("import asprof <= 15 ms", f"{plain:.1f} ms; with the names to start {full:.1f} ms "
+                     f"({warm:.1f} ms with stdlib preloaded)",
+                     "MET" if full <= 15 else ("MET (plain import); names " + ("MET warm" if warm <= 15 else "NOT MET")
+                                               if plain <= 15 else "NOT MET"))
+
+
+def section_all_user(ctx: "Ctx") -> None:
+    print("\n## 5. all_user (async-profiler's alluser): RSS and start-up")
+    units = max(20, int(ctx.units * ctx.startup_seconds / ctx.seconds))
+    configs = [
+        Config("unprofiled", "baseline", "none"),
+        Config("agent all_user=True", "", "agent", {"all_user": True}),
+        Config("agent all_user=False", "", "agent", {"all_user": False}),
+        Config("a-p alone alluser", "", "aprof", {"all_user": True}),
+        Config("a-p alone kernel", "", "aprof", {"all_user": False}),
+    ]
+    print(f"Default rates, ~{ctx.startup_seconds:g} s of the workload, {ctx.startup_rounds} rounds. "
+          "start = the start call (loading async-profiler included); RSS after start and after the workload.")
+    res = run_rounds(configs, ctx.startup_rounds, ctx.lib, units, "all_user", ctx.rng)
+    ctx.data["all_user"] = res
+    base_rss = median([r["rss_kb"] for r in res["unprofiled"]]) / 1024
+    base_start = median([r["rss_started_kb"] for r in res["unprofiled"]]) / 1024
+    rows = []
+    summ = {}
+    for c in configs[1:]:
+        rs = res[c.name]
+        st = median([r["start_s"] for r in rs]) * 1e3
+        rss_s = median([r["rss_started_kb"] for r in rs]) / 1024 - base_start
+        rss = median([r["rss_kb"] for r in rs]) / 1024 - base_rss
+        hwm = median([r["hwm_kb"] for r in rs]) / 1024 - base_rss
+        stop = median([r["stop_s"] for r in rs]) * 1e3
+        summ[c.name] = {"start_ms": st, "rss_started_mb": rss_s, "rss_mb": rss, "hwm_mb": hwm, "stop_ms": stop}
+        rows.append([c.name, f"{st:.1f}", f"{stop:.1f}", f"{rss_s:+.1f}", f"{rss:+.1f}", f"{hwm:+.1f}"])
+    print()
+    print(table(["configuration", "start ms", "stop ms", "RSS after start MB", "RSS after work MB", "peak MB"], rows))
+    print(f"(MB added to the unprofiled process: {base_rss:.1f} MB RSS after the workload)")
+    ctx.summary["all_user"] = summ
+    t, f = summ["agent all_user=True"], summ["agent all_user=False"]
+    print(f"all_user=True saves {f['rss_mb'] - t['rss_mb']:.1f} MB RSS and {f['start_ms'] - t['start_ms']:.1f} ms "
+          "of start-up against all_user=False.")
+
+
+# ------------------------------------------------------------------ main
+
+
+class Ctx:
+    def __init__(self, a: argparse.Namespace, lib: str) -> None:
+        self.lib = lib
+        self.quick = a.quick
+        self.rng = random.Random(a.seed)
+        self.seconds = a.seconds or (1.0 if a.quick else 5.0)
+        self.rounds = a.rounds or (1 if a.quick else 7)
+        self.rotation_seconds = 2.0 if a.quick else 10.0
+        self.rot_rounds = 1 if a.quick else 3
+        self.ticks = 3 if a.quick else 8
+        self.tick_rounds = 1 if a.quick else 2
+        self.import_runs = 3 if a.quick else 15
+        self.startup_seconds = 0.5 if a.quick else 1.5
+        self.startup_rounds = 1 if a.quick else 5
+        self.units = 0
+        self.noise = float("nan")
+        self.verdicts = Verdicts()
+        self.summary: Dict[str, Any] = {}
+        self.data: Dict[str, Any] = {}
+        import asprof
+
+        self.has_python_frames = hasattr(asprof.ProfilerOptions(), "python_frames")
+
+
+SECTIONS: Dict[str, Callable[[Ctx], None]] = {
+    "overhead": section_overhead,
+    "rotation": section_rotation,
+    "tick": section_tick,
+    "import": section_import,
+    "alluser": section_all_user,
+}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a short smoke run (~1.5 min)")
+    p.add_argument("--rounds", type=int, default=0, help="rounds of the overhead comparison (default 7)")
+    p.add_argument("--seconds", type=float, default=0, help="unprofiled duration of one overhead run (default 5)")
+    p.add_argument("--only", default="", help=f"comma-separated sections: {','.join(SECTIONS)}")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--json", default="", help="also write every raw result to this file")
+    a = p.parse_args(argv)
+
+    sys.path.insert(0, ROOT)
+    try:
+        import asprof
+        from asprof import _native  # noqa: F401
+    except ImportError as e:
+        log(f"cannot import asprof ({e}): build it first: cd {ROOT} && python setup.py build_ext --inplace")
+        return 2
+    info = asprof.library_info()
+    ctx = Ctx(a, info.path)
+    started = time.time()
+    m = machine()
+    print("# asprof benchmarks" + (" (--quick: smoke run, numbers are not meaningful)" if a.quick else ""))
+    print(f"date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}; machine: {m['cpus']} cores, {m['cpu']}, "
+          f"{m['memory']}, Linux {m['kernel']}")
+    print(f"{m['python']}; async-profiler {info.version} ({info.path}); asprof {asprof.__version__}")
+    print(f"load average at start: {loadavg()}")
+
+    # Byte-compile asprof once: with PYTHONDONTWRITEBYTECODE set (as on our machines), every child would
+    # otherwise compile the modules it imports from source, and that would count as start-up time.
+    compileall.compile_dir(os.path.join(ROOT, "asprof"), quiet=1)
+    compileall.compile_dir(HERE, quiet=1)
+    cal = [run_child(["calibrate", "--units", "100"]) for _ in range(2 if a.quick else 3)]
+    # warm-up (discarded): the page cache, async-profiler's first start
+    run_child(Config("warm-up", "", "agent", FAST, FAST_INTERVAL).args(ctx.lib, 20))
+    rate = median([c["units_per_s"] for c in cal])
+    ctx.units = max(20, int(rate * ctx.seconds))
+    print(f"calibration: {rate:.0f} work units/s per busy thread (unprofiled); {ctx.units} units per overhead run")
+
+    chosen = [s.strip() for s in a.only.split(",") if s.strip()] or list(SECTIONS)
+    for s in chosen:
+        if s not in SECTIONS:
+            log(f"unknown section {s!r}; choose from {', '.join(SECTIONS)}")
+            return 2
+    for s in chosen:
+        SECTIONS[s](ctx)
+        print(f"(load average after this section: {loadavg()})")
+
+    print("\n## Targets")
+    print(table(["target", "measured", "status"], [[t, m_, s] for t, m_, s, _n in ctx.verdicts.rows]))
+    print(f"\nload average at end: {loadavg()}; total time {time.time() - started:.0f} s")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"machine": m, "async_profiler": info.version, "units": ctx.units, "summary": ctx.summary,
+                       "verdicts": ctx.verdicts.rows, "raw": ctx.data}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
