@@ -29,6 +29,7 @@ jfr_extensions = [
     Extension(
         "asprof.jfr._parser",
         sources=["asprof/jfr/_parser.pyx"],
+        libraries=["pthread"],  # the column fill of big chunks runs on two threads
         extra_compile_args=CFLAGS,
         define_macros=[("_GNU_SOURCE", "1")],
     )

@@ -1,6 +1,7 @@
 from typing import Optional, Tuple
 
 def set_thread_name(name: str) -> None: ...
+def wait_engine_threads(timeout_ms: int) -> bool: ...
 
 class Library:
     @staticmethod

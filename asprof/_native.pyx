@@ -50,6 +50,7 @@ cdef extern from "asprof_core.h":
     int asp_read_fd(int fd, asp_buf *out, char *err, size_t errlen) nogil
     long long asp_fd_size(int fd) nogil
     int asp_session_destroy(asp_session *s, asp_buf *log) nogil
+    int asp_wait_engine_threads(int timeout_ms) nogil
 
 
 cdef extern from "<pthread.h>" nogil:
@@ -62,6 +63,17 @@ def set_thread_name(str name):
     """Names the calling OS thread (visible in /proc/self/task/*/comm, top, gdb)."""
     cdef bytes b = name.encode()[:15]
     pthread_setname_np(pthread_self(), b)
+
+
+ctypedef const char *(*session_op)(asp_session *s, asp_buf *log) noexcept nogil
+
+
+def wait_engine_threads(int timeout_ms):
+    """Waits until async-profiler's threads are gone after a stop; True if they are."""
+    cdef int rc
+    with nogil:
+        rc = asp_wait_engine_threads(timeout_ms)
+    return rc == 0
 
 
 cdef str _text(asp_buf *b):
@@ -183,57 +195,34 @@ cdef class Session:
         self._check()
         return self.s.fd[self.s.active]
 
-    def start(self):
-        """Starts on the active file: returns (error or None, log text)."""
+    cdef tuple _op(self, session_op op):
+        """Runs one state change without the GIL: (error or None, log text)."""
         cdef asp_buf log
         cdef const char *e
         self._check()
         memset(&log, 0, sizeof(log))
         try:
             with nogil:
-                e = asp_session_start(self.s, &log)
+                e = op(self.s, &log)
             return (None if e == NULL else e.decode("utf-8", "replace")), _text(&log)
         finally:
             asp_buf_free(&log)
+
+    def start(self):
+        """Starts on the active file: returns (error or None, log text)."""
+        return self._op(asp_session_start)
 
     def stop(self):
         """Stops: returns (error or None, log text). The active file holds the recording."""
-        cdef asp_buf log
-        cdef const char *e
-        self._check()
-        memset(&log, 0, sizeof(log))
-        try:
-            with nogil:
-                e = asp_session_stop(self.s, &log)
-            return (None if e == NULL else e.decode("utf-8", "replace")), _text(&log)
-        finally:
-            asp_buf_free(&log)
+        return self._op(asp_session_stop)
 
     def pause(self):
         """Stops before a fork, to be resumed on the same file: (error or None, log)."""
-        cdef asp_buf log
-        cdef const char *e
-        self._check()
-        memset(&log, 0, sizeof(log))
-        try:
-            with nogil:
-                e = asp_session_pause(self.s, &log)
-            return (None if e == NULL else e.decode("utf-8", "replace")), _text(&log)
-        finally:
-            asp_buf_free(&log)
+        return self._op(asp_session_pause)
 
     def resume(self):
         """Resumes after a fork, appending a chunk to the active file: (error or None, log)."""
-        cdef asp_buf log
-        cdef const char *e
-        self._check()
-        memset(&log, 0, sizeof(log))
-        try:
-            with nogil:
-                e = asp_session_resume(self.s, &log)
-            return (None if e == NULL else e.decode("utf-8", "replace")), _text(&log)
-        finally:
-            asp_buf_free(&log)
+        return self._op(asp_session_resume)
 
     def tick(self):
         """One rotation: returns (recording bytes or None, error or None, log text)."""

@@ -292,6 +292,11 @@ class NativeEngine(Engine):
             if err is not None:
                 raise ProfilerError(f"async-profiler could not stop: {err}")
             data: bytes = self._session.read_active()
+        # The final stop leaves no thread behind (its timer thread exits on its own).
+        from asprof._native import wait_engine_threads
+
+        if not wait_engine_threads(1000):
+            logger.debug("async-profiler's threads were still exiting 1 s after stop")
         return data or None
 
     def before_fork(self) -> bool:

@@ -299,3 +299,23 @@ def test_open_accepts_path_like_and_io_free(tmp_path: Path) -> None:
     with J.open(os.fspath(p)) as rec:
         assert "x.jfr" in repr(rec)
     assert isinstance(io.BytesIO(simple()).getvalue(), bytes)
+
+
+@needs_shared
+def test_two_threaded_fill_equals_one_thread() -> None:
+    from asprof.jfr import _parser
+
+    data = (SHARED / "nativemem.jfr").read_bytes()
+    results = []
+    try:
+        for threshold in (1 << 40, 0):  # never / always two threads
+            _parser.set_parallel_min_bytes(threshold)
+            rec = J.open(data)
+            assert _parser.last_fill_threads() == (1 if threshold else 2)
+            cols = rec.chunks[0].columns
+            results.append([list(a) for a in (cols.time, cols.thread, cols.stack, cols.state, cols.value, cols.kind,
+                                              cols.mem_time, cols.mem_address, cols.mem_row)])
+    finally:
+        _parser.set_parallel_min_bytes(4 << 20)
+    assert results[0] == results[1]
+    assert len(results[0][6]) == J.open(data).counts["profiler.Malloc"][0] + J.open(data).counts["profiler.Free"][0]

@@ -93,6 +93,8 @@ cdef enum:
 KIND_EXEC = 1
 KIND_WALL = 2
 KIND_MALLOC = 3
+KIND_FREE = 4
+ALL_KINDS = (1, 2, 3, 4)
 cdef enum:
     K_NONE = 0
     K_EXEC = 1
@@ -915,27 +917,60 @@ cdef struct Plan:
     bint allvar       # every field is a varint (the usual layout): the tightest loop
 
 
+cdef struct CountOut:
+    Py_ssize_t err_at
+    uint64_t err_size
+    Py_ssize_t target       # split the fill at the first event at or after this offset
+    Py_ssize_t split_at
+    Py_ssize_t n_before     # sample rows before split_at
+    Py_ssize_t m_before     # memory rows before split_at
+    int64_t* cps            # checkpoint offsets (up to max_cp)
+    int max_cp
+    int n_cp                # may exceed max_cp: then the offsets are incomplete
+
+
 cdef int _count_pass(const uint8_t* p, Py_ssize_t pos, Py_ssize_t end, int64_t* cnt, int64_t* byt,
-                     Py_ssize_t* err_at, uint64_t* err_size) noexcept nogil:
-    """Pass 1: walk the event frames, counting types below MAX_TYPE_TABLE.
+                     Plan* plans, CountOut* o) noexcept nogil:
+    """Pass 1: walk the event frames, counting types below MAX_TYPE_TABLE, finding the
+    split point for a two-threaded fill and the checkpoint events.
     Returns 0, or -1 (truncated header), -2 (bad size), -3 (truncated type) with err_at set."""
     cdef Py_ssize_t ev
-    cdef uint64_t size, etype
+    cdef uint64_t size = 0, etype = 0
+    cdef int kind
+    cdef bint before = True
+    o.split_at = end
+    o.n_before = 0
+    o.m_before = 0
+    o.n_cp = 0
     while pos < end:
         ev = pos
         if rd_var(p, &pos, end, &size) < 0:
-            err_at[0] = ev
+            o.err_at = ev
             return -1
         if size == 0 or size > <uint64_t>(end - ev):
-            err_at[0] = ev
-            err_size[0] = size
+            o.err_at = ev
+            o.err_size = size
             return -2
         if rd_var(p, &pos, ev + <Py_ssize_t>size, &etype) < 0:
-            err_at[0] = ev
+            o.err_at = ev
             return -3
+        if before and ev >= o.target:
+            before = False
+            o.split_at = ev
         if etype < MAX_TYPE_TABLE:
             cnt[etype] += 1
             byt[etype] += <int64_t>size
+            if before:
+                kind = plans[etype].kind
+                if kind:
+                    if kind != K_FREE:
+                        o.n_before += 1
+                    if kind == K_MALLOC or kind == K_FREE:
+                        o.m_before += 1
+            if etype == 1:
+                if o.n_cp < o.max_cp:
+                    o.cps[o.n_cp] = ev
+                o.n_cp += 1
         pos = ev + <Py_ssize_t>size
     return 0
 
@@ -1084,53 +1119,18 @@ cdef void* _fill_job(void* arg) noexcept nogil:
     return NULL
 
 
-cdef int _split_pass(const uint8_t* p, Py_ssize_t pos, Py_ssize_t end, Py_ssize_t target, Plan* plans,
-                     Py_ssize_t* split_at, Py_ssize_t* n_before, Py_ssize_t* m_before,
-                     int64_t* cp_offsets, int max_cp, int* n_cp) noexcept nogil:
-    """Walk the (validated) frames: the first event at or after ``target``, the rows before
-    it, and the offsets of checkpoint events."""
-    cdef Py_ssize_t ev
-    cdef uint64_t size = 0, etype = 0
-    cdef int kind
-    split_at[0] = end
-    n_before[0] = 0
-    m_before[0] = 0
-    n_cp[0] = 0
-    while pos < end:
-        ev = pos
-        rd_var(p, &pos, end, &size)
-        rd_var(p, &pos, ev + <Py_ssize_t>size, &etype)
-        if ev >= target and split_at[0] == end:
-            split_at[0] = ev
-        if etype == 1:
-            if n_cp[0] >= max_cp:
-                return -1
-            cp_offsets[n_cp[0]] = ev
-            n_cp[0] += 1
-        elif etype < MAX_TYPE_TABLE and split_at[0] == end:
-            kind = plans[etype].kind
-            if kind and kind != K_FREE:
-                n_before[0] += 1
-            if kind == K_MALLOC or kind == K_FREE:
-                m_before[0] += 1
-        pos = ev + <Py_ssize_t>size
-    return 0
-
-
 cdef bint _parallel_fill(const uint8_t* p, Py_ssize_t start, Py_ssize_t end, Plan* plans, Columns cols,
                          Py_ssize_t base, Py_ssize_t mbase, Py_ssize_t n_total, Py_ssize_t m_total,
-                         list checkpoints) except -1:
-    """Fill the columns with two threads (GIL released). Returns False when it does not apply."""
-    cdef Py_ssize_t split_at = end, n0 = 0, m0 = 0
-    cdef int64_t cps[256]
-    cdef int n_cp = 0, r, k
+                         CountOut* o, list checkpoints) except -1:
+    """Fill the columns, with two threads for big chunks (GIL released). Returns False
+    when it does not apply (the caller then uses the general path)."""
+    cdef Py_ssize_t split_at = o.split_at, n0 = o.n_before, m0 = o.m_before
+    cdef int k
     cdef FillJob jobs[2]
     cdef pthread_t th
     cdef bint threaded = False
-    with nogil:
-        r = _split_pass(p, start, end, start + (end - start) // 2, plans, &split_at, &n0, &m0, cps, 256, &n_cp)
-    if r < 0:
-        return False  # very many checkpoints: let the general path handle them
+    if o.n_cp > o.max_cp:
+        return False  # very many checkpoints: the general path collects them
     memset(jobs, 0, sizeof(jobs))
     for k in range(2):
         jobs[k].p = p
@@ -1176,8 +1176,8 @@ cdef bint _parallel_fill(const uint8_t* p, Py_ssize_t start, Py_ssize_t end, Pla
             raise JfrError("internal error: more sample events than counted", jobs[k].err_at)
     if jobs[0].n != n0 or jobs[0].m != m0:
         raise JfrError("internal error: sample events miscounted", start)
-    for k in range(n_cp):
-        checkpoints.append(cps[k])
+    for k in range(o.n_cp):
+        checkpoints.append(o.cps[k])
     global _last_fill_threads
     _last_fill_threads = 2 if threaded else 1
     return True
@@ -1198,12 +1198,14 @@ def last_fill_threads():
 
 
 def scan_events(object data, Py_ssize_t start, Py_ssize_t end, dict classes, Columns cols,
-                dict counts, list checkpoints, object progress=None, Py_ssize_t progress_step=8 << 20):
+                dict counts, list checkpoints, object progress=None, Py_ssize_t progress_step=8 << 20,
+                tuple kinds=ALL_KINDS):
     """Scan the events of a chunk in ``[start, end)``.
 
     Fills ``cols`` with sample events, ``counts`` with ``type id -> [count, bytes]``
     and ``checkpoints`` with the offsets of checkpoint events (type 1).
-    ``progress(pos)`` is called every ``progress_step`` bytes.
+    ``progress(pos)`` is called every ``progress_step`` bytes. Only sample
+    events of ``kinds`` (KIND_* codes) are put into the columns.
 
     Two passes: the first only walks event frames to count the events per
     type, so that the columns are sized exactly and filled in place by the second.
@@ -1215,28 +1217,19 @@ def scan_events(object data, Py_ssize_t start, Py_ssize_t end, dict classes, Col
     cdef int64_t* cnt = <int64_t*>calloc(MAX_TYPE_TABLE, sizeof(int64_t))
     cdef int64_t* byt = <int64_t*>calloc(MAX_TYPE_TABLE, sizeof(int64_t))
     cdef Plan* plans = <Plan*>calloc(MAX_TYPE_TABLE, sizeof(Plan))
-    cdef Py_ssize_t err_at = 0
-    cdef uint64_t err_size = 0
     cdef int r, i
     cdef MetaClass mc
+    cdef CountOut o
+    cdef int64_t cps[256]
     if cnt == NULL or byt == NULL or plans == NULL:
         free(cnt); free(byt); free(plans)
         raise MemoryError()
     try:
-        with nogil:
-            r = _count_pass(p, start, end, cnt, byt, &err_at, &err_size)
-        if r == -1:
-            raise JfrError("truncated event header", err_at)
-        if r == -2:
-            raise JfrError(f"event size {err_size} is invalid or exceeds the chunk ({end - err_at} bytes left)",
-                           err_at)
-        if r == -3:
-            raise JfrError("truncated event type", err_at)
         big_kinds = {}
         for cid, cobj in classes.items():
             mc = <MetaClass>cobj
             kind = SAMPLE_TYPES.get(mc.name, 0)
-            if not kind:
+            if not kind or kind not in kinds:
                 continue
             if isinstance(cid, int) and 0 <= cid < MAX_TYPE_TABLE:
                 plans[<int>cid].kind = kind
@@ -1250,6 +1243,19 @@ def scan_events(object data, Py_ssize_t start, Py_ssize_t end, dict classes, Col
                         plans[<int>cid].allvar = False
             else:
                 big_kinds[cid] = (kind, cobj)
+        memset(&o, 0, sizeof(o))
+        o.target = start + (end - start) // 2
+        o.cps = cps
+        o.max_cp = 256
+        with nogil:
+            r = _count_pass(p, start, end, cnt, byt, plans, &o)
+        if r == -1:
+            raise JfrError("truncated event header", o.err_at)
+        if r == -2:
+            raise JfrError(f"event size {o.err_size} is invalid or exceeds the chunk ({end - o.err_at} bytes left)",
+                           o.err_at)
+        if r == -3:
+            raise JfrError("truncated event type", o.err_at)
         n_samples = 0
         n_mem = 0
         for i in range(MAX_TYPE_TABLE):
@@ -1271,7 +1277,7 @@ def scan_events(object data, Py_ssize_t start, Py_ssize_t end, dict classes, Col
         for i in range(MAX_TYPE_TABLE):
             if plans[i].kind and cnt[i] and not plans[i].scalar:
                 fast = False
-        if fast and _parallel_fill(p, start, end, plans, cols, base, mbase, n_samples, n_mem, checkpoints):
+        if fast and _parallel_fill(p, start, end, plans, cols, base, mbase, n_samples, n_mem, &o, checkpoints):
             rows = (n_samples, n_mem)
             if progress is not None:
                 progress(end)

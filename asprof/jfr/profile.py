@@ -46,6 +46,15 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Profile", "FrameKey", "build_profile", "KINDS", "TimeSpec"]
 
 KINDS = ("cpu", "wall", "nativemem", "leaks")
+_SAMPLE_KINDS = (_parser.KIND_EXEC, _parser.KIND_WALL)
+_MEM_KINDS = (_parser.KIND_MALLOC, _parser.KIND_FREE)
+
+
+def _kinds_for(kind: str) -> Tuple[int, ...]:
+    """Which sample events a profile kind needs decoded."""
+    return _MEM_KINDS if kind in ("nativemem", "leaks") else _SAMPLE_KINDS
+
+
 _KIND_CODE = {"cpu": _parser.KIND_EXEC, "wall": _parser.KIND_WALL, "nativemem": _parser.KIND_MALLOC}
 
 #: A frame of a profile: (display name, frame type). Thread frames use ``THREAD``.
@@ -334,7 +343,7 @@ def build_profile(
         hi: Optional[int] = None
         for ci, c in enumerate(rec.chunks):
             a, b = chunk_range(c)
-            r = lm.add_chunk(c.columns, ci, a, b, thread_keys(c))
+            r = lm.add_chunk(c.columns_of(_MEM_KINDS), ci, a, b, thread_keys(c))
             if r is not None:
                 ln, hn = c.ticks_to_nanos(r[0]), c.ticks_to_nanos(r[1])
                 lo = ln if lo is None else min(lo, ln)
@@ -348,19 +357,19 @@ def build_profile(
             tcut = c.nanos_to_ticks(cutoff)
             rows = _array_q(sorted(row for row, ticks in live[ci] if ticks <= tcut))
             if len(rows):
-                _collect(prof, c, rows, by_thread, count, stack_hook, emit)
+                _collect(prof, c, rows, by_thread, count, stack_hook, emit, _MEM_KINDS)
         return prof
 
     code = _KIND_CODE[kind]
     for c in rec.chunks:
         a, b = chunk_range(c)
         if stack_hook is None:
-            agg = _parser.aggregate_select(c.columns, code, _cpu_states(c), a, b, thread_keys(c), by_thread, count)
+            agg = _parser.aggregate_select(c.columns_of(_kinds_for(kind)), code, _cpu_states(c), a, b, thread_keys(c), by_thread, count)
             emit(c, agg, {})
             continue
-        rows = _parser.select_rows(c.columns, code, _cpu_states(c), a, b, thread_keys(c))
+        rows = _parser.select_rows(c.columns_of(_kinds_for(kind)), code, _cpu_states(c), a, b, thread_keys(c))
         if len(rows):
-            _collect(prof, c, rows, by_thread, count, stack_hook, emit)
+            _collect(prof, c, rows, by_thread, count, stack_hook, emit, _kinds_for(kind))
     return prof
 
 
@@ -372,12 +381,13 @@ def _array_q(values: List[int]) -> Any:
 
 def _collect(prof: Profile, c: "Chunk", rows: Any, by_thread: bool, count: bool,
              stack_hook: Optional[StackHook],
-             emit: Callable[["Chunk", Dict[Any, List[int]], Dict[int, Tuple[int, ...]]], None]) -> None:
+             emit: Callable[["Chunk", Dict[Any, List[int]], Dict[int, Tuple[int, ...]]], None],
+             kinds: Tuple[int, ...]) -> None:
+    cols = c.columns_of(kinds)
     if stack_hook is None:
-        agg = _parser.aggregate(c.columns, rows, by_thread, count)
+        agg = _parser.aggregate(cols, rows, by_thread, count)
         emit(c, agg, {})
         return
-    cols = c.columns
     for r in rows:
         skey, tkey, ticks = cols.stack[r], cols.thread[r], cols.time[r]
         st = c.stack_trace(skey)

@@ -91,11 +91,12 @@ class Chunk:
         self.classes, self.types = _parser.parse_metadata(data, offset + self.meta_offset, self.end)
         self.pools: Dict[int, Dict[int, Any]] = {}
         self.stacks = _parser.StackTable()
-        self.columns = _parser.Columns()
+        self._columns: Dict[Tuple[int, ...], _parser.Columns] = {}
         counts: Dict[int, List[int]] = {}
         checkpoints: List[int] = []
-        _parser.scan_events(data, offset + HEADER_SIZE, self.end, self.classes, self.columns,
-                            counts, checkpoints, progress)
+        # the first scan counts events and finds checkpoints; samples are decoded on demand
+        _parser.scan_events(data, offset + HEADER_SIZE, self.end, self.classes, _parser.Columns(),
+                            counts, checkpoints, progress, kinds=())
         if not checkpoints:
             # async-profiler always writes one; follow the header if the scan found none
             checkpoints.append(offset + self.cp_offset)
@@ -113,6 +114,26 @@ class Chunk:
         # async-profiler's FrameType pool has "Kernel": there "Native" means C code;
         # in the JDK's own recordings it means a Java native method.
         self.native_is_c = any(v == "Kernel" for v in ft.values())
+
+    # -- samples -------------------------------------------------------------------------
+
+    def columns_of(self, kinds: Tuple[int, ...]) -> "_parser.Columns":
+        """The sample events of ``kinds`` (``_parser.KIND_*``) as columns, decoded on first use."""
+        cols = self._columns.get(kinds)
+        if cols is None:
+            cols = _parser.Columns()
+            try:
+                _parser.scan_events(self._data, self.offset + HEADER_SIZE, self.end, self.classes, cols, {}, [],
+                                    kinds=kinds)
+            except JfrError as e:
+                raise e.with_path(self.source) from None
+            self._columns[kinds] = cols
+        return cols
+
+    @property
+    def columns(self) -> "_parser.Columns":
+        """All sample events (CPU, wall clock, Malloc and Free) as columns."""
+        return self.columns_of(_parser.ALL_KINDS)
 
     # -- metadata and pools --------------------------------------------------------------
 
@@ -460,14 +481,32 @@ def _read_zip(path: str, blob: bytes) -> Tuple[bytes, Optional[Dict[str, Any]]]:
     return jfr, meta
 
 
-def _load_file(path: str) -> Tuple[bytes, Optional[Dict[str, Any]]]:
+_READ_BLOCK = 16 << 20
+
+
+def _load_file(path: str, progress: Optional[Callable[[int], None]] = None) -> Tuple[Any, Optional[Dict[str, Any]]]:
+    """The bytes of a file (a ``bytearray``, read in blocks with ``progress(bytes_read)``),
+    or the JFR and metadata inside an S3 reporter zip."""
     try:
         with io.open(path, "rb") as f:
-            blob = f.read()
+            size = os.fstat(f.fileno()).st_size
+            blob = bytearray(size)
+            view = memoryview(blob)
+            got = 0
+            while got < size:
+                n = f.readinto(view[got:got + _READ_BLOCK])
+                if not n:
+                    break
+                got += n
+                if progress is not None:
+                    progress(got)
+            view.release()
+            if got < size:
+                del blob[got:]  # the file shrank while being read
     except OSError as e:
         raise JfrError(f"cannot read file: {e.strerror or e}", None, path) from None
     if blob[:4] == b"PK\x03\x04" or path.endswith(".zip"):
-        return _read_zip(path, blob)
+        return _read_zip(path, bytes(blob))
     return blob, None
 
 
@@ -491,13 +530,33 @@ def open_recording(source: Union[PathOrBytes, Sequence[PathOrBytes]],
     (``async_profiler_dump_0.jfr`` + ``metadata.json``), to a directory of
     such files, the bytes of a JFR, or a list of any of these. Several
     inputs are merged into one recording whose chunks are in time order.
-    ``progress(done_bytes, total_bytes)`` is called while reading.
+    ``progress(done, total)`` is called while reading and parsing (the
+    units are bytes read plus bytes parsed).
     """
     if isinstance(source, (list, tuple)):
         items: List[PathOrBytes] = list(source)
     else:
         items = [source]  # type: ignore[list-item]
-    blobs: List[Tuple[str, bytes, Optional[Dict[str, Any]]]] = []
+    blobs: List[Tuple[str, Any, Optional[Dict[str, Any]]]] = []
+    paths: List[str] = []
+    for item in items:
+        if not isinstance(item, (bytes, bytearray, memoryview)):
+            p = os.fspath(item)
+            paths.extend(_dir_files(p) if os.path.isdir(p) else [p])
+    read_total = sum(os.path.getsize(p) for p in paths if os.path.isfile(p))
+    read_done = [0]
+
+    def load(path: str) -> Tuple[Any, Optional[Dict[str, Any]]]:
+        base = read_done[0]
+
+        def cb(n: int) -> None:
+            if progress is not None:
+                progress(base + n, 2 * read_total)
+
+        r = _load_file(path, cb if progress is not None and read_total >= _READ_BLOCK else None)
+        read_done[0] = base + os.path.getsize(path) if os.path.isfile(path) else base
+        return r
+
     for item in items:
         if isinstance(item, (bytes, bytearray, memoryview)):
             blob = bytes(item)
@@ -510,15 +569,15 @@ def open_recording(source: Union[PathOrBytes, Sequence[PathOrBytes]],
         path = os.fspath(item)
         if os.path.isdir(path):
             for f in _dir_files(path):
-                jfr, meta = _load_file(f)
+                jfr, meta = load(f)
                 blobs.append((f, jfr, meta))
         elif not os.path.exists(path):
             raise JfrError("no such file or directory", None, path)
         else:
-            jfr, meta = _load_file(path)
+            jfr, meta = load(path)
             blobs.append((path, jfr, meta))
-    total = sum(len(b) for _, b, _ in blobs)
-    done = 0
+    total = read_total + sum(len(b) for _, b, _ in blobs)
+    done = read_total
     chunks: List[Chunk] = []
     warnings: List[str] = []
     metas = []

@@ -124,6 +124,12 @@ const char *asp_session_tick(asp_session *s, int *finished, asp_buf *log);
 const char *asp_session_pause(asp_session *s, asp_buf *log);
 const char *asp_session_resume(asp_session *s, asp_buf *log);
 
+/*
+ * async-profiler's stop signals its timer thread, which exits a moment later.
+ * Waits (bounded) until no thread started by it is left; 0 when none is.
+ */
+int asp_wait_engine_threads(int timeout_ms);
+
 /* Reads a whole recording file into out (no size limit beyond memory). */
 int asp_read_fd(int fd, asp_buf *out, char *err, size_t errlen);
 

@@ -243,12 +243,17 @@ const char *asp_session_pause(asp_session *s, asp_buf *log) {
      * the child's next stop then blocks forever in pthread_cond_signal (seen with
      * 4.5). Wait, bounded, until the engine's threads are gone.
      */
+    if (asp_wait_engine_threads(500) != 0) return "async-profiler's timer thread did not exit within 500 ms";
+    return NULL;
+}
+
+int asp_wait_engine_threads(int timeout_ms) {
     for (int waited_ms = 0; engine_thread_alive(); waited_ms++) {
-        if (waited_ms >= 500) return "async-profiler's timer thread did not exit within 500 ms";
+        if (waited_ms >= timeout_ms) return -1;
         struct timespec ts = {0, 1000000};
         nanosleep(&ts, NULL);
     }
-    return NULL;
+    return 0;
 }
 
 const char *asp_session_resume(asp_session *s, asp_buf *log) {

@@ -135,8 +135,8 @@ class Progress:
         if now - self._last < 0.1 and done < total:
             return
         self._last = now
-        pct = 100.0 * done / total if total else 100.0
-        self._write(f"reading {done / 1e6:.1f}/{total / 1e6:.1f} MB ({pct:.0f}%)")
+        pct = min(100.0, 100.0 * done / total) if total else 100.0
+        self._write(f"reading profile... {pct:.0f}%")
 
     def stage(self, text: str) -> None:
         if self.enabled and self._shown:
