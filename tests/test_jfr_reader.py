@@ -311,8 +311,8 @@ def test_two_threaded_fill_equals_one_thread() -> None:
         for threshold in (1 << 40, 0):  # never / always two threads
             _parser.set_parallel_min_bytes(threshold)
             rec = J.open(data)
-            assert _parser.last_fill_threads() == (1 if threshold else 2)
             cols = rec.chunks[0].columns
+            assert _parser.last_fill_threads() == (1 if threshold else 2)
             results.append([list(a) for a in (cols.time, cols.thread, cols.stack, cols.state, cols.value, cols.kind,
                                               cols.mem_time, cols.mem_address, cols.mem_row)])
     finally:

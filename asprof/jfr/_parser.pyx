@@ -1277,7 +1277,11 @@ def scan_events(object data, Py_ssize_t start, Py_ssize_t end, dict classes, Col
         for i in range(MAX_TYPE_TABLE):
             if plans[i].kind and cnt[i] and not plans[i].scalar:
                 fast = False
-        if fast and _parallel_fill(p, start, end, plans, cols, base, mbase, n_samples, n_mem, &o, checkpoints):
+        if fast and n_samples == 0 and n_mem == 0 and o.n_cp <= o.max_cp:
+            rows = (0, 0)  # nothing to decode: the count pass found the checkpoints
+            for i in range(o.n_cp):
+                checkpoints.append(o.cps[i])
+        elif fast and _parallel_fill(p, start, end, plans, cols, base, mbase, n_samples, n_mem, &o, checkpoints):
             rows = (n_samples, n_mem)
             if progress is not None:
                 progress(end)
