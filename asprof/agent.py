@@ -45,7 +45,7 @@ DEFAULT_STOP_TIMEOUT = 30.0
 EXIT_TIMEOUT = 10.0
 MIN_REPORTING_INTERVAL = 0.1
 _FALSE = {"0", "false", "no", "off", "disabled"}
-_OWN_THREADS = ("asprof-agent", "async-profiler")
+_OWN_THREADS = ("asprof-agent", "async-profiler", "asprof-pyframes")
 
 _state_lock = threading.Lock()
 _active: Optional["_Agent"] = None  # async-profiler is process-global: one at a time

@@ -987,6 +987,7 @@ const char *pf_install(const pf_config *cfg) {
             return "cannot start the Python stack drain thread";
         }
         g.drainer_running = 1;
+        pthread_setname_np(g.drainer, "asprof-pyframes");  /* visible in top, /proc, gdb */
     }
     atomic_store(&g.guard_ok, pf_safeload_active());
     atomic_store(&g.installed, 1);

@@ -105,6 +105,12 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
                    help="weigh each event 1 (e.g. number of allocations instead of bytes)")
     f.add_argument("--tail", type=_ratio, default=0.1, metavar="RATIO",
                    help="leaks: ignore allocations in the last RATIO of the recording (default 10%%)")
+    s = p.add_argument_group("Python frames (CPython profiles recorded with python_frames)")
+    v = s.add_mutually_exclusive_group()
+    v.add_argument("--python-only", dest="python", action="store_const", const="python", default="mixed",
+                   help="only the Python frames of each stack")
+    v.add_argument("--native-only", dest="python", action="store_const", const="native",
+                   help="the native stacks as async-profiler recorded them")
 
 
 def _ratio(text: str) -> float:
@@ -181,4 +187,5 @@ def profile_from_args(rec: Recording, args: argparse.Namespace) -> Profile:
         by_thread=args.threads,
         count=args.count,
         tail=args.tail,
+        python=getattr(args, "python", "mixed"),
     )

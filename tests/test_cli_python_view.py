@@ -1,0 +1,41 @@
+"""The CLI's Python-frame views on a real profile: mixed (default), --python-only, --native-only."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import child_env, requires_real
+
+APP = """
+import sys, time, zlib, os, asprof
+def alpha():
+    return sum(i * i for i in range(20000))
+with asprof.Profiler(asprof.LocalReporter(sys.argv[1]), reporting_interval=30,
+                     options=asprof.ProfilerOptions(cpu_interval=0.002, wall_interval=0.05)).start():
+    end = time.monotonic() + 1.0
+    while time.monotonic() < end:
+        alpha()
+        zlib.compress(os.urandom(20000))
+"""
+
+
+@requires_real
+def test_python_views_from_the_command_line(tmp_path: Path) -> None:
+    out = tmp_path / "profiles"
+    r = subprocess.run([sys.executable, "-c", APP, str(out)], capture_output=True, text=True, timeout=120,
+                       env=child_env())
+    assert r.returncode == 0, r.stderr
+    views = {}
+    for flag in ("", "--python-only", "--native-only"):
+        target = tmp_path / f"v{flag}.txt"
+        cmd = [sys.executable, "-m", "asprof", "convert", str(out), "-o", str(target), "--format", "collapsed", "--cpu"]
+        p = subprocess.run(cmd + ([flag] if flag else []), capture_output=True, text=True, timeout=120, env=child_env())
+        assert p.returncode == 0, p.stderr
+        views[flag] = target.read_text()
+    mixed, python, native = views[""], views["--python-only"], views["--native-only"]
+    assert "__main__.alpha (" in mixed and "Py_RunMain" in mixed            # both kinds of frames
+    assert "__main__.alpha (" in python and "Py_RunMain" not in python      # Python only
+    assert "__main__.alpha (" not in native and "_PyEval_EvalFrameDefault" in native  # as recorded
+    # alpha -> zlib: one mixed stack holds the Python caller and the native callee
+    assert any("__main__.<module>" in line and "zlib_compress" in line for line in mixed.splitlines())
