@@ -493,6 +493,7 @@ class Capture:
 
 
 _capture: Optional[Capture] = None
+_capture_pid = 0
 
 
 def attach_capture(info: Any) -> Optional[Capture]:
@@ -503,9 +504,11 @@ def attach_capture(info: Any) -> Optional[Capture]:
     CPython 3.9-3.13, or the extension missing. On 4.0-4.4 ``sample_counter`` counts events,
     so samples are joined by timestamp instead of exactly.
     """
-    global _capture
+    global _capture, _capture_pid
     if _capture is not None:
-        return _capture
+        if _capture_pid == os.getpid():
+            return _capture
+        _capture = None  # a forked child: the parent's capture was reset by the at-fork handler
     import sys
 
     if sys.implementation.name != "cpython" or not (3, 9) <= sys.version_info[:2] <= (3, 13):
@@ -537,4 +540,5 @@ def attach_capture(info: Any) -> Optional[Capture]:
         log.info("asprof: async-profiler %s: Python stacks are joined to samples by timestamp "
                  "(exact join needs 4.5 or later)", getattr(info, "version", "?"))
     _capture = Capture(_pyframes)
+    _capture_pid = os.getpid()
     return _capture

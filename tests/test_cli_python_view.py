@@ -39,3 +39,37 @@ def test_python_views_from_the_command_line(tmp_path: Path) -> None:
     assert "__main__.alpha (" not in native and "_PyEval_EvalFrameDefault" in native  # as recorded
     # alpha -> zlib: one mixed stack holds the Python caller and the native callee
     assert any("__main__.<module>" in line and "zlib_compress" in line for line in mixed.splitlines())
+
+
+FORK_APP = """
+import os, sys, time, asprof
+def alpha():
+    return sum(i * i for i in range(20000))
+r = asprof.Profiler(asprof.LocalReporter(sys.argv[1]), reporting_interval=30,
+                    options=asprof.ProfilerOptions(cpu_interval=0.002, wall_interval=0.05)).start()
+pid = os.fork()
+end = time.monotonic() + 1.0
+while time.monotonic() < end:
+    alpha()
+if pid == 0:
+    sys.exit(0)
+os.waitpid(pid, 0)
+r.stop()
+"""
+
+
+@requires_real
+def test_a_forked_child_records_python_frames_too(tmp_path: Path) -> None:
+    out = tmp_path / "profiles"
+    r = subprocess.run([sys.executable, "-c", FORK_APP, str(out)], capture_output=True, text=True, timeout=120,
+                       env=child_env())
+    assert r.returncode == 0, r.stderr
+    files = sorted(out.glob("*.jfr"))
+    assert len({f.name.split("_")[1] for f in files}) == 2, files  # parent and child
+    import asprof.jfr
+
+    for f in files:
+        collapsed = asprof.jfr.to_collapsed(asprof.jfr.open(str(f)).samples("cpu"))
+        lines = [line for line in collapsed.splitlines() if line]
+        with_alpha = [line for line in lines if "__main__.alpha (" in line]
+        assert len(with_alpha) >= len(lines) // 2, (f.name, collapsed[:500])

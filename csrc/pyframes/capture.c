@@ -920,6 +920,7 @@ int pf_installed(void) { return ours(); }
    capture is off there (ours() compares pids); make the state consistent in case the child
    installs it again. Only async-signal-safe work. */
 static void after_fork_child(void) {
+    cached_tid = 0;  /* the forking thread, the child's only thread, has a new tid */
     pthread_mutex_t m = PTHREAD_MUTEX_INITIALIZER;
     pthread_cond_t c = PTHREAD_COND_INITIALIZER;
     memcpy(&g.lock, &m, sizeof(m));
