@@ -466,13 +466,17 @@ def start_profiling(
     agent_metadata: Optional[AgentMetadata] = None,
     extra_metadata: Optional[Mapping[str, str]] = None,
     library_path: Optional[Union[str, "os.PathLike[str]"]] = None,
+    kill_switch_file: Optional[Union[str, "os.PathLike[str]"]] = None,
+    max_cpu_percent: Optional[float] = None,
+    max_memory_mb: Optional[float] = None,
 ) -> RunningProfiler:
     """Starts profiling the whole process until :func:`stop_profiling` or exit.
 
     Profiles go to ``reporter`` (default: JFR files in ``./profiles``) every
     ``reporting_interval`` seconds. At interpreter exit the last profile is
     reported; forked children (gunicorn workers, multiprocessing) profile
-    themselves. Raises like :meth:`Profiler.start`.
+    themselves. The arguments are :class:`Profiler`'s. Raises like
+    :meth:`Profiler.start`.
     """
     global _default
     handle = Profiler(
@@ -482,6 +486,9 @@ def start_profiling(
         agent_metadata=agent_metadata,
         extra_metadata=extra_metadata,
         library_path=library_path,
+        kill_switch_file=kill_switch_file,
+        max_cpu_percent=max_cpu_percent,
+        max_memory_mb=max_memory_mb,
     ).start()
     handle.detach()
     _default = handle

@@ -120,3 +120,15 @@ def test_multi_validates_its_reporters() -> None:
         asprof.MultiReporter([])
     with pytest.raises(TypeError):
         asprof.MultiReporter([object()])  # type: ignore[list-item]
+
+
+def test_multi_gives_a_forked_child_each_reporters_child_copy(tmp_path: Path) -> None:
+    class Threaded(Recording):
+        def for_child_process(self) -> "Threaded":
+            return Threaded()
+
+    local, threaded = asprof.LocalReporter(tmp_path), Threaded()
+    child = asprof.MultiReporter([local, threaded]).for_child_process()
+    assert isinstance(child, asprof.MultiReporter)
+    assert child.reporters[0] is local and isinstance(child.reporters[1], Threaded)
+    assert child.reporters[1] is not threaded

@@ -52,6 +52,9 @@ class MultiReporter(Reporter):
     def report_blocking(self, jfr: bytes, metadata: ReportMetadata) -> None:
         self._each(lambda r: r.report_blocking(jfr, metadata))
 
+    def for_child_process(self) -> "MultiReporter":
+        return MultiReporter([r.for_child_process() for r in self.reporters])
+
     def close(self, timeout: Optional[float] = None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
 
