@@ -104,10 +104,8 @@ class _Config:
 
     reporter: Reporter
     interval: float
-    options: ProfilerOptions
     metadata: Optional[AgentMetadata]
     extra_metadata: Mapping[str, str]
-    library_path: Optional[str]
     kill_switch_file: Optional[str]
     max_cpu_percent: Optional[float]
     max_memory_mb: Optional[float]
@@ -406,8 +404,8 @@ class Profiler:
         def factory() -> Engine:
             return engine if engine is not None else NativeEngine(options, path)
 
-        return _Config(reporter, self.reporting_interval, self.options, self.agent_metadata,
-                       self.extra_metadata, self.library_path, self.kill_switch_file,
+        return _Config(reporter, self.reporting_interval, self.agent_metadata,
+                       self.extra_metadata, self.kill_switch_file,
                        self.max_cpu_percent, self.max_memory_mb, factory)
 
     def start(self) -> RunningProfiler:

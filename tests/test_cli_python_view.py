@@ -20,12 +20,18 @@ with asprof.Profiler(asprof.LocalReporter(sys.argv[1]), reporting_interval=30,
 """
 
 
-@requires_real
-def test_python_views_from_the_command_line(tmp_path: Path) -> None:
+def _record(app: str, tmp_path: Path) -> Path:
+    """Runs a profiled program in a child interpreter; returns its profile directory."""
     out = tmp_path / "profiles"
-    r = subprocess.run([sys.executable, "-c", APP, str(out)], capture_output=True, text=True, timeout=120,
+    r = subprocess.run([sys.executable, "-c", app, str(out)], capture_output=True, text=True, timeout=120,
                        env=child_env())
     assert r.returncode == 0, r.stderr
+    return out
+
+
+@requires_real
+def test_python_views_from_the_command_line(tmp_path: Path) -> None:
+    out = _record(APP, tmp_path)
     views = {}
     for flag in ("", "--python-only", "--native-only"):
         target = tmp_path / f"v{flag}.txt"
@@ -60,11 +66,7 @@ r.stop()
 
 @requires_real
 def test_a_forked_child_records_python_frames_too(tmp_path: Path) -> None:
-    out = tmp_path / "profiles"
-    r = subprocess.run([sys.executable, "-c", FORK_APP, str(out)], capture_output=True, text=True, timeout=120,
-                       env=child_env())
-    assert r.returncode == 0, r.stderr
-    files = sorted(out.glob("*.jfr"))
+    files = sorted(_record(FORK_APP, tmp_path).glob("*.jfr"))
     assert len({f.name.split("_")[1] for f in files}) == 2, files  # parent and child
     import asprof.jfr
 

@@ -917,6 +917,47 @@ cdef struct Plan:
     bint allvar       # every field is a varint (the usual layout): the tightest loop
 
 
+cdef inline int decode_plan(const uint8_t* p, Py_ssize_t* pos, Py_ssize_t end, Plan* pl,
+                            int64_t* slots) noexcept nogil:
+    """Decodes one sample event's scalar fields by its plan into ``slots``; -1 if malformed."""
+    cdef int i, op, slot
+    cdef int* slt = pl.slots
+    cdef uint64_t v = 0
+    if pl.allvar:  # every field a varint: the usual layout, the tightest loop
+        for i in range(pl.nops):
+            if rd_var_fast(p, pos, end, &v) < 0:
+                return -1
+            slot = slt[i]
+            if slot >= 0:
+                slots[slot] = <int64_t>v
+        return 0
+    for i in range(pl.nops):
+        op = pl.ops[i]
+        v = 0
+        if op == OP_VAR:
+            if rd_var(p, pos, end, &v) < 0:
+                return -1
+        elif op == OP_BYTE:
+            if pos[0] >= end:
+                return -1
+            v = p[pos[0]]
+            pos[0] += 1
+        elif op == OP_F4:
+            if end - pos[0] < 4:
+                return -1
+            pos[0] += 4
+        elif op == OP_F8:
+            if end - pos[0] < 8:
+                return -1
+            pos[0] += 8
+        elif skip_string(p, pos, end) < 0:
+            return -1
+        slot = slt[i]
+        if slot >= 0:
+            slots[slot] = <int64_t>v
+    return 0
+
+
 cdef struct CountOut:
     Py_ssize_t err_at
     uint64_t err_size
@@ -1039,50 +1080,7 @@ cdef void* _fill_job(void* arg) noexcept nogil:
         slots[S_STATE] = 0
         slots[S_ADDR] = 0
         slots[S_VALUE] = 0 if kind == K_MALLOC else 1
-        ok = True
-        slt = pl.slots
-        nops = pl.nops
-        if pl.allvar:
-            for i in range(nops):
-                if rd_var_fast(p, &pos, ev_end, &v) < 0:
-                    ok = False
-                    break
-                slot = slt[i]
-                if slot >= 0:
-                    slots[slot] = <int64_t>v
-        else:
-            ops = pl.ops
-            for i in range(nops):
-                op = ops[i]
-                v = 0
-                if op == OP_VAR:
-                    if rd_var(p, &pos, ev_end, &v) < 0:
-                        ok = False
-                        break
-                elif op == OP_BYTE:
-                    if pos >= ev_end:
-                        ok = False
-                        break
-                    v = p[pos]
-                    pos += 1
-                elif op == OP_F4:
-                    if ev_end - pos < 4:
-                        ok = False
-                        break
-                    pos += 4
-                elif op == OP_F8:
-                    if ev_end - pos < 8:
-                        ok = False
-                        break
-                    pos += 8
-                else:
-                    if skip_string(p, &pos, ev_end) < 0:
-                        ok = False
-                        break
-                slot = slt[i]
-                if slot >= 0:
-                    slots[slot] = <int64_t>v
-        if not ok:
+        if decode_plan(p, &pos, ev_end, pl, slots) < 0:
             j.err = 1
             j.err_at = ev
             j.err_type = etype
@@ -1353,51 +1351,8 @@ cdef tuple _fill_pass(const uint8_t* p, Py_ssize_t pos, Py_ssize_t end, Plan* pl
         elif kind:
             slots[S_TIME] = slots[S_THREAD] = slots[S_STACK] = slots[S_STATE] = slots[S_ADDR] = 0
             slots[S_VALUE] = 0 if kind == K_MALLOC else 1
-            if pl != NULL and pl.allvar:
-                slt = pl.slots
-                nops = pl.nops
-                for i in range(nops):
-                    if rd_var_fast(p, &pos, ev_end, &v) < 0:
-                        raise JfrError(f"sample event (type {etype}) is truncated or malformed", ev)
-                    slot = slt[i]
-                    if slot >= 0:
-                        slots[slot] = <int64_t>v
-            elif pl != NULL and pl.scalar:
-                ops = pl.ops
-                slt = pl.slots
-                nops = pl.nops
-                ok = True
-                for i in range(nops):
-                    op = ops[i]
-                    v = 0
-                    if op == OP_VAR:
-                        if rd_var(p, &pos, ev_end, &v) < 0:
-                            ok = False
-                            break
-                    elif op == OP_BYTE:
-                        if pos >= ev_end:
-                            ok = False
-                            break
-                        v = p[pos]
-                        pos += 1
-                    elif op == OP_F4:
-                        if ev_end - pos < 4:
-                            ok = False
-                            break
-                        pos += 4
-                    elif op == OP_F8:
-                        if ev_end - pos < 8:
-                            ok = False
-                            break
-                        pos += 8
-                    else:
-                        if skip_string(p, &pos, ev_end) < 0:
-                            ok = False
-                            break
-                    slot = slt[i]
-                    if slot >= 0:
-                        slots[slot] = <int64_t>v
-                if not ok:
+            if pl != NULL and (pl.allvar or pl.scalar):
+                if decode_plan(p, &pos, ev_end, pl, slots) < 0:
                     raise JfrError(f"sample event (type {etype}) is truncated or malformed", ev)
             else:
                 cls = classes[etype] if pl != NULL else big_kinds[etype][1]
@@ -1543,20 +1498,6 @@ def select_rows(Columns cols, int kind, object cpu_states, int64_t t0, int64_t t
             continue
         push_q(out, i)
     return out
-
-
-cdef int _cmp_pairs(const void* a, const void* b) noexcept nogil:
-    cdef const int64_t* x = <const int64_t*>a
-    cdef const int64_t* y = <const int64_t*>b
-    if x[0] < y[0]:
-        return -1
-    if x[0] > y[0]:
-        return 1
-    if x[1] < y[1]:
-        return -1
-    if x[1] > y[1]:
-        return 1
-    return 0
 
 
 cdef inline uint64_t _mix(uint64_t x) noexcept nogil:
