@@ -39,15 +39,19 @@ cdef extern from "asprof_core.h":
         int active
         asp_status status
         int leaked
+        long long report_from[2]
+        int no_punch
 
     asp_session *asp_session_new(asp_library *lib, const char *start_command, const char *loglevel,
                                  char *err, size_t errlen) nogil
     const char *asp_session_start(asp_session *s, asp_buf *log) nogil
     const char *asp_session_stop(asp_session *s, asp_buf *log) nogil
-    const char *asp_session_tick(asp_session *s, int *finished, asp_buf *log) nogil
+    const char *asp_session_tick(asp_session *s, int *finished, long long *start, asp_buf *log) nogil
+    const char *asp_session_flush(asp_session *s, asp_buf *out, asp_buf *log) nogil
+    void asp_session_discard(asp_session *s, int fd) nogil
+    int asp_read_range(int fd, long long start, long long end, asp_buf *out, char *err, size_t errlen) nogil
     const char *asp_session_pause(asp_session *s, asp_buf *log) nogil
     const char *asp_session_resume(asp_session *s, asp_buf *log) nogil
-    int asp_read_fd(int fd, asp_buf *out, char *err, size_t errlen) nogil
     long long asp_fd_size(int fd) nogil
     int asp_session_destroy(asp_session *s, asp_buf *log) nogil
     int asp_wait_engine_threads(int timeout_ms) nogil
@@ -225,31 +229,64 @@ cdef class Session:
         return self._op(asp_session_resume)
 
     def tick(self):
-        """One rotation: returns (recording bytes or None, error or None, log text)."""
+        """One full rotation (stop, swap, start): returns (recording bytes or None,
+        error or None, log text)."""
         cdef asp_buf log
         cdef const char *e
         cdef int finished = -1
+        cdef long long start = 0
         self._check()
         memset(&log, 0, sizeof(log))
         try:
             with nogil:
-                e = asp_session_tick(self.s, &finished, &log)
+                e = asp_session_tick(self.s, &finished, &start, &log)
             err = None if e == NULL else e.decode("utf-8", "replace")
-            recording = self.read_fd(finished) if finished >= 0 else None
+            recording = None
+            if finished >= 0:
+                recording = self._read(finished, start)
+                asp_session_discard(self.s, finished)
             return recording, err, _text(&log)
         finally:
             asp_buf_free(&log)
 
-    def read_active(self):
-        """The active file's content (a finished recording after stop())."""
+    def flush(self):
+        """A rotation without stopping (async-profiler's dump): returns (the JFR chunks
+        finished since the last hand-over, error or None, log text)."""
+        cdef asp_buf out
+        cdef asp_buf log
+        cdef const char *e
         self._check()
-        return self.read_fd(self.s.fd[self.s.active])
+        memset(&out, 0, sizeof(out))
+        memset(&log, 0, sizeof(log))
+        try:
+            with nogil:
+                e = asp_session_flush(self.s, &out, &log)
+            err = None if e == NULL else e.decode("utf-8", "replace")
+            data = out.data[:out.len] if (e == NULL and out.len > 0) else b""
+            return data, err, _text(&log)
+        finally:
+            asp_buf_free(&out)
+            asp_buf_free(&log)
+
+    @property
+    def can_free_reported(self):
+        """False once the file system refused to punch holes (the file then grows until
+        the next full rotation)."""
+        self._check()
+        return not self.s.no_punch
+
+    def read_active(self):
+        """What the active file holds past the last hand-over (the recording after stop())."""
+        self._check()
+        return self._read(self.s.fd[self.s.active], self.s.report_from[self.s.active])
 
     def active_size(self):
+        """Bytes of the active file not handed over yet."""
         self._check()
-        return asp_fd_size(self.s.fd[self.s.active])
+        cdef long long size = asp_fd_size(self.s.fd[self.s.active])
+        return -1 if size < 0 else size - self.s.report_from[self.s.active]
 
-    cdef bytes read_fd(self, int fd):
+    cdef bytes _read(self, int fd, long long start):
         cdef asp_buf out
         cdef char err[512]
         cdef int rc
@@ -257,7 +294,7 @@ cdef class Session:
         memset(err, 0, sizeof(err))
         try:
             with nogil:
-                rc = asp_read_fd(fd, &out, err, sizeof(err))
+                rc = asp_read_range(fd, start, -1, &out, err, sizeof(err))
             if rc != 0:
                 raise OSError(err.decode("utf-8", "replace"))
             if out.len == 0:

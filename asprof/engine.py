@@ -11,9 +11,11 @@ import os
 import re
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, FrozenSet, List, Optional, Tuple
 
+from asprof._settings_chunk import ChunkError, largest_pool, settings_chunk, with_settings
 from asprof.errors import LibraryNotFoundError, ProfilerError, UnsupportedVersionError
 from asprof.options import ProfilerOptions
 
@@ -30,6 +32,10 @@ _engine_log = logging.getLogger("asprof.async-profiler")
 _engine_log.addHandler(logging.NullHandler())
 
 SONAME = "libasyncProfiler.so"
+# A full rotation (stop, swap, start) at least this often, and after a chunk whose constant
+# pool reached this size: it empties async-profiler's stack trace storage.
+FULL_ROTATION_AGE_S = 600.0
+FULL_ROTATION_POOL_BYTES = 8 << 20
 MIN_VERSION = (3, 0)
 _BUNDLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib", SONAME)
 _LOG_LINE = re.compile(r"^\[(TRACE|DEBUG|INFO|WARN|ERROR)\]\s?(.*)$")
@@ -207,7 +213,8 @@ class Engine:
         raise NotImplementedError
 
     def tick(self) -> TickResult:
-        """Stops, rotates and restarts; raises ProfilerError when the stop fails."""
+        """Hands over what was recorded since the last tick (rotating the recording);
+        raises ProfilerError when async-profiler cannot be stopped."""
         raise NotImplementedError
 
     def stop(self) -> Optional[bytes]:
@@ -234,7 +241,7 @@ class Engine:
 
 
 class NativeEngine(Engine):
-    """async-profiler through the native core's dual-file rotation."""
+    """async-profiler through the native core: rotation by dump, and the dual-file full rotation."""
 
     def __init__(self, options: ProfilerOptions, library_path: Optional[str] = None) -> None:
         from asprof import _native
@@ -254,6 +261,13 @@ class NativeEngine(Engine):
         # Serializes the agent thread's ticks with the forking thread's pause/resume.
         self._lock = threading.Lock()
         self._paused = False
+        # Rotation state (see _open_recording).
+        self._dump = True
+        self._head: Optional[bytes] = None
+        self._settings: Optional[bytes] = None
+        self._started_at = time.monotonic()
+        self._full_due = False
+        self._notes: List[str] = []
         # issue #5: Python frames in every sample (asprof/pystacks.py, csrc/pyframes).
         self._pyframes = None
         if getattr(options, "python_frames", False):
@@ -262,22 +276,104 @@ class NativeEngine(Engine):
             self._pyframes = attach_capture(self.info)
 
     def start(self) -> None:
-        with self._lock:
-            err, log = self._session.start()
-        forward_log(log)
+        logs: List[str] = []
+        try:
+            with self._lock:
+                err, log = self._session.start()
+                logs.append(log)
+                if err is not None:
+                    raise ProfilerError(f"async-profiler could not start: {err}")
+                self._open_recording(logs)
+        finally:
+            self._forward(logs)
+
+    # -- rotation -----------------------------------------------------------------------
+    # A tick is normally a dump: async-profiler finishes the current JFR chunk and opens
+    # the next one in the same file without ever stopping, so no sample is lost at the
+    # boundary and the tick is short. The chunks after a recording's first carry no
+    # settings: every report after the first is prefixed with the settings chunk (see
+    # asprof/_settings_chunk.py). A full rotation (stop, swap files, start) is kept for
+    # what dump cannot do: async-profiler repeats every stack trace it has seen since the
+    # start in each chunk, and keeps them in memory, until it is restarted.
+
+    def _open_recording(self, logs: List[str]) -> None:
+        """After a full start (lock held): take the recording's first chunk at once, while
+        it is small, to keep its settings for the reports that follow."""
+        self._started_at = time.monotonic()
+        self._full_due = False
+        self._head = self._settings = None
+        if not self._dump:
+            return
+        data, err, log = self._session.flush()
+        logs.append(log)
         if err is not None:
-            raise ProfilerError(f"async-profiler could not start: {err}")
+            self._disable_dump(err)
+            return
+        self._head = data  # handed over with the next report, samples included
+        try:
+            self._settings = settings_chunk(data)
+        except ChunkError as e:
+            self._disable_dump(f"its first chunk could not be read ({e})")
+        except Exception as e:  # noqa: BLE001 - a surprise here must not stop profiling
+            self._disable_dump(f"its first chunk could not be read ({e!r})")
+
+    def _disable_dump(self, why: str) -> None:
+        self._dump = False
+        self._notes.append(f"rotating by stopping and restarting async-profiler: {why}")
+
+    def _forward(self, logs: List[str]) -> None:
+        """Logs gathered under the lock, emitted after it: a handler may do anything."""
+        forward_log("".join(logs))
+        notes, self._notes = self._notes, []
+        for note in notes:
+            logger.debug("asprof: %s", note)
+
+    def _with_settings(self, data: Optional[bytes]) -> Optional[bytes]:
+        """Prefix a report with the recording's first chunk (once) or its settings chunk."""
+        head, self._head = self._head, None
+        if head is not None:
+            return head + (data or b"")
+        if data and self._settings is not None:
+            return with_settings(self._settings, data)
+        return data
+
+    def _full_rotation_due(self) -> bool:
+        return (self._full_due or not self._dump or self._settings is None
+                or time.monotonic() - self._started_at >= FULL_ROTATION_AGE_S)
 
     def tick(self) -> TickResult:
         if self._pyframes is not None:  # issue #5: module names, before the stop
             self._pyframes.before_rotation()
-        with self._lock:
-            recording, err, log = self._session.tick()
-        forward_log(log)
+        logs: List[str] = []
+        try:
+            with self._lock:
+                return self._tick(logs)
+        finally:
+            self._forward(logs)
+
+    def _tick(self, logs: List[str]) -> TickResult:
+        if self._session.status == "running" and not self._full_rotation_due():
+            data, err, log = self._session.flush()
+            logs.append(log)
+            if err is None:
+                if not self._session.can_free_reported:
+                    self._disable_dump("the file system cannot punch holes in the recording file")
+                elif largest_pool(data) >= FULL_ROTATION_POOL_BYTES:
+                    self._full_due = True
+                return TickResult(self._with_settings(data) or None)
+            self._notes.append(f"async-profiler's dump failed ({err}): rotating by restarting it")
+        recording, err, log = self._session.tick()
+        logs.append(log)
         if recording is None:
             if err is not None:
                 raise ProfilerError(f"async-profiler could not stop: {err}")
+            self._open_recording(logs)  # it was idle: this tick started it
             return TickResult(None)
+        recording = self._with_settings(recording)
+        if err is None:
+            self._open_recording(logs)
+        else:
+            self._head = self._settings = None
         restart = ProfilerError(f"async-profiler could not restart: {err}") if err else None
         return TickResult(recording, restart)
 
@@ -288,10 +384,12 @@ class NativeEngine(Engine):
             if self._session.status != "running":
                 return None
             err, log = self._session.stop()
-            forward_log(log)
-            if err is not None:
-                raise ProfilerError(f"async-profiler could not stop: {err}")
-            data: bytes = self._session.read_active()
+            if err is None:
+                data = self._with_settings(self._session.read_active())
+                self._settings = None
+        forward_log(log)
+        if err is not None:
+            raise ProfilerError(f"async-profiler could not stop: {err}")
         # The final stop leaves no thread behind (its timer thread exits on its own).
         from asprof._native import wait_engine_threads
 

@@ -309,6 +309,8 @@ def section_rotation(ctx: "Ctx") -> None:
         Config("one-recording", "async-profiler alone, one recording", "aprof", FAST, extra=["--count"]),
         Config("agent-1h", "agent, no rotation (interval 1 h)", "agent", FAST, 3600.0, extra=["--count"]),
         Config("rotated-1s", "agent, a rotation every 1 s", "agent", FAST, FAST_INTERVAL, extra=["--count"]),
+        Config("full-1s", "agent, a full rotation (stop, swap, start) every 1 s", "agent", FAST, FAST_INTERVAL,
+               extra=["--count", "--full-rotation"]),
     ]
     print(f"cpu 1 ms / wall 10 ms, ~{ctx.rotation_seconds:g} s of the workload, {ctx.rot_rounds} rounds. "
           "CPU samples are normalised by the process's CPU time\nin the window, wall-clock samples by its length "
@@ -345,25 +347,30 @@ def section_rotation(ctx: "Ctx") -> None:
     rot_only = ratios("rotated-1s", "agent-1h", "cpu_samples_window", "cpu_s")
     agent_only = ratios("agent-1h", "one-recording", "cpu_samples_window", "cpu_s")
     kept = median(cpu_ratios)
+    full_ratios = ratios("full-1s", "one-recording", "cpu_samples_window", "cpu_s")
     print(f"CPU samples kept, rotated vs one recording (per CPU-second, paired per round): median {kept:.2f}% "
           f"(rounds: {', '.join(f'{x:.1f}%' for x in cpu_ratios)})")
     print(f"  of which the rotations (rotated-1s vs agent-1h): {median(rot_only):.2f}%, and the agent without "
           f"rotating (agent-1h vs one-recording): {median(agent_only):.2f}%")
     print(f"wall-clock samples per second, rotated vs agent-1h: median {median(wall_ratios):.2f}% "
           f"(rounds: {', '.join(f'{x:.1f}%' for x in wall_ratios)})")
+    print(f"for comparison, full rotations (stop, swap, start) every 1 s: median {median(full_ratios):.2f}% "
+          f"(rounds: {', '.join(f'{x:.1f}%' for x in full_ratios)}); asprof does one every 10 minutes")
     ctx.summary["rotation"] = {"kept_pct": kept, "wall_kept_pct": median(wall_ratios),
-                               "rotation_only_pct": median(rot_only), "agent_only_pct": median(agent_only), **per}
+                               "rotation_only_pct": median(rot_only), "agent_only_pct": median(agent_only),
+                               "full_rotation_kept_pct": median(full_ratios), **per}
     ctx.verdicts.add("samples kept across 1 s rotations >= 99%", f"{kept:.2f}% (CPU samples per CPU-s)",
                      "MET" if kept >= 99 else "NOT MET")
 
 
 def section_tick(ctx: "Ctx") -> None:
-    print("\n## 3. Duration of a tick (stop -> swap -> start)")
+    print("\n## 3. Duration of a tick (a dump; and a full rotation: stop -> swap -> start)")
     configs = [
         ("fast/gil-free", {**FAST}, "nogil"),
         ("fast/mixed", {**FAST}, "mixed"),
         ("default/mixed", dict(DEFAULTS), "mixed"),
         ("fast/mixed/kernel", {**FAST, "all_user": False}, "mixed"),
+        ("fast/gil-free/full", {**FAST}, "nogil/full"),
     ]
     print(f"NativeEngine.tick() every 1 s, {ctx.ticks} ticks per process, {ctx.tick_rounds} rounds, while two threads "
           "are busy and one sleeps.\n'gil-free': the busy threads hash 2 MiB buffers (CPU-bound, GIL released), so "
@@ -377,7 +384,8 @@ def section_tick(ctx: "Ctx") -> None:
         for name, opts, load in order:
             n += 1
             out = run_child(["tick", "--lib", ctx.lib, "--opts", json.dumps(opts), "--interval", "1",
-                             "--ticks", str(ctx.ticks), "--load", load])
+                             "--ticks", str(ctx.ticks), "--load", load.split("/")[0]]
+                            + (["--full-rotation"] if load.endswith("/full") else []))
             res[name].append(out)
             log(f"  [tick {n}/{ctx.tick_rounds * len(configs)}] {name:18s} median {median(out['tick_ms']):.2f} ms")
     ctx.data["tick"] = res
@@ -404,14 +412,19 @@ def section_tick(ctx: "Ctx") -> None:
     print()
     print(table(["configuration", "ticks", "tick ms med", "p90", "max", "CPU ms med/max", "rec. gap ms med/max",
                  "sample gap med/max", "spacing p99/max", "KiB"], rows))
-    print("tick ms: NativeEngine.tick() as the agent thread sees it (stop, swap, start, then reading the finished\n"
-          "recording into bytes). CPU ms: the calling thread's CPU time for it. rec. gap: from the end of one JFR\n"
+    print("tick ms: NativeEngine.tick() as the agent thread sees it: async-profiler's dump (the current chunk\n"
+          "finished, the next opened, sampling never stops), reading the finished chunk into bytes and freeing it\n"
+          "from the file; '/full' rows: a full rotation (stop, swap, start), which asprof does every 10 minutes\n"
+          "or when a chunk's constant pool passes 8 MiB. CPU ms: the calling thread's CPU time for it. rec. gap: from the end of one JFR\n"
           "chunk to the start of the next (async-profiler's own timestamps). sample gap: from the last CPU sample\n"
           "before a rotation to the first after it; spacing: between consecutive CPU samples inside the\n"
           "recordings, for comparison (at defaults, 100 ms of CPU between samples makes both large).")
     ctx.summary["tick"] = summ
     s = summ["fast/gil-free"]
     cpu_max = max(x for o in res["fast/gil-free"] for x in o["tick_cpu_ms"])
+    full = summ["fast/gil-free/full"]
+    print(f"A full rotation, for comparison: median {full['median']:.2f} ms, max {full['max']:.2f} ms, "
+          f"recording gap median {full['gap_median']:.2f} ms.")
     ctx.verdicts.add("tick stop->swap->start <= 5 ms (median and max)",
                      f"median {s['median']:.2f} ms, max {s['max']:.2f} ms (gil-free, fast rates; its CPU: median "
                      f"{s['cpu']:.2f}, max {cpu_max:.2f} ms); recording gap median {s['gap_median']:.2f}, "

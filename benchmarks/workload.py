@@ -360,9 +360,10 @@ def mode_tick(a: argparse.Namespace) -> Dict[str, Any]:
     gaps_ms = [(nxt[0].start_ns - prev[-1].end_ns) / 1e6 for prev, nxt in zip(chunks, chunks[1:])]
     # The sample gap: from the last CPU sample before a rotation to the first after it.
     es = "jdk.ExecutionSample"
-    sample_gaps_ms = [(nxt[0].first_ns[es] - prev[-1].last_ns[es]) / 1e6
-                      for prev, nxt in zip(chunks, chunks[1:])
-                      if es in prev[-1].last_ns and es in nxt[0].first_ns]
+    # (a report may open with a settings chunk, which has no samples)
+    firsts = [next((c.first_ns[es] for c in cs if es in c.first_ns), None) for cs in chunks]
+    lasts = [next((c.last_ns[es] for c in reversed(cs) if es in c.last_ns), None) for cs in chunks]
+    sample_gaps_ms = [(f - l) / 1e6 for l, f in zip(lasts, firsts[1:]) if l is not None and f is not None]
     # For comparison: the spacing of consecutive CPU samples inside the recordings.
     spacing_ms: List[float] = []
     for cs in chunks:
@@ -393,9 +394,16 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--count", action="store_true", help="count the recorded samples")
     p.add_argument("--idle-thread", type=int, default=1)
     p.add_argument("--ticks", type=int, default=10)
+    p.add_argument("--full-rotation", action="store_true",
+                   help="every tick stops, swaps files and restarts async-profiler (as asprof did before "
+                        "rotating with dump, and still does every 10 minutes)")
     p.add_argument("--load", choices=["mixed", "nogil"], default="mixed",
                    help="tick mode: the busy threads run the mixed workload or GIL-free hashing")
     a = p.parse_args(argv)
+    if a.full_rotation:
+        from asprof import engine
+
+        engine.FULL_ROTATION_AGE_S = 0.0
     result = {"calibrate": mode_calibrate, "run": mode_run, "tick": mode_tick}[a.mode](a)
     sys.stdout.write(json.dumps(result) + "\n")
     sys.stdout.flush()

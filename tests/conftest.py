@@ -8,7 +8,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
 
@@ -63,6 +63,18 @@ requires_real = pytest.mark.skipif(
     reason="async-profiler (libasyncProfiler.so) is not installed: real-engine tests skipped; "
     "install it (see README) to run them",
 )
+
+
+def engine_recordings(lib: Path, options: Any, ticks: int) -> List[Optional[bytes]]:
+    """What a NativeEngine on ``lib`` hands over: ``ticks`` ticks, then the final stop."""
+    from asprof.engine import NativeEngine
+
+    eng = NativeEngine(options, str(lib))
+    eng.start()
+    got = [eng.tick().recording for _ in range(ticks)]
+    got.append(eng.stop())
+    eng.close()
+    return got
 
 
 def child_env(**extra: str) -> Dict[str, str]:

@@ -16,7 +16,7 @@ from asprof import engine as engine_mod
 from asprof.engine import NativeEngine
 from asprof.errors import LibraryNotFoundError, ProfilerError, UnsupportedVersionError
 
-from conftest import run_python
+from conftest import engine_recordings, run_python
 
 OPTIONS = asprof.ProfilerOptions(cpu_interval=0.01, wall_interval=0.1)
 
@@ -41,11 +41,7 @@ def stub_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
 
 
 def test_rotation_hands_over_each_finished_recording(stub_lib: Path, stub_env: Path) -> None:
-    eng = NativeEngine(OPTIONS, str(stub_lib))
-    eng.start()
-    got = [eng.tick().recording for _ in range(3)]
-    got.append(eng.stop())
-    eng.close()
+    got = engine_recordings(stub_lib, OPTIONS, 3)
     pid = os.getpid()
     assert got == [f"STUBJFR start={i} pid={pid}\nEND start={i}\n".encode() for i in (1, 2, 3, 4)]
     commands = stub_env.read_text().splitlines()

@@ -88,6 +88,8 @@ typedef struct asp_session {
     asp_status status;
     int leaked;         /* the files were leaked on purpose (see session.c) */
     int paused;         /* stopped by asp_session_pause, to be resumed */
+    long long report_from[2]; /* per file: where the chunks not yet handed over begin */
+    int no_punch;       /* the file system cannot free reported bytes (see asp_session_flush) */
     pid_t pid;          /* process that created the session */
     dev_t dev[2];
     ino_t ino[2];
@@ -106,13 +108,31 @@ const char *asp_session_start(asp_session *s, asp_buf *log);
 const char *asp_session_stop(asp_session *s, asp_buf *log);
 
 /*
- * One reporting tick. When idle: start, *finished = -1. When running:
+ * One full rotation. When idle: start, *finished = -1. When running:
  * stop -> truncate the inactive file -> swap -> start; *finished is the fd
- * holding the finished recording (readable even if the restart failed, in
- * which case the restart's error is returned and *finished is still set).
- * When stop fails, its error is returned and *finished = -1.
+ * holding the finished recording, from offset *from on (readable even if the
+ * restart failed, in which case the restart's error is returned and *finished
+ * is still set). When stop fails, its error is returned and *finished = -1.
  */
-const char *asp_session_tick(asp_session *s, int *finished, asp_buf *log);
+const char *asp_session_tick(asp_session *s, int *finished, long long *from, asp_buf *log);
+
+/*
+ * After the recording handed over by a full rotation was read: empties its file
+ * (unless async-profiler may be writing it), so that it holds no memory until the
+ * next full rotation.
+ */
+void asp_session_discard(asp_session *s, int fd);
+
+/*
+ * A rotation without stopping: async-profiler's "dump" finishes the current
+ * JFR chunk and opens the next one in the same file while sampling goes on.
+ * `out` receives the chunks finished since the last hand-over (whole, valid
+ * chunks; empty when none), which are then freed from the file (a hole is
+ * punched; s->no_punch is set where the file system cannot). Errors: the
+ * dump's, or a file that is not made of JFR chunks (nothing is handed over).
+ */
+const char *asp_session_flush(asp_session *s, asp_buf *out, asp_buf *log);
+
 
 /*
  * Around os.fork(): pause stops async-profiler, finishing the current chunk of
@@ -133,6 +153,9 @@ int asp_wait_engine_threads(int timeout_ms);
 /* Reads a whole recording file into out (no size limit beyond memory). */
 int asp_read_fd(int fd, asp_buf *out, char *err, size_t errlen);
 
+/* Reads [from, to) of fd (to < 0: to the end of the file). */
+int asp_read_range(int fd, long long from, long long to, asp_buf *out, char *err, size_t errlen);
+
 /* Size of the file behind fd, or -1. */
 long long asp_fd_size(int fd);
 
@@ -146,7 +169,7 @@ int asp_session_destroy(asp_session *s, asp_buf *log);
 /* Path async-profiler is given for fd: "/proc/self/fd/N". */
 void asp_fd_path(int fd, char *buf, size_t len);
 
-/* Creates an unnamed temporary file (O_TMPFILE in $TMPDIR or /tmp, else memfd). */
+/* Creates an unnamed temporary file (memfd, else O_TMPFILE in $TMPDIR or /tmp). */
 int asp_tmpfile(char *err, size_t errlen);
 
 #endif

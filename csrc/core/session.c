@@ -11,6 +11,14 @@
  * leaked on purpose: closing them would free the number N, the next open() in
  * the process could reuse it, and async-profiler (which may still re-open or
  * write "/proc/self/fd/N") would then write into an unrelated file.
+ *
+ * Two ways to rotate. The full one (asp_session_tick) stops, swaps the files
+ * and starts again: samples are lost while async-profiler is stopped, and its
+ * start re-reads the process. The light one (asp_session_flush) is the "dump"
+ * command: async-profiler finishes the JFR chunk in progress and opens the next
+ * one in the same file, sampling all along; the finished chunks are handed over
+ * and their blocks freed. report_from[i] is where file i's chunks not yet handed
+ * over begin; every read of a recording starts there.
  */
 #include "asprof_core.h"
 #include "internal.h"
@@ -18,6 +26,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/falloc.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -123,6 +132,8 @@ typedef struct {
     void (*after_start)(int ok);
     void (*before_stop)(void);
     void (*after_stop)(int ok);
+    void (*before_flush)(void);   /* around a dump: the chunk is finished, sampling goes on */
+    void (*after_flush)(int ok);
 } asp_session_hooks;
 static asp_session_hooks session_hooks;
 static pthread_mutex_t hooks_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -290,6 +301,7 @@ static const char *run_start(asp_session *s, const char *action, asp_buf *log) {
     if (named) pthread_setname_np(pthread_self(), own_name);
     free(cmd);
     if (e == NULL) s->status = ASP_RUNNING;
+    if (e == NULL && action[0] == 's') s->report_from[s->active] = 0;  /* start truncated the file */
     return e;
 }
 
@@ -308,8 +320,9 @@ const char *asp_session_stop(asp_session *s, asp_buf *log) {
     return e;
 }
 
-const char *asp_session_tick(asp_session *s, int *finished, asp_buf *log) {
+const char *asp_session_tick(asp_session *s, int *finished, long long *from, asp_buf *log) {
     *finished = -1;
+    *from = 0;
     s->paused = 0;
     if (s->status != ASP_RUNNING) return asp_session_start(s, log);
     const char *e = asp_session_stop(s, log);
@@ -319,11 +332,80 @@ const char *asp_session_tick(asp_session *s, int *finished, asp_buf *log) {
        If that fails, the finished recording is still handed over (nothing lost). */
     if (ftruncate(s->fd[inactive], 0) != 0) {
         *finished = s->fd[s->active];
+        *from = s->report_from[s->active];
         return "cannot empty the inactive recording file";
     }
+    s->report_from[inactive] = 0;
     s->active = inactive;
     *finished = s->fd[1 - s->active];
+    *from = s->report_from[1 - s->active];
     return asp_session_start(s, log);
+}
+
+void asp_session_discard(asp_session *s, int fd) {
+    if (foreign(s) || s->leaked) return;
+    if (fd == s->fd[s->active] && s->status != ASP_IDLE) return;
+    for (int i = 0; i < 2; i++)
+        if (fd == s->fd[i] && ftruncate(fd, 0) == 0) s->report_from[i] = 0;
+}
+
+static uint64_t be64(const unsigned char *p) {
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++) v = (v << 8) | p[i];
+    return v;
+}
+
+/*
+ * End of the run of finished chunks that begins at `from`: async-profiler writes
+ * a chunk's header with a placeholder size and a constant pool offset of 0, and
+ * patches both once the chunk is complete. -1 when `from` is not a chunk.
+ */
+static long long finished_end(int fd, long long from, long long size) {
+    long long off = from;
+    while (off + 68 <= size) {
+        unsigned char h[68];
+        ssize_t n;
+        do n = pread(fd, h, sizeof(h), (off_t)off); while (n < 0 && errno == EINTR);
+        if (n != (ssize_t)sizeof(h) || memcmp(h, "FLR", 4) != 0) return off == from ? -1 : off;
+        uint64_t chunk = be64(h + 8), cpool = be64(h + 16);
+        if (cpool == 0) break;                                    /* still being written */
+        if (chunk < 68 || cpool >= chunk || (long long)chunk > size - off) return off == from ? -1 : off;
+        off += (long long)chunk;
+    }
+    return off;
+}
+
+const char *asp_session_flush(asp_session *s, asp_buf *out, asp_buf *log) {
+    if (foreign(s)) return "this profiler belongs to the parent process (the process forked)";
+    if (s->status != ASP_RUNNING) return "the profiler is not running";
+    out->len = 0;
+    int fd = s->fd[s->active];
+    long long from = s->report_from[s->active];
+    asp_session_hooks hooks = current_hooks();                 /* issue #5 hooks */
+    if (hooks.before_flush != NULL) hooks.before_flush();
+    /* JFR output: no file is opened; the recording's current chunk is finished in place. */
+    const char *e = asp_execute(s->lib, "dump,jfr", s->loglevel, NULL, log);
+    if (hooks.after_flush != NULL) hooks.after_flush(e == NULL);
+    if (e != NULL) return e;
+    long long size = asp_fd_size(fd);
+    if (size < 0) return "cannot stat the recording file";
+    long long end = finished_end(fd, from, size);
+    if (end < 0) return "the recording file is not made of JFR chunks";
+    char err[256];
+    if (asp_read_range(fd, from, end, out, err, sizeof(err)) != 0) return "cannot read the recording file";
+    s->report_from[s->active] = end;
+    /*
+     * What was handed over is not needed any more: free its blocks, keeping the
+     * offsets (async-profiler goes on writing at its own file position). Whole
+     * pages only, so the chunk in progress is never touched.
+     */
+    long long lo = from & ~4095LL, upto = end & ~4095LL;  /* before `lo`: freed by the last flush */
+    if (upto > lo && !s->no_punch &&
+        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)lo, (off_t)(upto - lo)) != 0 &&
+        (errno == EOPNOTSUPP || errno == ENOSYS)) {
+        s->no_punch = 1;
+    }
+    return NULL;
 }
 
 int asp_session_destroy(asp_session *s, asp_buf *log) {

@@ -820,6 +820,25 @@ void pf_after_stop(int ok) {
     pthread_mutex_unlock(&g.lock);
 }
 
+void pf_before_flush(void) {
+    if (!ours()) return;
+    /* Held until pf_after_flush: nothing is emitted while the chunk is being finished. */
+    pthread_mutex_lock(&g.lock);
+    drain_all();
+    emit_stats();
+}
+
+void pf_after_flush(int ok) {
+    if (!ours()) return;
+    if (ok && g.active) {
+        /* A new chunk: its own definitions, statistics and boundary count. */
+        g.rec++;
+        g.rec_emitted_samples = g.rec_emitted_stacks = g.rec_emitted_defs = g.rec_lost_boundary = 0;
+        stacks_reset();
+    }
+    pthread_mutex_unlock(&g.lock);
+}
+
 void pf_flush(void) {
     if (!ours()) return;
     pthread_mutex_lock(&g.lock);

@@ -36,6 +36,10 @@ void pf_before_start(void);
 void pf_after_start(int ok);
 void pf_before_stop(void);
 void pf_after_stop(int ok);
+/* Around async-profiler's dump (a chunk finished while sampling goes on): the captured
+   samples go into the finished chunk; definitions are emitted again in the next one. */
+void pf_before_flush(void);
+void pf_after_flush(int ok);
 
 /* Registers the calling thread (reads its asprof_thread_local_data). Returns the slot or -1. */
 int pf_register_thread(void);

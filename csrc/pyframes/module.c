@@ -99,6 +99,8 @@ typedef struct {
     void (*after_start)(int ok);
     void (*before_stop)(void);
     void (*after_stop)(int ok);
+    void (*before_flush)(void);
+    void (*after_flush)(int ok);
 } session_hooks;
 typedef void (*set_hooks_fn)(const session_hooks *);
 static set_hooks_fn set_hooks;
@@ -205,7 +207,8 @@ static PyObject *py_install(PyObject *module, PyObject *args, PyObject *kw) {
         PyErr_SetString(PyExc_RuntimeError, e);
         return NULL;
     }
-    session_hooks h = {pf_before_start, pf_after_start, pf_before_stop, pf_after_stop};
+    session_hooks h = {pf_before_start, pf_after_start, pf_before_stop, pf_after_stop,
+                      pf_before_flush, pf_after_flush};
     set_hooks(&h);
     register_current();
     Py_AddPendingCall(pending_register, NULL);  /* the main thread, next time it runs Python */

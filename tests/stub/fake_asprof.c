@@ -11,6 +11,11 @@
  *   STUB_FAIL_STOP    "all", or N: fail the N-th stop
  *   STUB_LOG_WARN     a message logged at WARN on every command
  *   STUB_COMMANDS     a file to which every command line is appended
+ *   STUB_FAIL_DUMP    "all", or N: fail the N-th dump (dump always fails without STUB_CHUNKS)
+ *   STUB_CHUNKS       write the recording as JFR-like chunks: a 68-byte header
+ *                     (magic, size, constant pool offset) around the text, the size
+ *                     and offset patched when "dump" or "stop" finishes the chunk,
+ *                     as async-profiler does; otherwise the recording is plain text
  * Like the real library it logs to stdout unless the command has log=, and
  * its atexit hook writes to a recording that is still active (which is what
  * corrupts a parent's file when a forked child exits).
@@ -31,7 +36,8 @@ static int initialized;
 static int running;
 static int rec_fd = -1;
 static int log_fd = 1;
-static int starts, stops;
+static int starts, stops, dumps;
+static off_t chunk_start = -1;
 static int warn_enabled = 1, info_enabled = 1;
 
 static void log_line(const char *level, const char *msg) {
@@ -51,6 +57,30 @@ static void append(const char *text) {
     if (rec_fd < 0) return;
     off_t end = lseek(rec_fd, 0, SEEK_END);
     if (pwrite(rec_fd, text, strlen(text), end) < 0) { /* ignored */ }
+}
+
+static void put64(unsigned char *p, uint64_t v) {
+    for (int i = 7; i >= 0; i--) { p[i] = (unsigned char)v; v >>= 8; }
+}
+
+/* STUB_CHUNKS: open a chunk at the end of the file (size placeholder, constant pool 0). */
+static void open_chunk(void) {
+    if (getenv("STUB_CHUNKS") == NULL || rec_fd < 0) return;
+    unsigned char h[68] = {'F', 'L', 'R', 0, 0, 2, 0, 0};
+    put64(h + 8, 1u << 30);
+    chunk_start = lseek(rec_fd, 0, SEEK_END);
+    if (pwrite(rec_fd, h, sizeof(h), chunk_start) < 0) { /* ignored */ }
+}
+
+static void finish_chunk(void) {
+    if (chunk_start < 0 || rec_fd < 0) return;
+    append("POOL\n");
+    off_t end = lseek(rec_fd, 0, SEEK_END);
+    unsigned char f[16];
+    put64(f, (uint64_t)(end - chunk_start));
+    put64(f + 8, (uint64_t)(end - chunk_start - 5));  /* "POOL\n" stands for the constant pool */
+    if (pwrite(rec_fd, f, sizeof(f), chunk_start + 8) < 0) { /* ignored */ }
+    chunk_start = -1;
 }
 
 static void at_exit(void) {
@@ -119,6 +149,7 @@ EXPORT const char *asprof_execute(const char *command, void (*writer)(const char
             rec_fd = open(file, O_CREAT | O_RDWR | (resume ? 0 : O_TRUNC), 0644);
             if (rec_fd < 0) err = "Could not open Flight Recorder output file";
             else {
+                open_chunk();
                 snprintf(msg, sizeof(msg), "%s start=%d pid=%d\n", resume ? "RESUMED" : "STUBJFR", starts, (int)getpid());
                 append(msg);
                 running = 1;
@@ -132,9 +163,21 @@ EXPORT const char *asprof_execute(const char *command, void (*writer)(const char
         else {
             snprintf(msg, sizeof(msg), "END start=%d\n", starts);
             append(msg);
+            finish_chunk();
             close(rec_fd);
             rec_fd = -1;
             running = 0;
+        }
+    } else if (strcmp(action, "dump") == 0) {
+        /* Like async-profiler's dump with JFR output: finish the chunk, open the next. */
+        dumps++;
+        if (should_fail("STUB_FAIL_DUMP", dumps)) err = "Stub: dump failed on demand";
+        else if (getenv("STUB_CHUNKS") == NULL) err = "Stub: dump needs STUB_CHUNKS";
+        else if (running) {
+            snprintf(msg, sizeof(msg), "DUMP %d\n", dumps);
+            append(msg);
+            finish_chunk();
+            open_chunk();
         }
     } else {
         snprintf(msg, sizeof(msg), "Unknown argument: %s", action);
