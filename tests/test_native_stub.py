@@ -229,3 +229,37 @@ def test_forked_child_exiting_normally_leaves_the_parents_files_alone(stub_lib: 
     assert r.returncode == 0, r.stderr
     assert "ATEXIT" not in r.stdout, r.stdout  # the stand-in's atexit hook writes this into an active recording
     assert r.stdout.count("STUBJFR") == 3 and r.stdout.count("END") == 3
+
+
+CHILD_FDS_SCRIPT = """
+import os, sys
+import asprof
+from asprof.engine import NativeEngine
+eng = NativeEngine(asprof.ProfilerOptions(python_frames=False), {lib!r})
+eng.start()
+fds = eng._session.fds
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.close(r)
+    os.write(w, repr([os.readlink(f"/proc/self/fd/{{fd}}") for fd in fds]).encode())
+    os._exit(0)
+os.close(w)
+child = os.read(r, 4096).decode()
+os.waitpid(pid, 0)
+parent = [os.readlink(f"/proc/self/fd/{{fd}}") for fd in fds]
+eng.stop()
+eng.close()
+print(child)
+print(repr(parent))
+"""
+
+
+def test_a_forked_child_holds_none_of_the_parents_recording_files(stub_lib: Path, stub_env: Path) -> None:
+    # Otherwise a long-lived child (a pre-fork server's worker) would keep the parent's memory
+    # files, and what they hold, alive after the parent has freed them.
+    r = run_python(CHILD_FDS_SCRIPT.format(lib=str(stub_lib)), timeout=30)
+    assert r.returncode == 0, r.stderr
+    child, parent = (eval(line) for line in r.stdout.splitlines())
+    assert child == ["/dev/null", "/dev/null"], child
+    assert all(p != "/dev/null" for p in parent), parent

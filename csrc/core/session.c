@@ -63,7 +63,8 @@ static void after_fork_parent(void) {
  * In the child, async-profiler's own descriptors of our recordings are shared
  * with the parent (same open file description). Its atexit hook stops a running
  * profiler, which would append to the parent's file or rewrite the header of a
- * finished one. Point every such descriptor at /dev/null. Only async-signal-safe
+ * finished one. Point every such descriptor (and our own copies) at /dev/null,
+ * keeping the numbers taken. Only async-signal-safe
  * calls here: raw getdents64, fstat, dup2.
  */
 struct linux_dirent64 {
@@ -79,8 +80,10 @@ static int matches_recording(int fd) {
     if (fstat(fd, &st) != 0) return 0;
     for (asp_session *s = sessions; s != NULL; s = s->next) {
         for (int i = 0; i < 2; i++) {
-            if (fd == s->fd[i]) return 0;  /* our own descriptor: the child's session object owns it */
-            if (s->dev[i] == st.st_dev && s->ino[i] == st.st_ino) return 1;
+            /* Ours too: the child's copy of the session never uses them (it belongs to the
+               parent), and a child that kept them would keep the parent's memory files,
+               with whatever they hold, alive for as long as it lives. */
+            if (fd == s->fd[i] || (s->dev[i] == st.st_dev && s->ino[i] == st.st_ino)) return 1;
         }
     }
     return 0;
