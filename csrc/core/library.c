@@ -23,6 +23,15 @@
 #ifndef MFD_CLOEXEC
 #define MFD_CLOEXEC 0x0001U
 #endif
+/* Nor the memfd_create syscall number (kernel headers 3.10); a kernel without it
+   answers ENOSYS and the O_TMPFILE fallback is used. */
+#ifndef SYS_memfd_create
+#if defined(__x86_64__)
+#define SYS_memfd_create 319
+#elif defined(__aarch64__)
+#define SYS_memfd_create 279
+#endif
+#endif
 
 #define DEFAULT_BUF_LIMIT (1u << 20)
 #define LOG_READ_LIMIT (256u << 10)
