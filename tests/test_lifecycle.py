@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import pytest
 
@@ -112,17 +112,25 @@ def _wait_ready(p: subprocess.Popen) -> None:
     assert line.strip() == "ready", (line, p.stderr.read() if p.stderr else "")
 
 
+def _run_until_exit(script: str, stub_lib: Path, out: Path, sig: Optional[int] = None) -> Tuple[int, str]:
+    """Runs ``script`` in a child until it prints "ready", sends ``sig`` if given, waits for
+    its exit: (exit status, stderr)."""
+    p = _child(script, stub_lib, out)
+    _wait_ready(p)
+    if sig is not None:
+        p.send_signal(sig)
+    _, err = p.communicate(timeout=30)
+    return p.returncode, err
+
+
 def test_sigterm_delivers_the_last_profile_once_and_dies_of_sigterm(stub_lib: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    p = _child("""
+    rc, err = _run_until_exit("""
 profiler().start().detach()
 print("ready", flush=True)
 time.sleep(60)
-""", stub_lib, out)
-    _wait_ready(p)
-    p.send_signal(signal.SIGTERM)
-    _, err = p.communicate(timeout=30)
-    assert p.returncode == -signal.SIGTERM, err
+""", stub_lib, out, signal.SIGTERM)
+    assert rc == -signal.SIGTERM, err
     files = list(out.glob("*.jfr"))
     assert len(files) == 1, files  # once, never twice
     assert files[0].read_bytes().count(b"END") == 1
@@ -131,24 +139,21 @@ time.sleep(60)
 
 def test_the_applications_sigterm_handler_is_kept(stub_lib: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    p = _child("""
+    rc, err = _run_until_exit("""
 def on_term(signum, frame):
     sys.exit(3)          # the application's own graceful shutdown
 signal.signal(signal.SIGTERM, on_term)
 profiler().start().detach()
 print("ready", flush=True)
 time.sleep(60)
-""", stub_lib, out)
-    _wait_ready(p)
-    p.send_signal(signal.SIGTERM)
-    _, err = p.communicate(timeout=30)
-    assert p.returncode == 3, err
+""", stub_lib, out, signal.SIGTERM)
+    assert rc == 3, err
     assert len(list(out.glob("*.jfr"))) == 1, err  # reported at exit, once
 
 
 def test_sys_exit_in_a_thread_and_normal_exit(stub_lib: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    p = _child("""
+    rc, err = _run_until_exit("""
 r = profiler().start()
 r.detach()
 t = threading.Thread(target=sys.exit, args=(5,))
@@ -156,22 +161,18 @@ t.start(); t.join()
 assert r.running
 print("ready", flush=True)
 """, stub_lib, out)
-    _wait_ready(p)
-    _, err = p.communicate(timeout=30)
-    assert p.returncode == 0, err
+    assert rc == 0, err
     assert len(list(out.glob("*.jfr"))) == 1
 
 
 def test_os_exit_leaves_nothing_behind_and_does_not_hang(stub_lib: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    p = _child("""
+    rc, err = _run_until_exit("""
 profiler().start().detach()
 print("ready", flush=True)
 os._exit(7)
 """, stub_lib, out)
-    _wait_ready(p)
-    _, err = p.communicate(timeout=30)
-    assert p.returncode == 7, err
+    assert rc == 7, err
     assert list(out.glob("*")) == []  # the recording was unnamed: nothing to clean up
 
 

@@ -318,16 +318,18 @@ def test_gunicorn_workers_killed_and_respawned(lib: Dict[str, str], tmp_path: Pa
 
 # ---------------------------------------------------------------- multiprocessing
 
-MP_FORK = """
-import json, multiprocessing as mp, os, sys, time
-import asprof
-
+MP_BUSY = """
 def busy(seconds):
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         sum(i * i for i in range(2000))
     return os.getpid()
+"""
 
+MP_FORK = """
+import json, multiprocessing as mp, os, sys, time
+import asprof
+""" + MP_BUSY + """
 if __name__ == "__main__":
     asprof.start_profiling(asprof.LocalReporter(sys.argv[1]), reporting_interval=0.3,
                            library_path=os.environ.get("ASPROF_LIB") or None)
@@ -348,13 +350,7 @@ if __name__ == "__main__":
 MP_SPAWN = """
 import json, multiprocessing as mp, os, sys, time
 import asprof.auto   # in the main module: spawned children import it again and profile themselves
-
-def busy(seconds):
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        sum(i * i for i in range(2000))
-    return os.getpid()
-
+""" + MP_BUSY + """
 if __name__ == "__main__":
     ctx = mp.get_context(sys.argv[2])
     with ctx.Pool(2) as pool:

@@ -14,6 +14,7 @@ a 68-byte chunk header; a metadata event describing every class and field;
 checkpoint events holding constant pools; events framed by
 ``size`` (varint, counting itself) and ``type`` (varint).
 """
+cimport cython
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int8_t, int16_t, int32_t, int64_t
 from libc.string cimport memcpy, memset
 
@@ -1449,6 +1450,47 @@ def decode_event(object data, Py_ssize_t offset, Py_ssize_t chunk_end, dict clas
 # ---------------------------------------------------------------------------------------------
 # aggregation
 
+@cython.final
+cdef class _Selector:
+    """Which sample rows ``select_rows`` and ``aggregate_select`` keep: the kind
+    (1 cpu, 2 wall, 3 nativemem), a tick range and, for ExecutionSamples, the
+    thread states that count as CPU (None = all; others are wall-clock)."""
+    cdef int kind
+    cdef int64_t t0, t1
+    cdef object cpu_states
+    cdef uint64_t cpu_mask
+    cdef bint all_cpu, big_states
+
+    def __cinit__(self, int kind, object cpu_states, int64_t t0, int64_t t1):
+        self.kind = kind
+        self.t0 = t0
+        self.t1 = t1
+        self.cpu_states = cpu_states
+        self.all_cpu = cpu_states is None
+        if not self.all_cpu:
+            for s in cpu_states:
+                if 0 <= s < 64:
+                    self.cpu_mask |= (<uint64_t>1) << <int>s
+                else:
+                    self.big_states = True
+
+    cdef inline bint keeps(self, signed char k, int64_t tm, int64_t st) except -1:
+        cdef bint cpu
+        if tm < self.t0 or tm > self.t1:
+            return False
+        if k != K_EXEC:
+            return k == self.kind
+        if self.all_cpu:
+            cpu = True
+        elif 0 <= st < 64:
+            cpu = (self.cpu_mask >> st) & 1
+        else:
+            cpu = self.big_states and st in self.cpu_states
+        if self.kind == K_EXEC:
+            return cpu
+        return self.kind == K_WALL and not cpu
+
+
 def select_rows(Columns cols, int kind, object cpu_states, int64_t t0, int64_t t1, object threads):
     """Row numbers of the samples of ``kind`` (1 cpu, 2 wall, 3 nativemem) in
     ``[t0, t1]`` ticks, on ``threads`` (a set of thread keys, or None).
@@ -1462,37 +1504,9 @@ def select_rows(Columns cols, int kind, object cpu_states, int64_t t0, int64_t t
     cdef int64_t[:] st = cols.state
     cdef signed char[:] kd = cols.kind
     cdef array out = array("q")
-    cdef int k
-    cdef bint cpu
-    cdef uint64_t cpu_mask = 0
-    cdef bint all_cpu = cpu_states is None
-    cdef bint big_states = False
-    if not all_cpu:
-        for s in cpu_states:
-            if 0 <= s < 64:
-                cpu_mask |= (<uint64_t>1) << <int>s
-            else:
-                big_states = True
+    cdef _Selector sel = _Selector(kind, cpu_states, t0, t1)
     for i in range(n):
-        k = kd[i]
-        if tm[i] < t0 or tm[i] > t1:
-            continue
-        if k == K_EXEC:
-            if all_cpu:
-                cpu = True
-            elif 0 <= st[i] < 64:
-                cpu = (cpu_mask >> st[i]) & 1
-            else:
-                cpu = big_states and st[i] in cpu_states
-            if kind == K_EXEC:
-                if not cpu:
-                    continue
-            elif kind == K_WALL:
-                if cpu:
-                    continue
-            else:
-                continue
-        elif k != kind:
+        if not sel.keeps(kd[i], tm[i], st[i]):
             continue
         if threads is not None and th[i] not in threads:
             continue
@@ -1745,38 +1759,10 @@ def aggregate_select(Columns cols, int kind, object cpu_states, int64_t t0, int6
     cdef int64_t[:] stk = cols.stack
     cdef int64_t[:] val = cols.value
     cdef signed char[:] kd = cols.kind
-    cdef int k
-    cdef bint cpu
-    cdef uint64_t cpu_mask = 0
-    cdef bint all_cpu = cpu_states is None
-    cdef bint big_states = False
     cdef _PairSum acc = _PairSum()
-    if not all_cpu:
-        for s in cpu_states:
-            if 0 <= s < 64:
-                cpu_mask |= (<uint64_t>1) << <int>s
-            else:
-                big_states = True
+    cdef _Selector sel = _Selector(kind, cpu_states, t0, t1)
     for i in range(n):
-        k = kd[i]
-        if tm[i] < t0 or tm[i] > t1:
-            continue
-        if k == K_EXEC:
-            if all_cpu:
-                cpu = True
-            elif 0 <= st[i] < 64:
-                cpu = (cpu_mask >> st[i]) & 1
-            else:
-                cpu = big_states and st[i] in cpu_states
-            if kind == K_EXEC:
-                if not cpu:
-                    continue
-            elif kind == K_WALL:
-                if cpu:
-                    continue
-            else:
-                continue
-        elif k != kind:
+        if not sel.keeps(kd[i], tm[i], st[i]):
             continue
         if threads is not None and th[i] not in threads:
             continue

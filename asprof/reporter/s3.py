@@ -266,18 +266,10 @@ class _DirSpool:
 
     def _remove_unless_locked(self, path: str) -> bool:
         """Delete a spool file unless some process is uploading it."""
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-        except OSError:
+        fd = _lock_spool_file(path)
+        if fd is None:
             return False
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            return False
-        try:
-            if not _same_file(path, fd):
-                return False
             os.unlink(path)
             return True
         except OSError:
@@ -299,19 +291,10 @@ class _DirSpool:
         return None
 
     def _open(self, path: str) -> Optional[_Entry]:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-        except OSError:
+        fd = _lock_spool_file(path)
+        if fd is None:
             return None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # another process is uploading it
-            os.close(fd)
-            return None
-        try:
-            if not _same_file(path, fd):  # uploaded and removed meanwhile
-                os.close(fd)
-                return None
             with os.fdopen(os.dup(fd), "rb") as f:
                 data = f.read()
             entry = _parse_spool_file(data, path, fd)
@@ -380,6 +363,23 @@ def _parse_spool_file(data: bytes, path: str, fd: int) -> _Entry:
     if not isinstance(header, dict) or not all(isinstance(header.get(k), str) for k in ("id", "key", "bucket")):
         raise ValueError("malformed header")
     return _Entry(id=header["id"], key=header["key"], bucket=header["bucket"], body=data[end + 1:], path=path, fd=fd)
+
+
+def _lock_spool_file(path: str) -> Optional[int]:
+    """A descriptor of the spool file at ``path``, locked for this process, or None when
+    it is gone, locked by another process (which is uploading it), or was replaced."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if _same_file(path, fd):  # not uploaded and removed meanwhile
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
 
 
 def _same_file(path: str, fd: int) -> bool:

@@ -150,10 +150,7 @@ const char *asp_session_resume(asp_session *s, asp_buf *log);
  */
 int asp_wait_engine_threads(int timeout_ms);
 
-/* Reads a whole recording file into out (no size limit beyond memory). */
-int asp_read_fd(int fd, asp_buf *out, char *err, size_t errlen);
-
-/* Reads [from, to) of fd (to < 0: to the end of the file). */
+/* Reads [from, to) of fd (to < 0: to the end of the file) into out (no limit beyond memory). */
 int asp_read_range(int fd, long long from, long long to, asp_buf *out, char *err, size_t errlen);
 
 /* Size of the file behind fd, or -1. */

@@ -185,10 +185,6 @@ long long asp_fd_size(int fd) {
     return (long long)st.st_size;
 }
 
-int asp_read_fd(int fd, asp_buf *out, char *err, size_t errlen) {
-    return asp_read_range(fd, 0, -1, out, err, errlen);
-}
-
 int asp_read_range(int fd, long long from, long long to, asp_buf *out, char *err, size_t errlen) {
     long long size = to;
     if (size < 0) size = asp_fd_size(fd);
