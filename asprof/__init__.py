@@ -19,8 +19,8 @@ import importlib
 from typing import TYPE_CHECKING, Any, Optional
 
 if TYPE_CHECKING:
-    from asprof.agent import Profiler, RunningProfiler, start_profiling, stop_profiling
-    from asprof.engine import LibraryInfo
+    from asprof.profiler import Profiler, RunningProfiler, start_profiling, stop_profiling
+    from asprof.engines.asyncprofiler import LibraryInfo
     from asprof.errors import (
         AsprofError,
         LibraryNotFoundError,
@@ -36,10 +36,10 @@ if TYPE_CHECKING:
 # Names are imported on first use (PEP 562): `import asprof` stays cheap, and
 # boto3 is imported only when an S3 reporter is used.
 _LAZY = {
-    "Profiler": "asprof.agent",
-    "RunningProfiler": "asprof.agent",
-    "start_profiling": "asprof.agent",
-    "stop_profiling": "asprof.agent",
+    "Profiler": "asprof.profiler",
+    "RunningProfiler": "asprof.profiler",
+    "start_profiling": "asprof.profiler",
+    "stop_profiling": "asprof.profiler",
     "AsprofError": "asprof.errors",
     "LibraryNotFoundError": "asprof.errors",
     "ProfilerAlreadyRunningError": "asprof.errors",
@@ -86,9 +86,9 @@ __all__ = [
 
 
 def library_info(path: Optional[str] = None) -> "LibraryInfo":
-    """Loads async-profiler (see :func:`asprof.engine.load_library`) and describes it:
+    """Loads async-profiler (see :func:`asprof.engines.asyncprofiler.load_library`) and describes it:
     path, version, optional features. Raises LibraryNotFoundError."""
-    from asprof.engine import load_library
+    from asprof.engines.asyncprofiler import load_library
 
     return load_library(path)[1]
 

@@ -1,7 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
 """Cython wrapper over the native core (csrc/core).
 
-Low level and private: asprof.engine builds the public behaviour on it.
+Low level and private: asprof.engines.asyncprofiler builds the public behaviour on it.
 Every call into async-profiler runs without the GIL.
 """
 from libc.stdlib cimport free

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional
 
-from asprof.config import auto_start
+from asprof.autostart.config import auto_start
 
 if TYPE_CHECKING:
-    from asprof.agent import RunningProfiler
+    from asprof.profiler import RunningProfiler
 
 __all__ = ["profiler"]
 

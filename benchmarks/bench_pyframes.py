@@ -31,7 +31,7 @@ def child(mode: str, cpu: float, wall: float, work: int) -> None:
 
     engine = None
     if mode != "none":
-        from asprof.engine import NativeEngine
+        from asprof.engines.asyncprofiler import NativeEngine
         from asprof.options import ProfilerOptions
 
         engine = NativeEngine(ProfilerOptions(cpu_interval=cpu, wall_interval=wall,

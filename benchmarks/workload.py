@@ -302,7 +302,7 @@ def mode_tick(a: argparse.Namespace) -> Dict[str, Any]:
     from sample_count import read_chunks
 
     import asprof
-    from asprof.engine import NativeEngine
+    from asprof.engines.asyncprofiler import NativeEngine
 
     options = asprof.ProfilerOptions(**json.loads(a.opts))
     stop = threading.Event()

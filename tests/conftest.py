@@ -4,6 +4,7 @@ from __future__ import annotations
 import ctypes.util
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import textwrap
@@ -65,9 +66,35 @@ requires_real = pytest.mark.skipif(
 )
 
 
+def check_jfr(path: Path) -> Dict[str, int]:
+    """Validates a JFR file and returns event counts per type.
+
+    With a JDK: its `jfr summary` is the oracle. Without: the chunk headers must
+    be finished and consistent (size, checkpoint and metadata offsets)."""
+    data = path.read_bytes()
+    assert data[:4] == b"FLR\0", f"{path.name}: not a JFR file"
+    off = chunks = 0
+    while off < len(data):
+        chunks += 1
+        major, minor, size, cp, meta = struct.unpack_from(">HHqqq", data, off + 4)
+        assert major == 2 and 0 < size <= len(data) - off, f"{path.name}: bad chunk at {off}"
+        assert cp > 0 and meta > 0, f"{path.name}: unfinished chunk at {off}"
+        off += size
+    if JFR_TOOL is None:
+        return {"chunks": chunks}
+    out = subprocess.run([str(JFR_TOOL), "summary", str(path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, f"jfr summary {path.name}: {out.stderr or out.stdout}"
+    counts = {"chunks": chunks}
+    for line in out.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[1].isdigit():
+            counts[parts[0]] = int(parts[1])
+    return counts
+
+
 def engine_recordings(lib: Path, options: Any, ticks: int) -> List[Optional[bytes]]:
     """What a NativeEngine on ``lib`` hands over: ``ticks`` ticks, then the final stop."""
-    from asprof.engine import NativeEngine
+    from asprof.engines.asyncprofiler import NativeEngine
 
     eng = NativeEngine(options, str(lib))
     eng.start()
@@ -98,9 +125,10 @@ def run_python(code: str, *, timeout: float = 60, python: str = sys.executable, 
 def no_profiler() -> Iterator[None]:
     """Fails a test that leaves a profiler running in this process."""
     yield
-    from asprof import agent
+    from asprof.agent.loop import current
 
-    if agent._active is not None and not agent._active.done.is_set():
-        agent._active.request_stop()
-        agent._active.done.wait(10)
+    active = current()
+    if active is not None and not active.done.is_set():
+        active.request_stop()
+        active.done.wait(10)
         pytest.fail("the test left a profiler running")

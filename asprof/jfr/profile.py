@@ -276,11 +276,11 @@ def build_profile(
         raise ValueError(f"unknown profile kind {kind!r} (expected one of {', '.join(KINDS)})")
     if not 0.0 <= tail <= 1.0:
         raise ValueError("tail must be between 0 and 1")
-    # ---- issue #5: Python frames (asprof/pystacks.py) ----
+    # ---- issue #5: Python frames (asprof/jfr/pystacks.py) ----
     if python not in ("mixed", "python", "native"):
         raise ValueError(f"python must be 'mixed', 'python' or 'native', got {python!r}")
     if stack_hook is None and python != "native" and kind in ("cpu", "wall"):
-        from asprof.pystacks import python_stack_hook
+        from asprof.jfr.pystacks import python_stack_hook
 
         stack_hook = python_stack_hook(rec, mode=python)
     # ---- end of issue #5 ----

@@ -1,0 +1,79 @@
+"""``asprof convert IN... -o OUT [--format html|collapsed|pprof] [kind] [filters]``."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional
+
+from asprof.cli.common import Progress, add_input_args, add_profile_args, open_inputs, profile_from_args
+
+FORMATS = ("html", "collapsed", "pprof")
+_EXT = {"html": ".html", "collapsed": ".collapsed", "pprof": ".pb.gz"}
+
+
+def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "convert", help="convert profiles to a flame graph, collapsed stacks or pprof",
+        description="Convert JFR profiles (.jfr, S3 reporter .zip, or directories of them) to an "
+                    "interactive HTML flame graph, collapsed stacks or pprof.")
+    add_input_args(p)
+    p.add_argument("-o", "--output", metavar="OUT",
+                   help="output file ('-' for stdout; default: the first input's name with the format's extension)")
+    p.add_argument("--format", "-f", choices=FORMATS,
+                   help="output format (default: from OUT's extension: .html, .collapsed/.txt/.folded, "
+                        ".pb.gz/.pprof; else html)")
+    p.add_argument("--title", help="title of the HTML flame graph")
+    add_profile_args(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def format_of(output: Optional[str]) -> str:
+    if not output or output == "-":
+        return "html"
+    low = output.lower()
+    if low.endswith((".collapsed", ".txt", ".folded")):
+        return "collapsed"
+    if low.endswith((".pb.gz", ".pprof", ".pb", ".gz")):
+        return "pprof"
+    return "html"
+
+
+def run(args: argparse.Namespace) -> int:
+    from asprof.jfr.views import to_collapsed, to_html, to_pprof
+
+    fmt = args.format or format_of(args.output)
+    out = args.output
+    if out is None:
+        base = os.path.basename(os.path.normpath(args.inputs[0]))
+        for ext in (".jfr", ".zip"):
+            if base.endswith(ext):
+                base = base[: -len(ext)]
+        out = base + _EXT[fmt]
+    progress = Progress()
+    try:
+        rec = open_inputs(args.inputs, progress)
+        progress.stage("aggregating samples")
+        prof = profile_from_args(rec, args)
+        progress.stage(f"writing {fmt}")
+        if fmt == "pprof":
+            data: bytes = to_pprof(prof)
+        elif fmt == "collapsed":
+            data = to_collapsed(prof).encode("utf-8")
+        else:
+            data = to_html(prof, title=args.title).encode("utf-8")
+        if out == "-":
+            sys.stdout.flush()
+            sys.stdout.buffer.write(data)
+            sys.stdout.flush()
+        else:
+            with open(out, "wb") as f:
+                f.write(data)
+    finally:
+        progress.done()
+    for w in rec.warnings:
+        sys.stderr.write(f"asprof: warning: {w}\n")
+    if not prof.stacks:
+        sys.stderr.write(f"asprof: warning: no {prof.kind} samples matched\n")
+    return 0

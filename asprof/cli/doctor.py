@@ -1,0 +1,554 @@
+"""``asprof doctor``: what the agent would do here, and why not.
+
+Checks, in the order they matter: the ``ASPROF_*`` configuration, the
+native extension and async-profiler (path, version, optional features), the
+CPU sampling engine async-profiler would pick (``perf_event_paranoid``, a
+``perf_event_open`` probe like async-profiler's own, capabilities), native
+memory sampling, container limits, the directories profiling writes to,
+S3 (boto3, credentials: where they come from, never their values) and the
+host metadata endpoints. The exit status is 0 when profiling would start,
+1 when it would not. ``--json`` prints the same as one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import importlib
+import json
+import os
+import platform
+import sys
+import threading
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+__all__ = ["add_parser", "run", "diagnose", "Check", "Diagnosis"]
+
+OK, INFO, WARN, FAIL = "ok", "info", "warn", "fail"
+_MARK = {OK: "[ ok ]", INFO: "[info]", WARN: "[warn]", FAIL: "[FAIL]"}
+
+_PARANOID = {
+    -1: "no restrictions on perf events",
+    0: "unprivileged processes may profile themselves and whole CPUs, kernel included",
+    1: "unprivileged processes may profile themselves, user and kernel code",
+    2: "unprivileged processes may profile only their own user-space code",
+}
+# perf_event_open's syscall number per machine (no libc wrapper exists).
+_PERF_EVENT_OPEN = {"x86_64": 298, "amd64": 298, "aarch64": 241, "arm64": 241, "riscv64": 241,
+                    "ppc64le": 319, "ppc64": 319, "s390x": 331, "i386": 336, "i686": 336, "armv7l": 364}
+_CAP_SYS_ADMIN, _CAP_PERFMON = 21, 38
+
+
+@dataclass
+class Check:
+    section: str
+    name: str
+    status: str
+    detail: str
+    fix: Optional[str] = None
+
+
+@dataclass
+class Diagnosis:
+    would_profile: bool
+    summary: str
+    checks: List[Check] = field(default_factory=list)
+
+    def add(self, section: str, name: str, status: str, detail: str, fix: Optional[str] = None) -> Check:
+        c = Check(section, name, status, detail, fix)
+        self.checks.append(c)
+        return c
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {"would_profile": self.would_profile, "summary": self.summary,
+                "checks": [asdict(c) for c in self.checks]}
+
+
+def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "doctor", help="say what profiling would do here, and why not",
+        description="Check this machine and environment for the profiling agent: configuration (ASPROF_*), "
+                    "async-profiler, the CPU sampling engine, perf_event_paranoid, container limits, writable "
+                    "directories, S3 credentials (never printed) and metadata endpoints. Exit status 0 when "
+                    "profiling would start, 1 when not.")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--offline", action="store_true",
+                   help="no network: skip the metadata endpoints and credential providers that need it")
+    p.add_argument("--timeout", type=float, default=1.0, metavar="SECONDS",
+                   help="bound of each network probe (default 1)")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    d = diagnose(offline=args.offline, timeout=max(0.05, args.timeout))
+    out = sys.stdout
+    if args.json:
+        json.dump(d.as_dict(), out, indent=2)
+        out.write("\n")
+    else:
+        out.write(format_text(d))
+    out.flush()
+    return 0 if d.would_profile else 1
+
+
+def format_text(d: Diagnosis) -> str:
+    lines: List[str] = []
+    section = None
+    for c in d.checks:
+        if c.section != section:
+            section = c.section
+            lines.append("" if not lines else "")
+            lines.append(section)
+        lines.append(f"  {_MARK.get(c.status, c.status)} {c.name}: {c.detail}")
+        if c.fix:
+            lines.append(f"         fix: {c.fix}")
+    lines.append("")
+    lines.append(("Profiling would start: " if d.would_profile else "Profiling would NOT start: ") + d.summary)
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+# ---------------------------------------------------------------- the checks
+
+
+def diagnose(environ: Optional[Mapping[str, str]] = None, *, offline: bool = False,
+             timeout: float = 1.0) -> Diagnosis:
+    """Runs every check; never raises (a failing check is a FAIL line)."""
+    env = os.environ if environ is None else environ
+    d = Diagnosis(False, "")
+    blockers: List[str] = []
+    what: List[str] = []
+
+    # -- Python
+    hazard = _guard(lambda: _nativemem_hazard())
+    d.add("Python", "interpreter", INFO,
+          f"{platform.python_implementation()} {platform.python_version()} at {sys.executable}, pid {os.getpid()}, "
+          f"{platform.system()} {platform.release()} {platform.machine()}")
+
+    # -- configuration
+    from asprof.autostart.config import ConfigError, EnvConfig
+
+    cfg: Optional[EnvConfig] = None
+    try:
+        cfg = EnvConfig.from_environ(env)
+    except ConfigError as e:
+        d.add("Configuration", e.variable, FAIL, str(e),
+              "correct or unset it (docs/configuration.md); the agent stays off until then")
+        blockers.append(f"invalid {e.variable}")
+    if cfg is not None:
+        if not cfg.enabled:
+            d.add("Configuration", "ASPROF_ENABLED", FAIL, f"profiling is disabled (ASPROF_ENABLED="
+                  f"{env.get('ASPROF_ENABLED')!r})", "unset ASPROF_ENABLED or set it to 1")
+            blockers.append("disabled by ASPROF_ENABLED")
+        else:
+            set_vars = sorted(k for k in cfg.given if k in _known())
+            d.add("Configuration", "variables", INFO, ", ".join(set_vars) if set_vars else
+                  "no ASPROF_* variable set: the defaults")
+            for name, value in cfg.describe()[1:]:
+                d.add("Configuration", name, INFO, value)
+            if cfg.kill_switch_file and os.path.exists(cfg.kill_switch_file):
+                d.add("Configuration", "kill switch", FAIL, f"{cfg.kill_switch_file} exists",
+                      "remove the file to let profiling start")
+                blockers.append("kill switch file present")
+            for name in cfg.unknown_variables:
+                d.add("Configuration", name, WARN, "unknown variable, ignored (a typo?)")
+
+    # -- library
+    info = None
+    native_ok = True
+    try:
+        import asprof._native  # noqa: F401
+    except ImportError as e:
+        native_ok = False
+        d.add("async-profiler", "native extension", FAIL, f"asprof._native cannot be imported: {e}",
+              "reinstall asprof for this interpreter (pip install --force-reinstall asprof), or build it in "
+              "place: python setup.py build_ext --inplace")
+        blockers.append("native extension missing")
+    if native_ok:
+        from asprof.engines.asyncprofiler import load_library
+        from asprof.errors import LibraryNotFoundError
+
+        lib_path = cfg.library_path if cfg is not None else None
+        try:
+            info = load_library(lib_path)[1]
+            caps = ", ".join(sorted(info.capabilities)) or "none"
+            d.add("async-profiler", "library", OK, f"{info.path}, version {info.version}, optional features: {caps}")
+        except LibraryNotFoundError as e:
+            tried = "; ".join(f"{w}: {what_}" for w, what_ in e.tried)
+            d.add("async-profiler", "library", FAIL, f"libasyncProfiler.so not found (tried {tried})",
+                  "install async-profiler 3.0+ (https://github.com/async-profiler/async-profiler/releases): put "
+                  "lib/libasyncProfiler.so in /usr/local/lib and run ldconfig, or set ASPROF_LIB to its path")
+            blockers.append("async-profiler not found")
+        except Exception as e:  # noqa: BLE001 - unsupported version, broken file
+            d.add("async-profiler", "library", FAIL, f"{type(e).__name__}: {e}",
+                  "install async-profiler 3.0 or later, or point ASPROF_LIB at a working copy")
+            blockers.append("async-profiler unusable")
+
+    # -- CPU engine
+    engine = _cpu_checks(d)
+    if cfg is not None and cfg.enabled:
+        what.append(f"CPU samples ({engine}) every {_secs(cfg.cpu_interval)} of CPU time")
+        if cfg.wall_interval is not None:
+            what.append(f"wall-clock samples every {_secs(cfg.wall_interval)}")
+
+    # -- native memory
+    if cfg is not None and cfg.enabled and cfg.native_mem is not None:
+        if hazard and not cfg.force_native_mem:
+            d.add("Native memory", "sampling", FAIL, f"refused: {hazard}",
+                  "use an interpreter that loads libpython3.X.so (pyenv, python.org builds), set "
+                  "ASPROF_NATIVE_MEM=off, or ASPROF_FORCE_NATIVE_MEM=true to try anyway")
+            blockers.append("native memory sampling refused on this interpreter")
+        elif hazard:
+            d.add("Native memory", "sampling", WARN, f"forced on although {hazard}")
+            what.append("native memory samples")
+        else:
+            d.add("Native memory", "sampling", OK, "on; this interpreter loads libpython as a shared library")
+            what.append("native memory samples")
+    else:
+        d.add("Native memory", "sampling", INFO, "off (ASPROF_NATIVE_MEM)" + (
+            f"; it would be refused here: {hazard}" if hazard else "; it would work with this interpreter"))
+
+    # -- container
+    _container_checks(d, env)
+
+    # -- directories
+    where_ok = _directory_checks(d, cfg)
+    if not where_ok:
+        blockers.append("cannot write profiles")
+
+    # -- S3 and metadata
+    if cfg is not None and cfg.enabled and cfg.s3_bucket is not None:
+        if not _s3_checks(d, env, offline, timeout, required=True):
+            blockers.append("S3 reporter unusable")
+    else:
+        _s3_checks(d, env, offline, timeout, required=False)
+    _metadata_checks(d, env, offline, timeout)
+
+    if cfg is not None and cfg.enabled:
+        dest = (f"s3://{cfg.s3_bucket}/{cfg.s3_prefix}" if cfg.s3_bucket is not None
+                else os.path.abspath(cfg.directory or "profiles"))
+        what_text = ", ".join(what)
+        what_text = f"{what_text}; a profile every {_secs(cfg.reporting_interval)} to {dest}"
+    else:
+        what_text = ""
+    d.would_profile = not blockers
+    d.summary = what_text if not blockers else "; ".join(blockers)
+    return d
+
+
+def _known() -> "frozenset[str]":
+    from asprof.autostart.config import KNOWN
+
+    return KNOWN
+
+
+def _guard(fn: Callable[[], Optional[str]]) -> Optional[str]:
+    try:
+        return fn()
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _nativemem_hazard() -> Optional[str]:
+    from asprof.engines.asyncprofiler import nativemem_hazard
+
+    return nativemem_hazard()
+
+
+def _secs(v: float) -> str:
+    from asprof.autostart.config import _fmt_seconds
+
+    return _fmt_seconds(v)
+
+
+def _read(path: str) -> Optional[str]:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _capabilities() -> int:
+    status = _read("/proc/self/status") or ""
+    for line in status.splitlines():
+        if line.startswith("CapEff:"):
+            try:
+                return int(line.split()[1], 16)
+            except (IndexError, ValueError):
+                return 0
+    return 0
+
+
+def perf_event_probe() -> Tuple[bool, str]:
+    """Opens a perf event the way async-profiler's ``PerfEvents::supported()`` does
+    (software cpu-clock, kernel not excluded, this thread); (works, why not)."""
+    nr = _PERF_EVENT_OPEN.get(platform.machine().lower())
+    if nr is None:
+        return False, f"unknown perf_event_open syscall number on {platform.machine()}"
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError as e:
+        return False, f"no libc: {e}"
+    attr = (ctypes.c_uint8 * 128)()
+    ctypes.memmove(attr, (ctypes.c_uint32 * 2)(1, 128), 8)  # type=PERF_TYPE_SOFTWARE, size
+    # config=PERF_COUNT_SW_CPU_CLOCK (0) at 8; sample_period at 16; sample_type=PERF_SAMPLE_CALLCHAIN at 24;
+    # flags at 40: disabled (bit 0).
+    ctypes.memmove(ctypes.byref(attr, 16), (ctypes.c_uint64 * 2)(1_000_000_000, 1 << 5), 16)
+    ctypes.memmove(ctypes.byref(attr, 40), (ctypes.c_uint64 * 1)(1), 8)
+    syscall = libc.syscall
+    syscall.restype = ctypes.c_long
+    fd = syscall(ctypes.c_long(nr), ctypes.byref(attr), ctypes.c_int(0), ctypes.c_int(-1), ctypes.c_int(-1),
+                 ctypes.c_ulong(0))
+    if fd < 0:
+        err = ctypes.get_errno()
+        return False, f"perf_event_open failed: {os.strerror(err)} (errno {err})"
+    os.close(int(fd))
+    return True, "perf_event_open works"
+
+
+def _cpu_checks(d: Diagnosis) -> str:
+    paranoid_text = _read("/proc/sys/kernel/perf_event_paranoid")
+    caps = _capabilities()
+    privileged = os.geteuid() == 0 or bool(caps & (1 << _CAP_SYS_ADMIN)) or bool(caps & (1 << _CAP_PERFMON))
+    who = ("root" if os.geteuid() == 0 else "CAP_PERFMON/CAP_SYS_ADMIN" if privileged else "unprivileged")
+    if paranoid_text is None:
+        d.add("CPU sampling", "perf_event_paranoid", WARN, "unknown (/proc/sys/kernel/perf_event_paranoid unreadable)")
+    else:
+        try:
+            level = int(paranoid_text)
+        except ValueError:
+            level = 99
+        meaning = _PARANOID.get(level) if level <= 2 else "perf events forbidden to unprivileged processes"
+        if level < -1:
+            meaning = _PARANOID[-1]
+        d.add("CPU sampling", "perf_event_paranoid", INFO,
+              f"{paranoid_text}: {meaning}; this process is {who}"
+              + (" (privileged processes are not restricted)" if privileged and level > -1 else ""))
+    works, why = perf_event_probe()
+    if works:
+        d.add("CPU sampling", "engine", OK,
+              "perf_events (cpu-clock per thread): accurate CPU time, one file descriptor per thread "
+              f"(ulimit -n is {_nofile()})")
+        return "perf_events"
+    d.add("CPU sampling", "engine", WARN,
+          f"ctimer (timer_create per thread), because {why}: CPU samples are still taken, without kernel "
+          "frames and slightly less precise",
+          "for perf_events: sysctl kernel.perf_event_paranoid=1, or grant CAP_PERFMON; in Docker the default "
+          "seccomp profile blocks perf_event_open (--security-opt seccomp=... or --cap-add PERFMON)")
+    return "ctimer"
+
+
+def _nofile() -> str:
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return "unlimited" if soft == resource.RLIM_INFINITY else str(soft)
+    except (ImportError, OSError, ValueError):
+        return "unknown"
+
+
+def _cgroup_dirs() -> List[Tuple[str, str]]:
+    """(controller list, directory) for this process's cgroups, v2 first."""
+    out: List[Tuple[str, str]] = []
+    text = _read("/proc/self/cgroup") or ""
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":
+            base = "/sys/fs/cgroup"
+            out.insert(0, ("v2", base + path if os.path.isdir(base + path) else base))
+        else:
+            for c in controllers.split(","):
+                for mount in (f"/sys/fs/cgroup/{controllers}", f"/sys/fs/cgroup/{c}"):
+                    if os.path.isdir(mount):
+                        out.append((c, mount + path if os.path.isdir(mount + path) else mount))
+                        break
+    return out
+
+
+def container_limits() -> Dict[str, str]:
+    """CPU and memory limits of this process's cgroup, as text."""
+    limits: Dict[str, str] = {}
+    for controller, directory in _cgroup_dirs():
+        if controller == "v2":
+            cpu = _read(os.path.join(directory, "cpu.max"))
+            if cpu and "cpu" not in limits:
+                quota, _, period = cpu.partition(" ")
+                limits["cpu"] = "no limit" if quota == "max" else \
+                    f"{int(quota) / int(period or 100000):g} CPUs (cpu.max {cpu})"
+            mem = _read(os.path.join(directory, "memory.max"))
+            if mem and "memory" not in limits:
+                limits["memory"] = "no limit" if mem == "max" else f"{int(mem) / 2**20:.0f} MiB"
+        elif controller == "cpu" and "cpu" not in limits:
+            v1_quota = _read(os.path.join(directory, "cpu.cfs_quota_us"))
+            v1_period = _read(os.path.join(directory, "cpu.cfs_period_us"))
+            if v1_quota is not None:
+                limits["cpu"] = ("no limit" if int(v1_quota) < 0 else
+                                 f"{int(v1_quota) / int(v1_period or 100000):g} CPUs")
+        elif controller == "memory" and "memory" not in limits:
+            mem = _read(os.path.join(directory, "memory.limit_in_bytes"))
+            if mem is not None:
+                limits["memory"] = "no limit" if int(mem) >= 1 << 60 else f"{int(mem) / 2**20:.0f} MiB"
+    return limits
+
+
+def _container_checks(d: Diagnosis, env: Mapping[str, str]) -> None:
+    kind = []
+    if os.path.exists("/.dockerenv"):
+        kind.append("Docker")
+    if os.path.exists("/run/.containerenv"):
+        kind.append("Podman")
+    if env.get("KUBERNETES_SERVICE_HOST"):
+        kind.append("Kubernetes")
+    if env.get("ECS_CONTAINER_METADATA_URI_V4"):
+        kind.append("ECS")
+    cg = _read("/proc/1/cgroup") or ""
+    if not kind and any(k in cg for k in ("docker", "kubepods", "containerd", "lxc")):
+        kind.append("a container")
+    d.add("Container", "runtime", INFO, ", ".join(kind) if kind else "no container detected")
+    try:
+        limits = container_limits()
+    except (ValueError, OSError):
+        limits = {}
+    cpus = os.cpu_count() or 0
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = cpus
+    d.add("Container", "CPU", INFO, f"{limits.get('cpu', 'no cgroup limit found')}; {usable} of {cpus} CPUs usable")
+    d.add("Container", "memory", INFO, limits.get("memory", "no cgroup limit found"))
+
+
+def _writable_dir(path: str) -> Tuple[bool, str]:
+    """Whether profiles could be written in ``path`` (created if missing)."""
+    probe = os.path.abspath(path)
+    missing = []
+    while not os.path.exists(probe):
+        missing.append(probe)
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        return False, f"{probe} is not a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return False, f"{probe} is not writable by this user (uid {os.geteuid()})"
+    if missing:
+        return True, f"{os.path.abspath(path)} would be created (in {probe}, writable)"
+    return True, f"{probe} exists and is writable"
+
+
+def _directory_checks(d: Diagnosis, cfg: Any) -> bool:
+    ok = True
+    tmp = os.environ.get("TMPDIR") or "/tmp"
+    tmp_ok, tmp_why = _writable_dir(tmp) if os.path.isdir(tmp) else (False, f"{tmp} does not exist")
+    d.add("Directories", "recording files", OK if tmp_ok else WARN,
+          f"{tmp_why} (async-profiler writes the current recording to an unnamed file there)" if tmp_ok else
+          f"{tmp_why}; recordings then go to anonymous memory files (memfd)")
+    if not os.path.isdir("/proc/self/fd"):
+        d.add("Directories", "/proc", FAIL, "/proc is not mounted: async-profiler cannot be given its recording file",
+              "mount /proc (containers have it by default)")
+        ok = False
+    if cfg is None or not cfg.enabled:
+        return ok
+    if cfg.s3_bucket is None:
+        good, why = _writable_dir(cfg.directory or "profiles")
+        d.add("Directories", "profiles", OK if good else FAIL, why,
+              None if good else "set ASPROF_REPORTER to a writable directory (e.g. /tmp/profiles) or fix permissions")
+        ok = ok and good
+    elif cfg.s3_spool_dir:
+        good, why = _writable_dir(cfg.s3_spool_dir)
+        d.add("Directories", "S3 spool", OK if good else FAIL, why,
+              None if good else "set ASPROF_S3_SPOOL_DIR to a writable directory, or unset it (memory spool)")
+        ok = ok and good
+    return ok
+
+
+def _credentials_source(env: Mapping[str, str], offline: bool, timeout: float) -> Tuple[Optional[str], str]:
+    """(where credentials come from, or None; a note). Never returns a secret."""
+    if offline:
+        if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
+            return "environment variables", "offline: only the environment and files were looked at"
+        if env.get("AWS_WEB_IDENTITY_TOKEN_FILE"):
+            return "web identity token file", "offline: not exchanged for credentials"
+        if env.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI") or env.get("AWS_CONTAINER_CREDENTIALS_FULL_URI"):
+            return "container credentials endpoint", "offline: not contacted"
+        files = [env.get("AWS_SHARED_CREDENTIALS_FILE") or os.path.expanduser("~/.aws/credentials"),
+                 env.get("AWS_CONFIG_FILE") or os.path.expanduser("~/.aws/config")]
+        for f in files:
+            if os.path.isfile(f) and os.path.getsize(f) > 0:
+                return f"file {f}", "offline: its content was not checked"
+        return None, "offline: instance roles were not looked for"
+    result: Dict[str, Any] = {}
+
+    def probe() -> None:
+        try:
+            botocore_session: Any = importlib.import_module("botocore.session")
+            session = botocore_session.get_session()
+            creds = session.get_credentials()
+            result["method"] = None if creds is None else str(getattr(creds, "method", "found"))
+        except Exception as e:  # noqa: BLE001
+            result["error"] = f"{type(e).__name__}: {e}"
+
+    t = threading.Thread(target=probe, name="asprof-doctor-credentials", daemon=True)
+    t.start()
+    t.join(max(timeout * 4, 2.0))
+    if t.is_alive():
+        return None, "the credential providers did not answer in time"
+    if "error" in result:
+        return None, str(result["error"]).replace("\n", " ")[:300]
+    method = result.get("method")
+    return (str(method), "") if method else (None, "no credential provider found any")
+
+
+def _s3_checks(d: Diagnosis, env: Mapping[str, str], offline: bool, timeout: float, required: bool) -> bool:
+    try:
+        boto3: Any = importlib.import_module("boto3")
+    except ImportError:
+        if required:
+            d.add("S3", "boto3", FAIL, "not installed, and ASPROF_REPORTER is s3://", "pip install 'asprof[s3]'")
+            return False
+        d.add("S3", "boto3", INFO, "not installed (needed only for s3:// reporters: pip install 'asprof[s3]')")
+        return True
+    d.add("S3", "boto3", OK, f"version {boto3.__version__}")
+    source, note = _credentials_source(env, offline, timeout)
+    if source:
+        d.add("S3", "credentials", OK, f"found (source: {source}; values not shown)" + (f"; {note}" if note else ""))
+        return True
+    status = FAIL if required and not offline else (WARN if required else INFO)
+    d.add("S3", "credentials", status, f"none found ({note})",
+          "give the process an IAM role (instance profile, ECS task role, IRSA) or AWS_* credentials"
+          if required else None)
+    return status != FAIL
+
+
+def _metadata_checks(d: Diagnosis, env: Mapping[str, str], offline: bool, timeout: float) -> None:
+    if offline:
+        d.add("Host metadata", "endpoints", INFO, "not probed (--offline)")
+        return
+    try:
+        from asprof.metadata import aws
+    except ImportError:  # pragma: no cover
+        d.add("Host metadata", "endpoints", INFO, "AWS detection is not available in this build")
+        return
+    ecs = (env.get("ECS_CONTAINER_METADATA_URI_V4") or "").strip()
+    if ecs:
+        try:
+            md = aws.ecs_metadata(ecs, {}, timeout)
+            d.add("Host metadata", "ECS task metadata", OK, f"reachable: task {md.ecs_task_arn} "
+                  f"(profiles named {md.machine!r})")
+        except Exception as e:  # noqa: BLE001
+            d.add("Host metadata", "ECS task metadata", WARN, f"{ecs}: unreachable or unusable: {e}",
+                  "profiles are named 'unknown__' until it answers")
+        return
+    try:
+        md2 = aws.ec2_metadata({}, timeout)
+        d.add("Host metadata", "EC2 IMDS", OK, f"reachable: instance {md2.ec2_instance_id} in {md2.aws_region_id} "
+              f"(profiles named {md2.machine!r})")
+    except Exception as e:  # noqa: BLE001
+        d.add("Host metadata", "EC2 IMDS", INFO, f"not reachable ({e}): not on EC2/ECS, profiles are named "
+              "'unknown__'")

@@ -1,0 +1,56 @@
+"""What the agent loop drives: the :class:`Engine` protocol and a tick's :class:`TickResult`.
+
+An engine records samples and hands over finished JFR recordings; ``asyncprofiler.NativeEngine``
+is async-profiler through the native core. Tests use fakes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from asprof.errors import ProfilerError
+
+__all__ = ["Engine", "TickResult"]
+
+
+@dataclass
+class TickResult:
+    """A finished recording (or None), and the error of the restart if any."""
+
+    recording: Optional[bytes]
+    restart_error: Optional[ProfilerError] = None
+
+
+class Engine:
+    """What the agent loop drives. ``NativeEngine`` is the real one; tests use fakes."""
+
+    def start(self) -> None:
+        """Starts recording; raises ProfilerError."""
+        raise NotImplementedError
+
+    def tick(self) -> TickResult:
+        """Hands over what was recorded since the last tick (rotating the recording);
+        raises ProfilerError when async-profiler cannot be stopped."""
+        raise NotImplementedError
+
+    def stop(self) -> Optional[bytes]:
+        """Stops and returns the last recording (None if nothing was recorded)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Releases resources; must not raise."""
+
+    def before_fork(self) -> bool:
+        """Called by the forking thread before os.fork(): make the child's copy of the
+        engine safe to restart. Returns True when the child may profile itself."""
+        return False
+
+    def after_fork_in_parent(self) -> None:
+        """Called in the parent after os.fork(): carry on recording."""
+
+    def after_fork_in_child(self) -> None:
+        """Called in the child after os.fork(): this engine now belongs to the parent."""
+
+    def memory_bytes(self) -> Optional[int]:
+        """Memory the engine holds (async-profiler's buffers and the recording), if known."""
+        return None

@@ -1,0 +1,100 @@
+"""Who produced a profile (host metadata) and when (report metadata).
+
+``AgentMetadata`` describes the machine and process; reporters use it to name
+and annotate what they write (the S3 reporter puts it into the object key).
+Auto-detection on AWS lives in :mod:`asprof.metadata.aws` and is loaded lazily on the
+first report, never at start-up.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Mapping, Optional
+
+__all__ = [
+    "AgentMetadata",
+    "Ec2Metadata",
+    "FargateMetadata",
+    "NoMetadata",
+    "ReportMetadata",
+]
+
+
+def _key_part(value: str) -> str:
+    # The Rust agent replaces '/' and '_' in ids so that '_' stays the separator.
+    return value.replace("/", "-").replace("_", "-")
+
+
+class AgentMetadata:
+    """Base class of host metadata. Subclass it to describe other hosts.
+
+    ``extra`` carries user metadata (service name, version, environment,
+    tags): string keys and values that reporters pass along unchanged.
+    """
+
+    extra: Mapping[str, str]
+
+    @property
+    def machine(self) -> str:
+        """The machine part of an S3 object key, e.g. ``ec2_i-0abc_``."""
+        return "unknown__"
+
+
+@dataclass(frozen=True)
+class Ec2Metadata(AgentMetadata):
+    """An EC2 instance, as described by IMDS's instance identity document."""
+
+    aws_account_id: str
+    aws_region_id: str
+    ec2_instance_id: str
+    ec2_instance_type: str
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def machine(self) -> str:
+        return f"ec2_{_key_part(self.ec2_instance_id)}_"
+
+
+@dataclass(frozen=True)
+class FargateMetadata(AgentMetadata):
+    """An ECS task (Fargate or EC2 launch type), from the task metadata endpoint."""
+
+    aws_account_id: str
+    aws_region_id: str
+    ecs_task_arn: str
+    ecs_cluster_arn: str
+    cpu_limit: Optional[float] = None
+    memory_limit: Optional[int] = None
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def machine(self) -> str:
+        return f"ecs_{_key_part(self.ecs_task_arn)}_"
+
+
+@dataclass(frozen=True)
+class NoMetadata(AgentMetadata):
+    """No host information (not on AWS, or detection failed)."""
+
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ReportMetadata:
+    """What a reporter gets with each profile.
+
+    ``start`` and ``end`` are timezone-aware UTC datetimes bounding the
+    recording; ``reporting_interval`` is the configured interval in seconds;
+    ``pid`` is the process that recorded the profile.
+    """
+
+    instance: AgentMetadata
+    start: datetime
+    end: datetime
+    reporting_interval: float
+    pid: int = field(default_factory=os.getpid)
+
+    @staticmethod
+    def now() -> datetime:
+        return datetime.now(timezone.utc)
