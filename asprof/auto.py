@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional
 
-from asprof.autostart.config import auto_start
+from asprof.autostart.start import auto_start
 
 if TYPE_CHECKING:
     from asprof.profiler import RunningProfiler

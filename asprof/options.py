@@ -8,22 +8,24 @@ options are built, and a bad one raises ``ValueError`` naming the option.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Optional, Union
 
+from asprof.autostart.config import (
+    DEFAULT_CPU_INTERVAL,
+    DEFAULT_WALL_INTERVAL,
+    MAX_PROFILER_INTERVAL,
+    MIN_CPU_INTERVAL,
+    MIN_WALL_INTERVAL,
+    parse_size,
+)
+
 __all__ = ["ProfilerOptions", "DEFAULT_CPU_INTERVAL", "DEFAULT_WALL_INTERVAL"]
 
-DEFAULT_CPU_INTERVAL = 0.1  # seconds, as the Rust agent
-DEFAULT_WALL_INTERVAL = 1.0  # seconds, as the Rust agent
-_MIN_INTERVAL = 1e-6
-_MAX_INTERVAL = 3600.0
-_SIZE = re.compile(r"^([0-9]{1,15})([bkmg]?)$", re.IGNORECASE)
-_SIZE_FACTOR = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 _CSTACK = ("dwarf", "fp", "no")
 
 
-def _interval(name: str, value: object, *, allow_none: bool = False, minimum: float = _MIN_INTERVAL) -> Optional[float]:
+def _interval(name: str, value: object, *, allow_none: bool = False, minimum: float = MIN_CPU_INTERVAL) -> Optional[float]:
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -33,7 +35,7 @@ def _interval(name: str, value: object, *, allow_none: bool = False, minimum: fl
         raise ValueError(f"{name} must be a finite number of seconds, got {value!r}")
     if v <= 0:
         raise ValueError(f"{name} must be positive, got {value!r}")
-    if v < minimum or v > _MAX_INTERVAL:
+    if v < minimum or v > MAX_PROFILER_INTERVAL:
         raise ValueError(f"{name} must be between {minimum:g} s and 1 hour, got {value!r} s")
     return v
 
@@ -48,12 +50,12 @@ def _native_mem(value: object) -> Optional[int]:
             raise ValueError(f"native_mem must not be negative, got {value!r}")
         return value
     if isinstance(value, str):
-        m = _SIZE.fullmatch(value)
-        if not m:
+        size = None if any(c.isspace() for c in value) else parse_size(value)
+        if size is None or size != int(size) or size >= 1 << 50:
             raise ValueError(
                 f"native_mem must be a byte count or a size like '512k', '10m', '1g', got {value!r}"
             )
-        return int(m.group(1)) * _SIZE_FACTOR[m.group(2).lower()]
+        return int(size)
     raise ValueError(f"native_mem must be a byte count or a size like '10m', got {value!r}")
 
 
@@ -89,7 +91,7 @@ class ProfilerOptions:
 
     def __post_init__(self) -> None:
         cpu = _interval("cpu_interval", self.cpu_interval)
-        wall = _interval("wall_interval", self.wall_interval, allow_none=True, minimum=0.001)
+        wall = _interval("wall_interval", self.wall_interval, allow_none=True, minimum=MIN_WALL_INTERVAL)
         mem = _native_mem(self.native_mem)
         if not isinstance(self.all_user, bool):
             raise ValueError(f"all_user must be True or False, got {self.all_user!r}")

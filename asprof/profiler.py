@@ -26,6 +26,7 @@ from typing import Dict, Mapping, Optional, Type, Union
 
 from asprof.agent.lifecycle import launch, restore_sigterm
 from asprof.agent.loop import DEFAULT_STOP_TIMEOUT, _Agent, _Config, current
+from asprof.autostart.config import DEFAULT_REPORTING_INTERVAL, MIN_REPORTING_INTERVAL, disabled_by_environment
 from asprof.engines.base import Engine
 from asprof.metadata import AgentMetadata
 from asprof.options import ProfilerOptions
@@ -35,9 +36,6 @@ __all__ = ["Profiler", "RunningProfiler", "start_profiling", "stop_profiling"]
 
 logger = logging.getLogger("asprof")
 
-DEFAULT_REPORTING_INTERVAL = 30.0
-MIN_REPORTING_INTERVAL = 0.1
-_FALSE = {"0", "false", "no", "off", "disabled"}
 
 _default: Optional["RunningProfiler"] = None  # the handle of start_profiling()
 
@@ -49,14 +47,6 @@ def _positive(name: str, value: object, minimum: float) -> float:
     if math.isnan(v) or math.isinf(v) or v < minimum:
         raise ValueError(f"{name} must be a finite number ≥ {minimum}, got {value!r}")
     return v
-
-
-def disabled_by_environment() -> Optional[str]:
-    """The ASPROF_ENABLED value that turns profiling off, or None."""
-    value = os.environ.get("ASPROF_ENABLED")
-    if value is not None and value.strip().lower() in _FALSE:
-        return value
-    return None
 
 
 class RunningProfiler:

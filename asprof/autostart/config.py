@@ -1,53 +1,50 @@
-"""Configuration from the environment: the ``ASPROF_*`` variables.
+"""The ``ASPROF_*`` environment variables and the grammar of their values: the one owner of both.
 
-``start_from_environment()`` is what ``import asprof.auto`` and
-``asprof run`` use: it reads the variables (see :data:`VARIABLES` and
-docs/configuration.md), builds a :class:`~asprof.Profiler` and starts it.
-It never raises: an invalid value gives one log line naming the variable and
-the value, profiling stays off, and the application goes on.
+:data:`VARIABLES` is the table of docs/configuration.md; :class:`EnvConfig.from_environ` parses
+them (raising :class:`ConfigError` naming the variable). The value grammar (booleans and the
+off words, durations, sizes) and the limits of intervals are defined here once and used by
+:mod:`asprof.options`, :mod:`asprof.profiler` and the engines; the few variables read at run
+time outside :class:`EnvConfig` (``ASPROF_ENABLED`` by ``Profiler.start()``, ``ASPROF_LIB`` by
+the library search, the Python-frame test knobs) are read through the functions at the end.
+Starting a profiler from all this is :mod:`asprof.autostart.start`.
 
-``EnvConfig.from_environ()`` parses without starting anything (it raises
-:class:`ConfigError`); ``build_profiler()`` returns the configured
-``Profiler`` for code that wants to start it itself.
+May import: :mod:`asprof.errors` only (it sits below :mod:`asprof.options`).
 """
 from __future__ import annotations
 
-import difflib
 import logging
 import math
 import os
 import re
-import sys
-import threading
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
-
-if TYPE_CHECKING:
-    from asprof.profiler import Profiler, RunningProfiler
-    from asprof.options import ProfilerOptions
-    from asprof.reporter.base import Reporter
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 __all__ = [
     "ConfigError",
     "EnvConfig",
     "Variable",
     "VARIABLES",
-    "build_profiler",
-    "start_from_environment",
-    "auto_start",
+    "INTERNAL_VARIABLES",
+    "KNOWN",
     "parse_duration",
     "parse_bool",
+    "parse_size",
+    "disabled_by_environment",
+    "library_from_environment",
 ]
-
-logger = logging.getLogger("asprof")
 
 PREFIX = "ASPROF_"
 DEFAULT_DIRECTORY = "profiles"
 DEFAULT_REPORTING_INTERVAL = 30.0
 MIN_REPORTING_INTERVAL = 0.1
 MAX_REPORTING_INTERVAL = 24 * 3600.0
-_MAX_PROFILER_INTERVAL = 3600.0
+#: async-profiler's sampling intervals, seconds (as the Rust agent's defaults).
+DEFAULT_CPU_INTERVAL = 0.1
+DEFAULT_WALL_INTERVAL = 1.0
+MIN_CPU_INTERVAL = 1e-6
+MIN_WALL_INTERVAL = 1e-3
+MAX_PROFILER_INTERVAL = 3600.0
 
 _TRUE = frozenset({"1", "true", "yes", "on", "enabled"})
 _FALSE = frozenset({"0", "false", "no", "off", "disabled"})
@@ -70,13 +67,11 @@ _DURATION_UNITS = {
 }
 _SIZE = re.compile(r"^([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-z]*)$")
 _SIZE_UNITS = {
-    "": 1, "b": 1,
+    "b": 1,
     "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10,
     "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
     "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30,
 }
-_MB_UNITS = {"": 1.0, "m": 1.0, "mb": 1.0, "mib": 1.0, "k": 1 / 1024, "kb": 1 / 1024, "kib": 1 / 1024,
-             "g": 1024.0, "gb": 1024.0, "gib": 1024.0}
 _NUMBER = re.compile(r"^([0-9]+(?:\.[0-9]*)?|\.[0-9]+)$")
 _TAG_KEY = re.compile(r"^[A-Za-z0-9_.:/-]{1,128}$")
 _BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
@@ -170,7 +165,15 @@ VARIABLES: Tuple[Variable, ...] = (
              "Overhead guard: stop (with a log line) when async-profiler's memory passes this many MiB "
              "(`256`, `256MB`, `1GB`).", "--max-memory-mb"),
 )
-KNOWN = frozenset(v.name for v in VARIABLES)
+#: Knobs for tests and benchmarks: known (no "unknown variable" warning), not in the user table.
+INTERNAL_VARIABLES: Tuple[Variable, ...] = (
+    Variable("ASPROF_PYFRAMES_JOIN", "exact on async-profiler 4.5+",
+             "`timestamp`: join Python stacks to samples by timestamp, as on async-profiler 4.0-4.4 "
+             "(tests of that join on 4.5)."),
+    Variable("ASPROF_PYFRAMES_TIMING", "`0`",
+             "`1`: the Python-frame capture times its signal-handler work (benchmarks/bench_pyframes.py)."),
+)
+KNOWN = frozenset(v.name for v in VARIABLES + INTERNAL_VARIABLES)
 
 
 # ---------------------------------------------------------------- value parsers
@@ -201,11 +204,13 @@ def parse_duration(text: str) -> Optional[float]:
     return value
 
 
-def _size_bytes(text: str) -> Optional[float]:
+def parse_size(text: str, bare: int = 1) -> Optional[float]:
+    """Bytes from ``1048576``, ``512k``, ``10m``, ``10MB``, ``1.5GiB``; a bare number counts
+    ``bare`` bytes (1, or ``1 << 20`` for a size in MiB). None if invalid."""
     m = _SIZE.fullmatch(text.strip().lower())
     if not m:
         return None
-    unit = _SIZE_UNITS.get(m.group(2))
+    unit = _SIZE_UNITS.get(m.group(2)) if m.group(2) else bare
     if unit is None:
         return None
     return float(m.group(1)) * unit
@@ -237,8 +242,8 @@ class EnvConfig:
     s3_endpoint_url: Optional[str] = None
     s3_spool_dir: Optional[str] = None
     reporting_interval: float = DEFAULT_REPORTING_INTERVAL
-    cpu_interval: float = 0.1
-    wall_interval: Optional[float] = 1.0
+    cpu_interval: float = DEFAULT_CPU_INTERVAL
+    wall_interval: Optional[float] = DEFAULT_WALL_INTERVAL
     native_mem: Optional[int] = None
     force_native_mem: bool = False
     cstack: str = "dwarf"
@@ -311,8 +316,10 @@ class EnvConfig:
             directory=directory,
             reporting_interval=p.duration("ASPROF_REPORTING_INTERVAL", DEFAULT_REPORTING_INTERVAL,
                                           MIN_REPORTING_INTERVAL, MAX_REPORTING_INTERVAL),
-            cpu_interval=p.duration("ASPROF_CPU_INTERVAL", 0.1, 1e-6, _MAX_PROFILER_INTERVAL),
-            wall_interval=p.duration_or_off("ASPROF_WALL_INTERVAL", 1.0, 1e-3, _MAX_PROFILER_INTERVAL),
+            cpu_interval=p.duration("ASPROF_CPU_INTERVAL", DEFAULT_CPU_INTERVAL, MIN_CPU_INTERVAL,
+                                    MAX_PROFILER_INTERVAL),
+            wall_interval=p.duration_or_off("ASPROF_WALL_INTERVAL", DEFAULT_WALL_INTERVAL, MIN_WALL_INTERVAL,
+                                            MAX_PROFILER_INTERVAL),
             native_mem=p.native_mem(),
             force_native_mem=p.boolean("ASPROF_FORCE_NATIVE_MEM", False),
             cstack=p.choice("ASPROF_CSTACK", "dwarf", ("dwarf", "fp", "no")),
@@ -326,77 +333,12 @@ class EnvConfig:
             given=given,
             **s3_fields,
         )
-        cfg.options()  # cross-checks by ProfilerOptions itself
         return cfg
 
     @property
     def unknown_variables(self) -> List[str]:
         """``ASPROF_*`` variables set but not known (typos), sorted."""
         return sorted(k for k in self.given if k not in KNOWN)
-
-    # ---- building
-
-    def options(self) -> "ProfilerOptions":
-        from asprof.options import ProfilerOptions
-
-        try:
-            return ProfilerOptions(
-                cpu_interval=self.cpu_interval,
-                wall_interval=self.wall_interval,
-                native_mem=self.native_mem,
-                all_user=self.all_user,
-                cstack=self.cstack,
-                force_native_mem=self.force_native_mem,
-            )
-        except ValueError as e:  # pragma: no cover - every value was checked above
-            raise ConfigError("ASPROF_*", None, str(e)) from e
-
-    def make_reporter(self) -> "Reporter":
-        """The reporter; raises ConfigError naming ASPROF_REPORTER when it cannot be made."""
-        if self.s3_bucket is not None:
-            try:
-                from asprof.reporter.s3 import S3Reporter
-
-                kwargs: Dict[str, Any] = {}
-                if self.s3_region:
-                    kwargs["region_name"] = self.s3_region
-                if self.s3_endpoint_url:
-                    kwargs["endpoint_url"] = self.s3_endpoint_url
-                assert self.s3_bucket_owner is not None and self.profiling_group is not None
-                return S3Reporter(self.s3_bucket, self.s3_bucket_owner, self.profiling_group,
-                                  key_prefix=self.s3_prefix, client_kwargs=kwargs or None,
-                                  spool_dir=self.s3_spool_dir)
-            except (ImportError, ValueError, TypeError, OSError) as e:
-                raise ConfigError("ASPROF_REPORTER", self.reporter, _one_line(e)) from e
-        from asprof.reporter.local import LocalReporter
-
-        try:
-            return LocalReporter(self.directory or DEFAULT_DIRECTORY)
-        except (ValueError, OSError) as e:
-            raise ConfigError("ASPROF_REPORTER", self.reporter, _one_line(e)) from e
-
-    def profiler(self) -> "Profiler":
-        """A :class:`~asprof.Profiler` with this configuration (not started)."""
-        from asprof.profiler import Profiler
-
-        if self.native_mem is not None and not self.force_native_mem:
-            from asprof.engines.asyncprofiler import nativemem_hazard
-
-            hazard = nativemem_hazard()
-            if hazard is not None:
-                raise ConfigError("ASPROF_NATIVE_MEM", self.given.get("ASPROF_NATIVE_MEM"),
-                                  f"native memory sampling refused: {hazard}; unset it, or set "
-                                  "ASPROF_FORCE_NATIVE_MEM=true to try anyway")
-        return Profiler(
-            self.make_reporter(),
-            reporting_interval=self.reporting_interval,
-            options=self.options(),
-            extra_metadata=dict(self.extra_metadata),
-            library_path=self.library_path,
-            kill_switch_file=self.kill_switch_file,
-            max_cpu_percent=self.max_cpu_percent,
-            max_memory_mb=self.max_memory_mb,
-        )
 
     def describe(self) -> List[Tuple[str, str]]:
         """(setting, value) pairs, for ``asprof doctor``; nothing secret is in them."""
@@ -519,7 +461,7 @@ class _Parser:
             return None
         if value.lower() == "all":
             return 0
-        n = _size_bytes(value)
+        n = parse_size(value)
         if n is None or n != int(n):
             raise ConfigError(name, self.given[name],
                               "expected bytes between samples such as 10m, 512k, 1048576, or 'all', or 'off'")
@@ -545,9 +487,8 @@ class _Parser:
         value = self.text(name)
         if value is None:
             return None
-        m = _SIZE.fullmatch(value.lower())
-        unit = None if m is None else _MB_UNITS.get(m.group(2))
-        mb = None if m is None or unit is None else float(m.group(1)) * unit
+        size = parse_size(value, 1 << 20)
+        mb = None if size is None else size / (1 << 20)
         if mb is None or not mb > 0 or math.isinf(mb):
             raise ConfigError(name, self.given[name],
                               "expected a size in MiB above 0, such as 256, 256MB or 1GB")
@@ -560,7 +501,7 @@ class _Parser:
         return os.path.abspath(os.path.expanduser(value))
 
     def library(self) -> Optional[str]:
-        path = self.path("ASPROF_LIB")
+        path = library_from_environment(self.given) if self.text("ASPROF_LIB") is not None else None
         if path is None:
             return None
         if not os.path.isfile(path):
@@ -635,126 +576,27 @@ def _one_line(e: BaseException) -> str:
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
-# ---------------------------------------------------------------- logging
+# ---------------------------------------------------------------- read at run time
+
+def disabled_by_environment(environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """The ``ASPROF_ENABLED`` value that turns profiling off (the kill switch), or None."""
+    value = (os.environ if environ is None else environ).get("ASPROF_ENABLED")
+    if value is not None and value.strip().lower() in _FALSE:
+        return value
+    return None
 
 
-class _FallbackHandler(logging.Handler):
-    """asprof's log lines on stderr until the application configures logging.
-
-    Attached to the ``asprof`` logger by :func:`start_from_environment`; it
-    writes nothing once the root logger has a handler (the line then reaches
-    the application's handlers by propagation), so nothing is printed twice.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.setFormatter(logging.Formatter("asprof[%(process)d]: %(levelname)s: %(message)s"))
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        if record.name != "asprof" and record.name.startswith("asprof."):
-            head, sep, rest = text.partition(f"{record.levelname}: ")
-            text = f"{head}{sep}{record.name[7:]}: {rest}"  # e.g. "async-profiler: ..."
-        return text
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if logging.getLogger().handlers:
-            return
-        try:
-            stream = sys.stderr
-            if stream is None:
-                return
-            stream.write(self.format(record) + "\n")
-            stream.flush()
-        except Exception:  # noqa: BLE001 - logging must never break the application
-            pass
+def library_from_environment(environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """``ASPROF_LIB`` as an absolute path, or None when unset or empty."""
+    value = (os.environ if environ is None else environ).get("ASPROF_LIB", "").strip()
+    return os.path.abspath(os.path.expanduser(value)) if value else None
 
 
-def _install_logging(level: Optional[int]) -> None:
-    log = logging.getLogger("asprof")
-    if level is not None:
-        log.setLevel(level)
-    if not any(isinstance(h, _FallbackHandler) for h in log.handlers):
-        handler = _FallbackHandler()
-        handler.setLevel(logging.NOTSET)
-        log.addHandler(handler)
-        if level is None and log.level == logging.NOTSET:
-            # Without ASPROF_LOG_LEVEL: warnings and errors, as Python's own default.
-            handler.setLevel(logging.WARNING)
+def pyframes_join_by_timestamp() -> bool:
+    """``ASPROF_PYFRAMES_JOIN=timestamp`` (a test knob, see :data:`INTERNAL_VARIABLES`)."""
+    return os.environ.get("ASPROF_PYFRAMES_JOIN", "").strip().lower() == "timestamp"
 
 
-def _early_log_level(env: Mapping[str, str]) -> Optional[int]:
-    raw = env.get("ASPROF_LOG_LEVEL")
-    return None if raw is None else _LEVELS.get(raw.strip().lower())
-
-
-# ---------------------------------------------------------------- entry points
-
-
-def build_profiler(environ: Optional[Mapping[str, str]] = None) -> Optional["Profiler"]:
-    """The Profiler configured by the environment; None when ASPROF_ENABLED is off.
-
-    Raises :class:`ConfigError` for an invalid value (the reporter is made here:
-    an unusable directory or a missing boto3 is such an error).
-    """
-    cfg = EnvConfig.from_environ(environ)
-    return cfg.profiler() if cfg.enabled else None
-
-
-def start_from_environment(environ: Optional[Mapping[str, str]] = None) -> Optional["RunningProfiler"]:
-    """Starts profiling as the ``ASPROF_*`` variables say; never raises.
-
-    Returns the running profiler (detached: it runs until
-    :func:`asprof.stop_profiling` or exit), or None when profiling did not
-    start: disabled, an invalid value (one error line naming the variable),
-    async-profiler missing or refusing to start, or a profiler already running.
-    """
-    env = os.environ if environ is None else environ
-    try:
-        _install_logging(_early_log_level(env))
-        cfg = EnvConfig.from_environ(env)
-        if not cfg.enabled:
-            logger.info("profiling is disabled by ASPROF_ENABLED=%s", env.get("ASPROF_ENABLED"))
-            return None
-        unknown = cfg.unknown_variables
-        if unknown:
-            hints = []
-            for name in unknown:
-                close = difflib.get_close_matches(name, sorted(KNOWN), n=1)
-                hints.append(f"{name} (did you mean {close[0]}?)" if close else name)
-            logger.warning("ignoring unknown variable%s %s", "s" if len(hints) > 1 else "", ", ".join(hints))
-        handle = cfg.profiler().start()
-    except ConfigError as e:
-        logger.error("%s; profiling is off", e)
-        return None
-    except Exception as e:  # noqa: BLE001 - the application must start whatever happens here
-        from asprof.errors import LibraryNotFoundError, ProfilerAlreadyRunningError
-
-        if isinstance(e, ProfilerAlreadyRunningError):
-            logger.info("a profiler is already running in this process; the ASPROF_* configuration is not "
-                        "applied again")
-        elif isinstance(e, LibraryNotFoundError):
-            tried = "; ".join(f"{where}: {what}" for where, what in e.tried)
-            logger.error("async-profiler (libasyncProfiler.so) not found (tried %s); install it or set "
-                         "ASPROF_LIB to its path; profiling is off", tried)
-        else:
-            logger.error("profiling is off: %s", _one_line(e))
-            logger.debug("details", exc_info=True)
-        return None
-    if not handle.running:
-        return None  # the kill switch: Profiler.start() said so in its own log line
-    handle.detach()
-    return handle
-
-
-_auto_lock = threading.Lock()
-_auto: Dict[int, Optional["RunningProfiler"]] = {}
-
-
-def auto_start() -> Optional["RunningProfiler"]:
-    """:func:`start_from_environment` once per process (what ``import asprof.auto`` runs)."""
-    pid = os.getpid()
-    with _auto_lock:
-        if pid not in _auto:
-            _auto[pid] = start_from_environment()
-        return _auto[pid]
+def pyframes_timing() -> bool:
+    """``ASPROF_PYFRAMES_TIMING=1`` (a benchmark knob, see :data:`INTERNAL_VARIABLES`)."""
+    return os.environ.get("ASPROF_PYFRAMES_TIMING", "").strip() == "1"

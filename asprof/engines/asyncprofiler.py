@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, FrozenSet, List, Optional, Tuple
 
 from asprof.engines.settings_chunk import ChunkError, largest_pool, settings_chunk, with_settings
+from asprof.autostart.config import library_from_environment
 from asprof.engines.base import Engine, TickResult
 from asprof.errors import LibraryNotFoundError, ProfilerError, UnsupportedVersionError
 from asprof.options import ProfilerOptions
@@ -113,9 +114,9 @@ def _candidates(path: Optional[str]) -> List[Tuple[str, str]]:
     if path is not None:
         out.append(("library_path argument", os.path.abspath(os.fspath(path))))
         return out  # an explicit path is the only place looked at
-    env = os.environ.get("ASPROF_LIB")
-    if env:
-        out.append(("ASPROF_LIB", os.path.abspath(env)))
+    env = library_from_environment()
+    if env is not None:
+        out.append(("ASPROF_LIB", env))
         return out
     out.append(("bundled copy", _BUNDLED))
     # A bare soname: the dynamic linker's own search (LD_LIBRARY_PATH, RUNPATH,

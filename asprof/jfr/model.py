@@ -2,10 +2,7 @@
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, Any, Dict, NamedTuple, Optional, Tuple
-
-if TYPE_CHECKING:  # pragma: no cover
-    from asprof.jfr.reader import Chunk
+from typing import Any, Dict, NamedTuple, Optional, Protocol, Tuple
 
 __all__ = ["FrameType", "Frame", "Thread", "StackTrace", "Event", "Setting", "FRAME_SUFFIX"]
 
@@ -126,6 +123,18 @@ class Setting(NamedTuple):
     value: Optional[str]
 
 
+class _EventChunk(Protocol):
+    """What an :class:`Event` asks of its chunk (:class:`asprof.jfr.chunk.Chunk`)."""
+
+    def ticks_to_nanos(self, ticks: int) -> int: ...
+
+    def resolve(self, value: Any) -> Any: ...
+
+    def thread(self, key: int) -> "Thread": ...
+
+    def stack_trace(self, key: int) -> Optional["StackTrace"]: ...
+
+
 class Event:
     """One event, decoded generically from its chunk's metadata.
 
@@ -137,7 +146,7 @@ class Event:
 
     __slots__ = ("type", "type_id", "chunk", "offset", "raw")
 
-    def __init__(self, type: str, type_id: int, chunk: "Chunk", offset: int, raw: Dict[str, Any]) -> None:
+    def __init__(self, type: str, type_id: int, chunk: _EventChunk, offset: int, raw: Dict[str, Any]) -> None:
         self.type = type
         self.type_id = type_id
         self.chunk = chunk

@@ -41,7 +41,8 @@ from asprof.jfr.errors import JfrError
 from asprof.jfr.model import Frame, FrameType, Thread
 
 if TYPE_CHECKING:  # pragma: no cover
-    from asprof.jfr.reader import Chunk, Recording
+    from asprof.jfr.chunk import Chunk
+    from asprof.jfr.chunk import RecordingLike as Recording
 
 __all__ = ["Profile", "FrameKey", "build_profile", "KINDS", "TimeSpec"]
 

@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence,
 
 if TYPE_CHECKING:  # pragma: no cover
     from asprof.jfr.model import Frame
-    from asprof.jfr.reader import Chunk, Recording
+    from asprof.jfr.chunk import Chunk
+    from asprof.jfr.chunk import RecordingLike as Recording
 
 __all__ = [
     "PythonStacks",

@@ -11,6 +11,8 @@ import logging
 import os
 from typing import Any, Dict, FrozenSet, Optional
 
+from asprof.autostart.config import pyframes_join_by_timestamp, pyframes_timing
+
 __all__ = ["Capture", "attach_capture"]
 
 log = logging.getLogger("asprof")
@@ -82,12 +84,12 @@ def attach_capture(info: Any) -> Optional[Capture]:
         log.info("asprof: Python frames are off: the extension asprof._pyframes is missing (%s)", e)
         return None
     exact = bool(vt) and vt >= (4, 5)
-    if os.environ.get("ASPROF_PYFRAMES_JOIN") == "timestamp":  # tests: the 4.0-4.4 join on 4.5
+    if pyframes_join_by_timestamp():  # tests: the 4.0-4.4 join on 4.5
         exact = False
     mode = _pyframes.JOIN_EXACT if exact else _pyframes.JOIN_COUNTER
     try:
         _pyframes.install(info.path, _native.__file__, mode,
-                          timing=os.environ.get("ASPROF_PYFRAMES_TIMING") == "1")
+                          timing=pyframes_timing())
     except (OSError, RuntimeError, ValueError) as e:
         log.info("asprof: Python frames are off: %s", e)
         return None

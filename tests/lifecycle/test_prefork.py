@@ -138,7 +138,7 @@ asprof.start_profiling(asprof.LocalReporter(os.environ["TEST_PROFILES"]), report
 
 CONFIG_POST_FORK = """
 def post_fork(server, worker):
-    from asprof.autostart.config import start_from_environment
+    from asprof.autostart.start import start_from_environment
     start_from_environment()
 """
 

@@ -14,8 +14,9 @@ from typing import Any, Dict, Iterator, List
 import pytest
 
 import asprof
-from asprof.autostart import config as config_mod
-from asprof.autostart.config import VARIABLES, ConfigError, EnvConfig, parse_duration, start_from_environment
+from asprof.autostart import start as config_mod
+from asprof.autostart.config import VARIABLES, ConfigError, EnvConfig, parse_duration
+from asprof.autostart.start import profiler_options, start_from_environment
 
 from conftest import ROOT, requires_real, run_python
 
@@ -38,7 +39,7 @@ def test_defaults() -> None:
     assert cfg.native_mem is None and cfg.cstack == "dwarf" and cfg.all_user and not cfg.force_native_mem
     assert cfg.extra_metadata == {} and cfg.kill_switch_file is None
     assert cfg.max_cpu_percent is None and cfg.max_memory_mb is None and cfg.log_level is None
-    assert cfg.options() == asprof.ProfilerOptions()
+    assert profiler_options(cfg) == asprof.ProfilerOptions()
 
 
 VALID: List[Any] = [
@@ -413,8 +414,8 @@ APP = """
 import os, sys, time
 import asprof.auto
 import asprof.auto  # idempotent
-from asprof.autostart import config
-assert config.auto_start() is asprof.auto.profiler
+from asprof.autostart import start
+assert start.auto_start() is asprof.auto.profiler
 print("service ran", os.getpid(), asprof.auto.profiler is not None and asprof.auto.profiler.running)
 sys.stdout.flush()
 time.sleep(float(os.environ.get("APP_SECONDS", "0")))
