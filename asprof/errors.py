@@ -1,4 +1,21 @@
-"""Exceptions raised by asprof."""
+"""Exceptions raised by asprof: one tree rooted at :class:`AsprofError`.
+
+``except asprof.AsprofError`` catches every error asprof raises on purpose::
+
+    AsprofError
+    ├── LibraryNotFoundError (also OSError)      async-profiler not found
+    ├── UnsupportedVersionError                  async-profiler too old
+    ├── ProfilerError                            async-profiler refused a command
+    ├── ProfilerAlreadyRunningError              one profiler per process
+    ├── ConfigError (also ValueError)            asprof.autostart.config: a bad ASPROF_* value
+    ├── ReporterError                            asprof.reporter.base (MultiReporterError below it)
+    ├── MetadataUnavailable                      asprof.metadata.aws: no instance metadata here
+    ├── ChunkError (also ValueError)             asprof.engines.settings_chunk: an unexpected chunk
+    ├── JfrError (also ValueError)               asprof.jfr.errors: a malformed recording
+    └── CliError                                 asprof.cli: a user-facing command error
+
+The subclasses live beside the code that raises them; this module imports nothing of asprof.
+"""
 from __future__ import annotations
 
 from typing import Sequence, Tuple

@@ -19,6 +19,7 @@ import re
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
+from asprof.errors import AsprofError
 
 __all__ = [
     "ConfigError",
@@ -79,7 +80,7 @@ _ACCOUNT_ID = re.compile(r"^[0-9]{12}$")
 _MAX_TAG_VALUE = 256
 
 
-class ConfigError(ValueError):
+class ConfigError(AsprofError, ValueError):
     """An ``ASPROF_*`` variable has a value that cannot be used."""
 
     def __init__(self, variable: str, value: Optional[str], reason: str) -> None:

@@ -14,6 +14,7 @@ import argparse
 import importlib
 import sys
 from typing import Any, Dict, List, NoReturn, Optional, Sequence
+from asprof.errors import AsprofError
 
 __all__ = ["main", "SUBCOMMANDS", "CliError", "ArgumentParser"]
 
@@ -35,7 +36,7 @@ COMMAND_MODULES: Dict[str, str] = {
 }
 
 
-class CliError(Exception):
+class CliError(AsprofError):
     """A user-facing error: printed as one line, exits with ``code``."""
 
     def __init__(self, message: str, code: int = 1) -> None:

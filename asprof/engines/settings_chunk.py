@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import struct
 from typing import Dict, FrozenSet, Iterator, List, Optional, Tuple
+from asprof.errors import AsprofError
 
 __all__ = ["settings_chunk", "with_settings", "chunks", "largest_pool"]
 
@@ -31,7 +32,7 @@ KEEP = frozenset({
 })
 
 
-class ChunkError(ValueError):
+class ChunkError(AsprofError, ValueError):
     """The bytes are not the complete JFR chunks async-profiler writes."""
 
 

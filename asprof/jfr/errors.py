@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 from typing import Optional
+from asprof.errors import AsprofError
 
 __all__ = ["JfrError"]
 
 
-class JfrError(ValueError):
+class JfrError(AsprofError, ValueError):
     """A JFR input is malformed, truncated, or not a JFR at all.
 
     ``str(err)`` is one line naming the file, the byte offset and what is

@@ -29,6 +29,7 @@ import urllib.request
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from asprof.metadata import AgentMetadata, Ec2Metadata, FargateMetadata, NoMetadata
+from asprof.errors import AsprofError
 
 __all__ = ["detect_agent_metadata", "MetadataUnavailable"]
 
@@ -48,7 +49,7 @@ _MAX_BODY = 1 << 20  # metadata documents are a few KiB
 USE_BOTOCORE = True
 
 
-class MetadataUnavailable(Exception):
+class MetadataUnavailable(AsprofError):
     """An endpoint did not give usable metadata; the message says why."""
 
     def __init__(self, message: str, answered: bool = False) -> None:

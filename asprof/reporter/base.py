@@ -5,9 +5,10 @@ import abc
 from typing import Optional
 
 from asprof.metadata import ReportMetadata
+from asprof.errors import AsprofError
 
 
-class ReporterError(Exception):
+class ReporterError(AsprofError):
     """A reporter could not deliver a profile."""
 
 
