@@ -70,7 +70,9 @@ def build_parser(modules: Optional[Sequence[str]] = None) -> ArgumentParser:
     """The ``asprof`` parser with the subcommands of ``modules`` (default: all of :data:`SUBCOMMANDS`)."""
     parser = ArgumentParser(
         prog="asprof",
-        description="Continuous profiling for Python with async-profiler: read and view profiles.",
+        description="Continuous profiling for Python services with async-profiler: run a program "
+                    "profiled (run), check this machine (doctor), read and view profiles (convert, "
+                    "summary, top).",
     )
     parser.add_argument("--version", action=_VersionAction, nargs=0, help="show the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)

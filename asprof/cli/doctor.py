@@ -540,7 +540,7 @@ def _metadata_checks(d: Diagnosis, env: Mapping[str, str], offline: bool, timeou
         try:
             md = aws.ecs_metadata(ecs, {}, timeout)
             d.add("Host metadata", "ECS task metadata", OK, f"reachable: task {md.ecs_task_arn} "
-                  f"(profiles named {md.machine!r})")
+                  f"(profiles named {md.s3_key_part!r})")
         except Exception as e:  # noqa: BLE001
             d.add("Host metadata", "ECS task metadata", WARN, f"{ecs}: unreachable or unusable: {e}",
                   "profiles are named 'unknown__' until it answers")
@@ -548,7 +548,7 @@ def _metadata_checks(d: Diagnosis, env: Mapping[str, str], offline: bool, timeou
     try:
         md2 = aws.ec2_metadata({}, timeout)
         d.add("Host metadata", "EC2 IMDS", OK, f"reachable: instance {md2.ec2_instance_id} in {md2.aws_region_id} "
-              f"(profiles named {md2.machine!r})")
+              f"(profiles named {md2.s3_key_part!r})")
     except Exception as e:  # noqa: BLE001
         d.add("Host metadata", "EC2 IMDS", INFO, f"not reachable ({e}): not on EC2/ECS, profiles are named "
               "'unknown__'")

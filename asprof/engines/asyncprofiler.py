@@ -27,11 +27,11 @@ if TYPE_CHECKING:
 __all__ = ["LibraryInfo", "load_library", "NativeEngine", "nativemem_hazard"]
 
 logger = logging.getLogger("asprof")
-_engine_log = logging.getLogger("asprof.async-profiler")
+_async_profiler_log = logging.getLogger("asprof.async-profiler")
 # async-profiler's own messages (e.g. a perf_event_open warning for a thread that
 # just exited) are detail: shown where the application configured logging, never
 # printed to stderr by logging's last-resort handler when it did not.
-_engine_log.addHandler(logging.NullHandler())
+_async_profiler_log.addHandler(logging.NullHandler())
 
 SONAME = "libasyncProfiler.so"
 # A full rotation (stop, swap, start) at least this often, and after a chunk whose constant
@@ -86,12 +86,12 @@ def forward_log(text: str) -> None:
             level = _LEVELS[m.group(1)]
             if level == logging.WARNING and _BENIGN.search(m.group(2)):
                 level = logging.DEBUG  # a thread that exited while async-profiler attached to it
-            _engine_log.log(level, "%s", m.group(2))
+            _async_profiler_log.log(level, "%s", m.group(2))
         else:
-            _engine_log.info("%s", line)
+            _async_profiler_log.info("%s", line)
 
 
-def engine_loglevel() -> str:
+def async_profiler_loglevel() -> str:
     """async-profiler's loglevel matching the ``asprof`` logger's level."""
     level = logging.getLogger("asprof.async-profiler").getEffectiveLevel()
     if level <= logging.DEBUG:
@@ -153,7 +153,7 @@ def load_library(path: Optional[str] = None) -> Tuple["Library", LibraryInfo]:
             if cached is not None:
                 return cached
             lib.init()
-            err, out, log = lib.execute("version", engine_loglevel())
+            err, out, log = lib.execute("version", async_profiler_loglevel())
             forward_log(log)
             lib.release_log()
             version = out.strip() if err is None else ""
@@ -216,7 +216,7 @@ class NativeEngine(Engine):
         self.options = options
         self.library_path = library_path
         self._lib, self.info = load_library(library_path)
-        self._session = _native.Session(self._lib, options.start_command(), engine_loglevel())
+        self._session = _native.Session(self._lib, options.start_command(), async_profiler_loglevel())
         # Serializes the agent thread's ticks with the forking thread's pause/resume.
         self._lock = threading.Lock()
         self._paused = False
@@ -389,7 +389,7 @@ class NativeEngine(Engine):
         self._paused = False
 
     def memory_bytes(self) -> Optional[int]:
-        err, out, log = self._lib.execute("metrics", engine_loglevel())  # 4.3+
+        err, out, log = self._lib.execute("metrics", async_profiler_loglevel())  # 4.3+
         forward_log(log)
         if err is not None:
             return None
@@ -397,10 +397,6 @@ class NativeEngine(Engine):
                  if len(p) == 2 and p[0].startswith("mem_") and p[0].endswith("_kb") and p[1].isdigit())
         size = self._session.active_size() if self._session.status != "closed" else 0
         return kb * 1024 + max(0, size)
-
-    @property
-    def status(self) -> str:
-        return str(self._session.status)
 
     def close(self) -> None:
         with self._lock:

@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import struct
 from typing import Dict, FrozenSet, Iterator, List, Optional, Tuple
-from asprof.errors import AsprofError
 
-__all__ = ["settings_chunk", "with_settings", "chunks", "largest_pool"]
+from asprof.jfrio import decode
+from asprof.jfrio.decode import HEADER_SIZE as HEADER
+from asprof.jfrio.decode import ChunkError
+from asprof.jfrio.decode import jfr_string as _string
+from asprof.jfrio.decode import varint as _varint
 
-HEADER = 68
+__all__ = ["settings_chunk", "with_settings", "chunks", "largest_pool", "ChunkError", "KEEP"]
+
 # Facts about the recording, not samples: what a report needs to be read on its own.
 KEEP = frozenset({
     "jdk.ActiveRecording",
@@ -32,58 +36,10 @@ KEEP = frozenset({
 })
 
 
-class ChunkError(AsprofError, ValueError):
-    """The bytes are not the complete JFR chunks async-profiler writes."""
-
-
-def _varint(b: bytes, i: int) -> Tuple[int, int]:
-    v = shift = 0
-    for _ in range(9):
-        if i >= len(b):
-            raise ChunkError("truncated integer")
-        c = b[i]
-        i += 1
-        if shift == 56:
-            return v | (c << 56), i
-        v |= (c & 0x7F) << shift
-        if not c & 0x80:
-            return v, i
-        shift += 7
-    return v, i  # pragma: no cover - the loop returns at shift 56
-
-
 def chunks(data: bytes) -> Iterator[Tuple[int, int, int]]:
     """(offset, size, constant pool offset) of each chunk of ``data``."""
-    off = 0
-    while off < len(data):
-        if len(data) - off < HEADER or data[off:off + 4] != b"FLR\0":
-            raise ChunkError(f"no chunk header at byte {off}")
-        size, cpool = struct.unpack_from(">qq", data, off + 8)
-        if size < HEADER or size > len(data) - off or not HEADER <= cpool < size:
-            raise ChunkError(f"incomplete chunk at byte {off}")
-        yield off, size, cpool
-        off += size
-
-
-def _string(b: bytes, i: int) -> Tuple[Optional[str], int]:
-    enc = b[i]
-    i += 1
-    if enc == 0:
-        return None, i
-    if enc == 1:
-        return "", i
-    if enc in (3, 5):
-        n, i = _varint(b, i)
-        raw = b[i:i + n]
-        return raw.decode("utf-8" if enc == 3 else "latin-1", "replace"), i + n
-    if enc == 4:
-        n, i = _varint(b, i)
-        chars = []
-        for _ in range(n):
-            c, i = _varint(b, i)
-            chars.append(chr(c) if c < 0x110000 else "\ufffd")
-        return "".join(chars), i
-    raise ChunkError(f"string encoding {enc} in metadata")
+    for off, h in decode.chunks(data):
+        yield off, h.size, h.cpool_offset
 
 
 def _class_ids(b: bytes, meta: int, names: FrozenSet[str]) -> Dict[int, str]:
@@ -127,12 +83,11 @@ def settings_chunk(first: bytes) -> bytes:
     """The first chunk of a recording with only its metadata, constant pool and the
     events in :data:`KEEP`. Raises :class:`ChunkError` on anything else than a
     complete chunk."""
-    try:
-        off, size, cpool = next(chunks(first))
-    except StopIteration:
-        raise ChunkError("no chunk") from None
-    b = first[off:off + size]
-    meta = struct.unpack_from(">q", b, 24)[0]
+    if not first:
+        raise ChunkError("no chunk")
+    h = decode.read_header(first)
+    size, cpool, meta = h.size, h.cpool_offset, h.meta_offset
+    b = first[:size]
     if not HEADER <= meta < size:
         raise ChunkError("metadata offset outside the chunk")
     try:
@@ -168,9 +123,11 @@ def with_settings(settings: bytes, data: bytes) -> bytes:
     if len(data) < HEADER or len(settings) < HEADER:
         return settings + data
     out = bytearray(settings)
-    start_nanos = struct.unpack_from(">q", data, 32)[0]
-    start_ticks = struct.unpack_from(">q", data, 48)[0]
-    struct.pack_into(">qqq", out, 32, start_nanos, 0, start_ticks)
+    try:
+        h = decode.read_header(data)
+    except ChunkError:
+        return settings + data
+    struct.pack_into(">qqq", out, 32, h.start_nanos, 0, h.start_ticks)
     return bytes(out) + data
 
 

@@ -34,8 +34,11 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
+from asprof.jfr.model import Frame, FrameType
+from asprof.jfrio.decode import leb_string as _string
+from asprof.jfrio.decode import uleb128 as _varint
+
 if TYPE_CHECKING:  # pragma: no cover
-    from asprof.jfr.model import Frame
     from asprof.jfr.chunk import Chunk
     from asprof.jfr.chunk import RecordingLike as Recording
 
@@ -44,46 +47,17 @@ __all__ = [
     "PyFrame",
     "PyStack",
     "JoinStats",
-    "EVENT_TYPES",
-    "PYTHON_FRAME_TYPE",
     "python_stack_hook",
     "stacks_of",
-    "has_python_stacks",
     "EVAL_FRAME",
 ]
 
 log = logging.getLogger("asprof")
 
-EVENT_TYPES = ("asprof.PyCode", "asprof.PyStack", "asprof.PySample", "asprof.PyModule", "asprof.PyStats")
-#: The frame type given to Python frames (``FrameType.PYTHON`` when the reader has it).
-PYTHON_FRAME_TYPE: Any = 7
-
-
-def _python_frame_type() -> Any:
-    from asprof.jfr.model import FrameType
-
-    return getattr(FrameType, "PYTHON", PYTHON_FRAME_TYPE)
 #: Native frames that run Python code: one per eval-loop call.
 EVAL_FRAME = re.compile(r"^_PyEval_EvalFrameDefault(?:\..*)?$")
 #: How far after async-profiler's timestamp ours may be for a timestamp join.
 TIMESTAMP_WINDOW_NS = 2_000_000
-
-
-def _varint(b: bytes, i: int) -> Tuple[int, int]:
-    v = 0
-    shift = 0
-    while True:
-        c = b[i]
-        i += 1
-        v |= (c & 0x7F) << shift
-        if not c & 0x80:
-            return v, i
-        shift += 7
-
-
-def _string(b: bytes, i: int) -> Tuple[str, int]:
-    n, i = _varint(b, i)
-    return b[i:i + n].decode("utf-8", "replace"), i + n
 
 
 @dataclass(frozen=True)
@@ -355,9 +329,7 @@ class PythonStacks:
             raise ValueError(f"mode must be 'mixed' or 'python', got {mode!r}")
         if lines not in ("definition", "current"):
             raise ValueError(f"lines must be 'definition' or 'current', got {lines!r}")
-        from asprof.jfr.model import Frame
-
-        ftype = _python_frame_type()
+        ftype = FrameType.PYTHON
         clock = rec.setting("clock")
         st = stats if stats is not None else JoinStats()
         threads = self.python_threads()
@@ -423,14 +395,6 @@ def transform(native: Sequence[Frame], stack: PyStack, mode: str,
     if stack.truncated:
         out.append(truncated_frame)
     return out
-
-
-def has_python_stacks(rec: "Recording") -> bool:
-    """Whether the recording holds Python stacks (any ``asprof.PySample`` event)."""
-    for ev in rec.events(["profiler.UserEvent"]):
-        if ev.get("type") == "asprof.PySample":
-            return True
-    return False
 
 
 def stacks_of(rec: "Recording") -> "PythonStacks":

@@ -36,9 +36,15 @@ class AgentMetadata:
     extra: Mapping[str, str]
 
     @property
-    def machine(self) -> str:
-        """The machine part of an S3 object key, e.g. ``ec2_i-0abc_``."""
+    def s3_key_part(self) -> str:
+        """This host's part of an S3 object key (``profile_{group}_{this}_{pid}_{time}.zip``),
+        formatted as the Rust agent does, e.g. ``ec2_i-0abc_``. Override it to name other hosts."""
         return "unknown__"
+
+    @property
+    def machine(self) -> str:
+        """The former name of :attr:`s3_key_part` (kept: subclasses may override it)."""
+        return self.s3_key_part
 
 
 @dataclass(frozen=True)
@@ -52,7 +58,7 @@ class Ec2Metadata(AgentMetadata):
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @property
-    def machine(self) -> str:
+    def s3_key_part(self) -> str:
         return f"ec2_{_key_part(self.ec2_instance_id)}_"
 
 
@@ -69,7 +75,7 @@ class FargateMetadata(AgentMetadata):
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @property
-    def machine(self) -> str:
+    def s3_key_part(self) -> str:
         return f"ecs_{_key_part(self.ecs_task_arn)}_"
 
 

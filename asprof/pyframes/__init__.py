@@ -35,12 +35,6 @@ class Capture:
     def stats(self) -> Dict[str, int]:
         return dict(self._m.stats())
 
-    def log_rotation(self) -> None:
-        s = self._m.stats()
-        if s.get("lost_boundary") or s.get("dropped_inactive"):
-            log.debug("asprof: Python stacks lost at rotation boundaries so far: %d (+%d captured "
-                      "while stopped)", s.get("lost_boundary", 0), s.get("dropped_inactive", 0))
-
     def detach(self) -> None:
         global _capture
         try:

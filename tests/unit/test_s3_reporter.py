@@ -29,7 +29,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from aws_test_servers import ACCOUNT_ID, AWS_TEST_ENV, S3Server, free_port  # noqa: E402
 
-from asprof.metadata import Ec2Metadata, FargateMetadata, NoMetadata, ReportMetadata  # noqa: E402
+from asprof.metadata import AgentMetadata, Ec2Metadata, FargateMetadata, NoMetadata, ReportMetadata  # noqa: E402
 from asprof.reporter.s3 import (  # noqa: E402
     JFR_ENTRY,
     METADATA_ENTRY,
@@ -155,6 +155,22 @@ def test_key_matches_the_rust_agent() -> None:
     assert object_key("pg", md(instance=weird, pid=7), "team/a/") == \
         "team/a/profile_pg_ec2_i-0-x__7_2025-01-02T03-04-05Z.zip"
     assert object_key("pg", md(pid=7), suffix=2) == "profile_pg_unknown___7_2025-01-02T03-04-05Z-2.zip"
+
+
+def test_a_host_names_its_key_part_by_either_name() -> None:
+    class Rack(AgentMetadata):  # the current name
+        @property
+        def s3_key_part(self) -> str:
+            return "rack_r7_"
+
+    class OldRack(AgentMetadata):  # written against the former name
+        @property
+        def machine(self) -> str:
+            return "rack_r8_"
+
+    assert Rack().machine == "rack_r7_"
+    assert object_key("pg", md(instance=Rack(), pid=7)) == "profile_pg_rack_r7__7_2025-01-02T03-04-05Z.zip"
+    assert object_key("pg", md(instance=OldRack(), pid=7)) == "profile_pg_rack_r8__7_2025-01-02T03-04-05Z.zip"
 
 
 def test_key_time_is_the_profiles_end_in_utc() -> None:

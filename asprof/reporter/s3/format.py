@@ -11,7 +11,7 @@ import zipfile
 from datetime import datetime, timedelta, timezone
 from typing import Any, Dict
 
-from asprof.metadata import ReportMetadata
+from asprof.metadata import AgentMetadata, ReportMetadata
 from asprof.reporter.local import profile_time
 
 
@@ -38,7 +38,10 @@ def object_key(profiling_group: str, metadata: ReportMetadata, key_prefix: str =
     time_part = profile_time(metadata.end)
     if suffix:
         time_part = f"{time_part}-{suffix}"
-    return f"{key_prefix}profile_{profiling_group}_{metadata.instance.machine}_{metadata.pid}_{time_part}.zip"
+    host = metadata.instance
+    # A subclass written against the former name overrides ``machine``: it still names the key.
+    part = host.machine if type(host).machine is not AgentMetadata.machine else host.s3_key_part
+    return f"{key_prefix}profile_{profiling_group}_{part}_{metadata.pid}_{time_part}.zip"
 
 
 def metadata_json(metadata: ReportMetadata) -> bytes:
