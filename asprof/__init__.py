@@ -19,7 +19,6 @@ import importlib
 from typing import TYPE_CHECKING, Any, Optional
 
 if TYPE_CHECKING:
-    from asprof.profiler import Profiler, RunningProfiler, start_profiling, stop_profiling
     from asprof.engines.asyncprofiler import LibraryInfo
     from asprof.errors import (
         AsprofError,
@@ -30,6 +29,7 @@ if TYPE_CHECKING:
     )
     from asprof.metadata import AgentMetadata, Ec2Metadata, FargateMetadata, NoMetadata, ReportMetadata
     from asprof.options import ProfilerOptions
+    from asprof.profiler import Profiler, RunningProfiler, start_profiling, stop_profiling
     from asprof.reporter import LocalReporter, MultiReporter, Reporter, ReporterError
     from asprof.reporter.s3 import S3Reporter
 

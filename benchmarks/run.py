@@ -378,7 +378,7 @@ def section_tick(ctx: "Ctx") -> None:
           "includes waiting for the GIL after the native call.")
     res: Dict[str, List[Dict[str, Any]]] = {c[0]: [] for c in configs}
     n = 0
-    for r in range(ctx.tick_rounds):
+    for _round in range(ctx.tick_rounds):
         order = list(configs)
         ctx.rng.shuffle(order)
         for name, opts, load in order:

@@ -147,7 +147,7 @@ def read_chunks(data: bytes, window: Optional[Tuple[int, int]] = None,
         raw_times: Dict[int, List[int]] = {tid: [] for tid in timed}
         factor = 1e9 / tps if tps > 0 else 0.0
 
-        def to_ns(ticks: int) -> int:
+        def to_ns(ticks: int, start_ns: int = start_ns, start_ticks: int = start_ticks, factor: float = factor) -> int:
             return start_ns + int((ticks - start_ticks) * factor)
 
         # the window in ticks of this chunk, to compare without converting every sample

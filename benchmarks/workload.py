@@ -363,7 +363,7 @@ def mode_tick(a: argparse.Namespace) -> Dict[str, Any]:
     # (a report may open with a settings chunk, which has no samples)
     firsts = [next((c.first_ns[es] for c in cs if es in c.first_ns), None) for cs in chunks]
     lasts = [next((c.last_ns[es] for c in reversed(cs) if es in c.last_ns), None) for cs in chunks]
-    sample_gaps_ms = [(f - l) / 1e6 for l, f in zip(lasts, firsts[1:]) if l is not None and f is not None]
+    sample_gaps_ms = [(f - last) / 1e6 for last, f in zip(lasts, firsts[1:]) if last is not None and f is not None]
     # For comparison: the spacing of consecutive CPU samples inside the recordings.
     spacing_ms: List[float] = []
     for cs in chunks:

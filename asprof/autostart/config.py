@@ -19,6 +19,7 @@ import re
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
+
 from asprof.errors import AsprofError
 
 __all__ = [

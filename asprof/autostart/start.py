@@ -16,7 +16,7 @@ import sys
 import threading
 from typing import Any, Dict, Mapping, Optional
 
-from asprof.autostart.config import DEFAULT_DIRECTORY, KNOWN, _LEVELS, ConfigError, EnvConfig, _one_line
+from asprof.autostart.config import _LEVELS, DEFAULT_DIRECTORY, KNOWN, ConfigError, EnvConfig, _one_line
 from asprof.errors import LibraryNotFoundError, ProfilerAlreadyRunningError
 from asprof.options import ProfilerOptions
 from asprof.profiler import Profiler, RunningProfiler

@@ -14,6 +14,7 @@ import argparse
 import importlib
 import sys
 from typing import Any, Dict, List, NoReturn, Optional, Sequence
+
 from asprof.errors import AsprofError
 
 __all__ = ["main", "SUBCOMMANDS", "CliError", "ArgumentParser"]
@@ -60,7 +61,7 @@ class _VersionAction(argparse.Action):
             from importlib.metadata import version
 
             ver = version("asprof")
-        except Exception:  # not installed (running from a source tree)
+        except Exception:  # noqa: BLE001 - not installed (running from a source tree)
             ver = "unknown"
         sys.stdout.write(f"asprof {ver}\n")
         parser.exit(0)

@@ -15,9 +15,9 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, FrozenSet, List, Optional, Tuple
 
-from asprof.engines.settings_chunk import ChunkError, largest_pool, settings_chunk, with_settings
 from asprof.autostart.config import library_from_environment
 from asprof.engines.base import Engine, TickResult
+from asprof.engines.settings_chunk import ChunkError, largest_pool, settings_chunk, with_settings
 from asprof.errors import LibraryNotFoundError, ProfilerError, UnsupportedVersionError
 from asprof.options import ProfilerOptions
 

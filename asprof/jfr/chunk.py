@@ -16,8 +16,8 @@ from typing import (
     Iterator,
     List,
     Optional,
-    Set,
     Protocol,
+    Set,
     Tuple,
     Union,
 )
@@ -25,7 +25,6 @@ from typing import (
 from asprof.jfr import _parser
 from asprof.jfr.errors import JfrError
 from asprof.jfr.model import Event, Frame, FrameType, Setting, StackTrace, Thread
-
 
 __all__ = ["Chunk", "RecordingLike", "HEADER_SIZE", "ProgressFn", "PathOrBytes"]
 

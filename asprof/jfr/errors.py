@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from typing import Optional
+
 from asprof.errors import AsprofError
 
 __all__ = ["JfrError"]

@@ -37,8 +37,7 @@ from typing import (
 )
 
 from asprof.jfr import _parser
-from asprof.jfr.errors import JfrError
-from asprof.jfr.model import Frame, FrameType, Thread
+from asprof.jfr.model import Frame, Thread
 
 if TYPE_CHECKING:  # pragma: no cover
     from asprof.jfr.chunk import Chunk

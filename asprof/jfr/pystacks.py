@@ -403,7 +403,7 @@ def stacks_of(rec: "Recording") -> "PythonStacks":
     if ps is None:
         ps = PythonStacks.from_recording(rec)
         try:
-            setattr(rec, "_asprof_pystacks", ps)
+            setattr(rec, "_asprof_pystacks", ps)  # noqa: B010 - not an attribute of RecordingLike
         except AttributeError:  # pragma: no cover - a recording type with __slots__
             pass
     return ps

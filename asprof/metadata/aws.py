@@ -28,8 +28,8 @@ import urllib.error
 import urllib.request
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from asprof.metadata import AgentMetadata, Ec2Metadata, FargateMetadata, NoMetadata
 from asprof.errors import AsprofError
+from asprof.metadata import AgentMetadata, Ec2Metadata, FargateMetadata, NoMetadata
 
 __all__ = ["detect_agent_metadata", "MetadataUnavailable"]
 

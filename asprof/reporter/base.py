@@ -4,8 +4,8 @@ from __future__ import annotations
 import abc
 from typing import Optional
 
-from asprof.metadata import ReportMetadata
 from asprof.errors import AsprofError
+from asprof.metadata import ReportMetadata
 
 
 class ReporterError(AsprofError):
@@ -41,7 +41,7 @@ class Reporter(abc.ABC):
         """Deliver the last recording synchronously (at interpreter exit)."""
         raise NotImplementedError(f"{type(self).__name__} cannot report synchronously")
 
-    def close(self, timeout: Optional[float] = None) -> None:
+    def close(self, timeout: Optional[float] = None) -> None:  # noqa: B027 - a no-op unless overridden
         """Flush pending work (bounded by ``timeout`` seconds) and release resources."""
 
     def for_child_process(self) -> "Reporter":

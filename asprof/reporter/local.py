@@ -4,7 +4,7 @@ from __future__ import annotations
 import errno
 import os
 from datetime import datetime, timezone
-from typing import Optional, Union
+from typing import Union
 
 from asprof.metadata import ReportMetadata
 from asprof.reporter.base import Reporter, ReporterError

@@ -132,7 +132,7 @@ def run_mutation(seconds: float, seed: int, crash_dir: Path, per_input: int = 10
             check(data)
         except _Timeout:
             return _report(crash_dir, data, f"hang: more than {per_input} s on one input")
-        except Exception:
+        except Exception:  # noqa: BLE001 - any other exception is the finding
             return _report(crash_dir, data, traceback.format_exc())
         finally:
             signal.alarm(0)

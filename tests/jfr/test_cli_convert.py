@@ -12,8 +12,9 @@ from typing import List, Tuple
 
 import pytest
 
-import jfr_builder as B
 from asprof import cli
+
+import jfr_builder as B
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared" / "jfr"

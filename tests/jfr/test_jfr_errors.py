@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 import asprof.jfr as J
-import jfr_builder as B
 from asprof.jfr import JfrError
+
+import jfr_builder as B
 
 
 def good() -> bytes:

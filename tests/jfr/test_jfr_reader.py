@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 import asprof.jfr as J
-import jfr_builder as B
 from asprof.jfr import FrameType
+
+import jfr_builder as B
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared" / "jfr"

@@ -11,6 +11,7 @@ from typing import Dict, List
 import pytest
 
 import asprof.jfr as J
+
 import jfr_builder as B
 
 ROOT = Path(__file__).resolve().parents[2]

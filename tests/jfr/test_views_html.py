@@ -18,8 +18,9 @@ from typing import Any, Dict
 import pytest
 
 import asprof.jfr as J
-import jfr_builder as B
 from asprof.jfr.profile import Profile
+
+import jfr_builder as B
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome", "chrome")
                  if shutil.which(n)), None)

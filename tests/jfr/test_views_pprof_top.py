@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Tuple
 import pytest
 
 import asprof.jfr as J
+
 import jfr_builder as B
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "jfr"

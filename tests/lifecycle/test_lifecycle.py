@@ -1,12 +1,9 @@
 """Process life-cycle: kill switches, overhead guard, exit paths, signals and forks."""
 from __future__ import annotations
 
-import logging
-import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Optional, Tuple
@@ -198,7 +195,7 @@ print("ready", pid, flush=True)
     parent = files[str(p.pid)]
     # paused around the fork and resumed on the same file; the child never wrote into it
     assert parent.startswith(b"STUBJFR") and b"RESUMED" in parent and b"ATEXIT" not in parent
-    assert files[str(child_pid)].startswith(f"STUBJFR start=".encode())
+    assert files[str(child_pid)].startswith("STUBJFR start=".encode())
 
 
 @requires_real

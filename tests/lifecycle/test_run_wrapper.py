@@ -11,14 +11,13 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import pytest
 
-from asprof.cli import run as cli_run
 from asprof.cli import main as cli_main
+from asprof.cli import run as cli_run
 
 from conftest import child_env, requires_real
 

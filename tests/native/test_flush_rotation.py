@@ -15,8 +15,8 @@ import pytest
 
 import asprof
 from asprof import _native
-from asprof.engines.settings_chunk import KEEP, ChunkError, chunks, largest_pool, settings_chunk, with_settings
 from asprof.engines.asyncprofiler import load_library
+from asprof.engines.settings_chunk import KEEP, ChunkError, chunks, largest_pool, settings_chunk, with_settings
 
 from conftest import engine_recordings
 

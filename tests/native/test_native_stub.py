@@ -7,7 +7,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Dict, Iterator, Set
+from typing import Dict, Iterator
 
 import pytest
 

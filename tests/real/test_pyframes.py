@@ -296,8 +296,8 @@ def _child(scenario, out_dir, seconds):  # noqa: C901 - a script
 def analyse(out_dir):
     """Per-kind join stats, the fidelity split, and the collapsed stacks of every recording."""
     import asprof.jfr as jfr
-    from asprof.jfr.views import to_collapsed
     from asprof.jfr.pystacks import JoinStats, PythonStacks
+    from asprof.jfr.views import to_collapsed
 
     with open(os.path.join(out_dir, "info.json")) as f:
         info = json.load(f)

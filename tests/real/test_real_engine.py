@@ -5,8 +5,6 @@ the child's stdout/stderr show whether anything leaked onto them."""
 from __future__ import annotations
 
 import json
-import os
-import struct
 import subprocess
 import sys
 from pathlib import Path

@@ -2,16 +2,14 @@
 from __future__ import annotations
 
 import gc
-import logging
 import threading
 import time
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List
 
 import pytest
 
 import asprof
-from asprof.engines.base import Engine, TickResult
 from asprof.errors import ProfilerAlreadyRunningError, ProfilerError
 from asprof.metadata import NoMetadata, ReportMetadata
 

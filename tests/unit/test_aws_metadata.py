@@ -19,11 +19,11 @@ from typing import Iterator, List, Optional
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from aws_test_servers import MetadataServer, free_port  # noqa: E402
-
 import asprof.metadata.aws as aws  # noqa: E402
-from asprof.metadata.aws import detect_agent_metadata  # noqa: E402
 from asprof.metadata import Ec2Metadata, FargateMetadata, NoMetadata, ReportMetadata  # noqa: E402
+from asprof.metadata.aws import detect_agent_metadata  # noqa: E402
+
+from aws_test_servers import MetadataServer, free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 TASK_ARN = "arn:aws:ecs:us-west-2:444455556666:task/prod_cluster/0123456789abcdef0123456789abcdef"
@@ -284,6 +284,7 @@ def test_ec2_detection_without_botocore_installed(server: MetadataServer) -> Non
 def _fake_engine_available() -> Optional[str]:
     try:
         import asprof  # noqa: F401
+
         from fakes import FakeEngine  # noqa: F401
     except Exception as e:  # noqa: BLE001
         return f"the agent or its test engine is not available: {e}"
@@ -293,6 +294,7 @@ def _fake_engine_available() -> Optional[str]:
 @pytest.mark.skipif(_fake_engine_available() is not None, reason=str(_fake_engine_available()))
 def test_the_agent_detects_lazily_on_its_own_thread(server: MetadataServer, monkeypatch: pytest.MonkeyPatch) -> None:
     import asprof
+
     from fakes import FakeEngine
 
     class Collect(asprof.Reporter):

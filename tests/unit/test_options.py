@@ -1,6 +1,7 @@
 """ProfilerOptions: validation before anything reaches async-profiler's command string."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -89,5 +90,5 @@ def test_wrong_types_are_refused() -> None:
 
 def test_options_are_immutable() -> None:
     o = ProfilerOptions()
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         o.cpu_interval = 1.0  # type: ignore[misc]

@@ -1,7 +1,6 @@
 """LocalReporter and MultiReporter."""
 from __future__ import annotations
 
-import os
 import re
 from datetime import datetime, timezone
 from pathlib import Path

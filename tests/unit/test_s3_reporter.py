@@ -27,8 +27,6 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from aws_test_servers import ACCOUNT_ID, AWS_TEST_ENV, S3Server, free_port  # noqa: E402
-
 from asprof.metadata import AgentMetadata, Ec2Metadata, FargateMetadata, NoMetadata, ReportMetadata  # noqa: E402
 from asprof.reporter.s3 import (  # noqa: E402
     JFR_ENTRY,
@@ -38,6 +36,8 @@ from asprof.reporter.s3 import (  # noqa: E402
     object_key,
     profile_zip,
 )
+
+from aws_test_servers import ACCOUNT_ID, AWS_TEST_ENV, S3Server, free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 BUCKET = "asprof-profiles"

@@ -14,7 +14,6 @@ from typing import Any, Dict
 from asprof.metadata import AgentMetadata, ReportMetadata
 from asprof.reporter.local import profile_time
 
-
 __all__ = ["object_key", "metadata_json", "profile_zip", "JFR_ENTRY", "METADATA_ENTRY"]
 
 JFR_ENTRY = "async_profiler_dump_0.jfr"

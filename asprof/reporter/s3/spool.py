@@ -16,8 +16,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Deque, List, Optional, Set, Tuple
 
-
-
 log = logging.getLogger("asprof.s3")
 
 

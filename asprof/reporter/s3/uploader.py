@@ -31,7 +31,6 @@ from typing import Any, Dict, Mapping, Optional, Set, Tuple, Union
 
 from asprof.metadata import ReportMetadata
 from asprof.reporter.base import Reporter, ReporterError
-
 from asprof.reporter.s3.format import (
     _EPOCH,
     JFR_ENTRY,
