@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from asprof.autostart.config import (
+from asprof.autostart.values import (
     DEFAULT_CPU_INTERVAL,
     DEFAULT_WALL_INTERVAL,
     MAX_PROFILER_INTERVAL,

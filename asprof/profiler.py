@@ -26,7 +26,7 @@ from typing import Dict, Mapping, Optional, Type, Union
 
 from asprof.agent.lifecycle import launch, restore_sigterm
 from asprof.agent.loop import DEFAULT_STOP_TIMEOUT, _Agent, _Config, current
-from asprof.autostart.config import DEFAULT_REPORTING_INTERVAL, MIN_REPORTING_INTERVAL, disabled_by_environment
+from asprof.autostart.values import DEFAULT_REPORTING_INTERVAL, MIN_REPORTING_INTERVAL, disabled_by_environment
 from asprof.engines.base import Engine
 from asprof.metadata import AgentMetadata
 from asprof.options import ProfilerOptions

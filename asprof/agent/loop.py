@@ -11,7 +11,6 @@ import logging
 import os
 import threading
 import time
-from datetime import datetime
 from typing import Any, Callable, Mapping, Optional
 
 from asprof.engines.base import Engine
@@ -94,7 +93,7 @@ class _Agent:
         self.stop_requested = False
         self.at_exit = False
         self.done = threading.Event()
-        self.recording_since = ReportMetadata.now()
+        self.recording_since = time.time()  # a datetime when reported: no datetime import at start
         self.fork_ok = False
         self.thread = threading.Thread(target=self._run, name="asprof-agent", daemon=True)
 
@@ -180,7 +179,7 @@ class _Agent:
         except ProfilerError as e:
             logger.error("%s; profiling stops", e)
             return False
-        end = ReportMetadata.now()
+        end = time.time()
         self.recording_since = end
         if result.recording:
             self._report(result.recording, since, end, blocking=False)
@@ -199,7 +198,7 @@ class _Agent:
             logger.exception("stopping async-profiler failed; the last profile is lost")
             return
         if recording:
-            self._report(recording, self.recording_since, ReportMetadata.now(), blocking=self.at_exit)
+            self._report(recording, self.recording_since, time.time(), blocking=self.at_exit)
 
     def _release(self) -> None:
         global _active
@@ -240,8 +239,8 @@ class _Agent:
             self.metadata = md
         return self.metadata
 
-    def _report(self, jfr: bytes, start: datetime, end: datetime, blocking: bool) -> None:
-        md = ReportMetadata(self._instance(), start, end, self.interval)
+    def _report(self, jfr: bytes, start: float, end: float, blocking: bool) -> None:
+        md = ReportMetadata(self._instance(), ReportMetadata.at(start), ReportMetadata.at(end), self.interval)
         try:
             if blocking:
                 self.reporter.report_blocking(jfr, md)

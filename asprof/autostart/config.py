@@ -1,14 +1,14 @@
-"""The ``ASPROF_*`` environment variables and the grammar of their values: the one owner of both.
+"""The ``ASPROF_*`` environment variables: the one table of them and their parsing.
 
-:data:`VARIABLES` is the table of docs/configuration.md; :class:`EnvConfig.from_environ` parses
-them (raising :class:`ConfigError` naming the variable). The value grammar (booleans and the
-off words, durations, sizes) and the limits of intervals are defined here once and used by
-:mod:`asprof.options`, :mod:`asprof.profiler` and the engines; the few variables read at run
-time outside :class:`EnvConfig` (``ASPROF_ENABLED`` by ``Profiler.start()``, ``ASPROF_LIB`` by
-the library search, the Python-frame test knobs) are read through the functions at the end.
-Starting a profiler from all this is :mod:`asprof.autostart.start`.
+:data:`VARIABLES` is the table of docs/configuration.md (:data:`INTERNAL_VARIABLES` the test
+knobs); :meth:`EnvConfig.from_environ` parses them, raising :class:`ConfigError` naming the
+variable. The grammar of the values and the limits of the intervals are in
+:mod:`asprof.autostart.values` (re-exported here), shared with :mod:`asprof.options`,
+:mod:`asprof.profiler` and the engines, which read the three variables they need at run time
+through it. Starting a profiler from all this is :mod:`asprof.autostart.start`.
 
-May import: :mod:`asprof.errors` only (it sits below :mod:`asprof.options`).
+May import: :mod:`asprof.autostart.values`, :mod:`asprof.errors` (it sits below
+:mod:`asprof.options`).
 """
 from __future__ import annotations
 
@@ -16,10 +16,26 @@ import logging
 import math
 import os
 import re
-import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+from asprof.autostart.values import (
+    _OFF,
+    DEFAULT_CPU_INTERVAL,
+    DEFAULT_REPORTING_INTERVAL,
+    DEFAULT_WALL_INTERVAL,
+    MAX_PROFILER_INTERVAL,
+    MAX_REPORTING_INTERVAL,
+    MIN_CPU_INTERVAL,
+    MIN_REPORTING_INTERVAL,
+    MIN_WALL_INTERVAL,
+    disabled_by_environment,
+    format_seconds,
+    library_from_environment,
+    parse_bool,
+    parse_duration,
+    parse_size,
+)
 from asprof.errors import AsprofError
 
 __all__ = [
@@ -38,19 +54,6 @@ __all__ = [
 
 PREFIX = "ASPROF_"
 DEFAULT_DIRECTORY = "profiles"
-DEFAULT_REPORTING_INTERVAL = 30.0
-MIN_REPORTING_INTERVAL = 0.1
-MAX_REPORTING_INTERVAL = 24 * 3600.0
-#: async-profiler's sampling intervals, seconds (as the Rust agent's defaults).
-DEFAULT_CPU_INTERVAL = 0.1
-DEFAULT_WALL_INTERVAL = 1.0
-MIN_CPU_INTERVAL = 1e-6
-MIN_WALL_INTERVAL = 1e-3
-MAX_PROFILER_INTERVAL = 3600.0
-
-_TRUE = frozenset({"1", "true", "yes", "on", "enabled"})
-_FALSE = frozenset({"0", "false", "no", "off", "disabled"})
-_OFF = frozenset({"off", "none", "no", "false", "disabled"})
 _LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -60,24 +63,10 @@ _LEVELS = {
     "critical": logging.CRITICAL,
     "off": logging.CRITICAL + 10,
 }
-_DURATION = re.compile(r"^([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE]([-+]?[0-9]{1,3}))?\s*([a-zµ]*)$")
-_DURATION_UNITS = {
-    "": 1.0, "s": 1.0, "sec": 1.0, "secs": 1.0, "second": 1.0, "seconds": 1.0,
-    "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9,
-    "m": 60.0, "min": 60.0, "mins": 60.0, "minute": 60.0, "minutes": 60.0,
-    "h": 3600.0, "hour": 3600.0, "hours": 3600.0,
-}
-_SIZE = re.compile(r"^([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-z]*)$")
-_SIZE_UNITS = {
-    "b": 1,
-    "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10,
-    "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
-    "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30,
-}
-_NUMBER = re.compile(r"^([0-9]+(?:\.[0-9]*)?|\.[0-9]+)$")
-_TAG_KEY = re.compile(r"^[A-Za-z0-9_.:/-]{1,128}$")
-_BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
-_ACCOUNT_ID = re.compile(r"^[0-9]{12}$")
+_NUMBER = r"^([0-9]+(?:\.[0-9]*)?|\.[0-9]+)$"
+_TAG_KEY = r"^[A-Za-z0-9_.:/-]{1,128}$"
+_BUCKET = r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$"
+_ACCOUNT_ID = r"^[0-9]{12}$"
 _MAX_TAG_VALUE = 256
 
 
@@ -178,54 +167,6 @@ INTERNAL_VARIABLES: Tuple[Variable, ...] = (
 KNOWN = frozenset(v.name for v in VARIABLES + INTERNAL_VARIABLES)
 
 
-# ---------------------------------------------------------------- value parsers
-
-
-def parse_bool(text: str) -> Optional[bool]:
-    """``1/true/yes/on/enabled`` → True, ``0/false/no/off/disabled`` → False, else None."""
-    t = text.strip().lower()
-    if t in _TRUE:
-        return True
-    if t in _FALSE:
-        return False
-    return None
-
-
-def parse_duration(text: str) -> Optional[float]:
-    """Seconds from ``30``, ``30s``, ``1.5s``, ``500ms``, ``250us``, ``2m``, ``1h``; None if invalid."""
-    m = _DURATION.fullmatch(text.strip().lower())
-    if not m:
-        return None
-    unit = _DURATION_UNITS.get(m.group(3))
-    if unit is None:
-        return None
-    number = float(m.group(1) + (f"e{m.group(2)}" if m.group(2) else ""))
-    value = number * unit
-    if math.isnan(value) or math.isinf(value):
-        return None
-    return value
-
-
-def parse_size(text: str, bare: int = 1) -> Optional[float]:
-    """Bytes from ``1048576``, ``512k``, ``10m``, ``10MB``, ``1.5GiB``; a bare number counts
-    ``bare`` bytes (1, or ``1 << 20`` for a size in MiB). None if invalid."""
-    m = _SIZE.fullmatch(text.strip().lower())
-    if not m:
-        return None
-    unit = _SIZE_UNITS.get(m.group(2)) if m.group(2) else bare
-    if unit is None:
-        return None
-    return float(m.group(1)) * unit
-
-
-def _fmt_seconds(v: float) -> str:
-    if v >= 1 or v == 0:
-        return f"{v:g}s"
-    if v >= 1e-3:
-        return f"{v * 1e3:g}ms"
-    return f"{v * 1e6:g}us"
-
-
 # ---------------------------------------------------------------- the configuration
 
 
@@ -286,7 +227,7 @@ class EnvConfig:
                 raise ConfigError("ASPROF_S3_BUCKET_OWNER", given.get("ASPROF_S3_BUCKET_OWNER"),
                                   f"required with ASPROF_REPORTER={reporter!r}: the 12-digit AWS account id "
                                   "that owns the bucket")
-            if not _ACCOUNT_ID.fullmatch(owner):
+            if not re.fullmatch(_ACCOUNT_ID, owner):
                 raise ConfigError("ASPROF_S3_BUCKET_OWNER", given["ASPROF_S3_BUCKET_OWNER"],
                                   "expected a 12-digit AWS account id")
             group = p.text("ASPROF_PROFILING_GROUP")
@@ -301,6 +242,8 @@ class EnvConfig:
                                   "a profiling group must not contain '/' or control characters")
             endpoint = p.text("ASPROF_S3_ENDPOINT_URL")
             if endpoint is not None:
+                import urllib.parse  # only here: it is slow to import, and S3 needs it anyway
+
                 u = urllib.parse.urlsplit(endpoint)
                 if u.scheme not in ("http", "https") or not u.netloc:
                     raise ConfigError("ASPROF_S3_ENDPOINT_URL", given["ASPROF_S3_ENDPOINT_URL"],
@@ -359,9 +302,9 @@ class EnvConfig:
         else:
             where = f"directory {os.path.abspath(self.directory or DEFAULT_DIRECTORY)}"
         rows.append(("reporter", where))
-        rows.append(("reporting interval", _fmt_seconds(self.reporting_interval)))
-        rows.append(("cpu interval", _fmt_seconds(self.cpu_interval)))
-        rows.append(("wall interval", "off" if self.wall_interval is None else _fmt_seconds(self.wall_interval)))
+        rows.append(("reporting interval", format_seconds(self.reporting_interval)))
+        rows.append(("cpu interval", format_seconds(self.cpu_interval)))
+        rows.append(("wall interval", "off" if self.wall_interval is None else format_seconds(self.wall_interval)))
         rows.append(("native memory", "off" if self.native_mem is None else
                      ("every allocation" if self.native_mem == 0 else f"every {self.native_mem} bytes")))
         rows.append(("native stacks", f"cstack={self.cstack}, {'no ' if self.all_user else ''}kernel frames"))
@@ -453,7 +396,7 @@ class _Parser:
             raise ConfigError(name, self.given[name], "use 'off' to turn it off")
         if not minimum <= seconds <= maximum:
             raise ConfigError(name, self.given[name],
-                              f"must be between {_fmt_seconds(minimum)} and {_fmt_seconds(maximum)}{off}")
+                              f"must be between {format_seconds(minimum)} and {format_seconds(maximum)}{off}")
         return seconds
 
     def native_mem(self) -> Optional[int]:
@@ -480,7 +423,7 @@ class _Parser:
         if value is None:
             return None
         number = value[:-1].strip() if value.endswith("%") else value
-        if not _NUMBER.fullmatch(number) or not 0 < float(number) <= 10000:
+        if not re.fullmatch(_NUMBER, number) or not 0 < float(number) <= 10000:
             raise ConfigError(name, self.given[name],
                               "expected a percentage of one core above 0, such as 5 or 2.5%")
         return float(number)
@@ -522,13 +465,15 @@ class _Parser:
         if low.startswith("s3://"):
             rest = value[5:]
             bucket, _, prefix = rest.partition("/")
-            if not _BUCKET.fullmatch(bucket):
+            if not re.fullmatch(_BUCKET, bucket):
                 raise ConfigError(name, raw, "expected s3://bucket or s3://bucket/prefix with a valid bucket name")
             prefix = prefix.strip("/")
             if "//" in prefix or any(c in prefix for c in "\\{}^%`[]\"<>~#|"):
                 raise ConfigError(name, raw, "the key prefix has characters S3 keys should not contain")
             return value, None, (bucket, prefix + "/" if prefix else "")
         if low.startswith("file:"):
+            import urllib.parse
+
             u = urllib.parse.urlsplit(value)
             if u.netloc not in ("", "localhost") or not u.path:
                 raise ConfigError(name, raw, "expected file:///absolute/path")
@@ -555,7 +500,7 @@ class _Parser:
                     continue
                 key, sep, val = item.partition("=")
                 key, val = key.strip(), val.strip()
-                if not sep or not _TAG_KEY.fullmatch(key):
+                if not sep or not re.fullmatch(_TAG_KEY, key):
                     raise ConfigError("ASPROF_TAGS", self.given["ASPROF_TAGS"],
                                       f"bad tag {item!r}: expected key=value[,key=value...] with keys made of "
                                       "letters, digits and _.:/-")
@@ -578,27 +523,4 @@ def _one_line(e: BaseException) -> str:
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
-# ---------------------------------------------------------------- read at run time
-
-def disabled_by_environment(environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
-    """The ``ASPROF_ENABLED`` value that turns profiling off (the kill switch), or None."""
-    value = (os.environ if environ is None else environ).get("ASPROF_ENABLED")
-    if value is not None and value.strip().lower() in _FALSE:
-        return value
-    return None
-
-
-def library_from_environment(environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
-    """``ASPROF_LIB`` as an absolute path, or None when unset or empty."""
-    value = (os.environ if environ is None else environ).get("ASPROF_LIB", "").strip()
-    return os.path.abspath(os.path.expanduser(value)) if value else None
-
-
-def pyframes_join_by_timestamp() -> bool:
-    """``ASPROF_PYFRAMES_JOIN=timestamp`` (a test knob, see :data:`INTERNAL_VARIABLES`)."""
-    return os.environ.get("ASPROF_PYFRAMES_JOIN", "").strip().lower() == "timestamp"
-
-
-def pyframes_timing() -> bool:
-    """``ASPROF_PYFRAMES_TIMING=1`` (a benchmark knob, see :data:`INTERNAL_VARIABLES`)."""
-    return os.environ.get("ASPROF_PYFRAMES_TIMING", "").strip() == "1"
+_fmt_seconds = format_seconds  # the former name (asprof doctor used it)

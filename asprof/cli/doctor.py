@@ -256,7 +256,7 @@ def _nativemem_hazard() -> Optional[str]:
 
 
 def _secs(v: float) -> str:
-    from asprof.autostart.config import _fmt_seconds
+    from asprof.autostart.values import format_seconds as _fmt_seconds
 
     return _fmt_seconds(v)
 

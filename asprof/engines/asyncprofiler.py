@@ -15,9 +15,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, FrozenSet, List, Optional, Tuple
 
-from asprof.autostart.config import library_from_environment
+from asprof.autostart.values import library_from_environment
 from asprof.engines.base import Engine, TickResult
-from asprof.engines.settings_chunk import ChunkError, largest_pool, settings_chunk, with_settings
 from asprof.errors import LibraryNotFoundError, ProfilerError, UnsupportedVersionError
 from asprof.options import ProfilerOptions
 
@@ -176,6 +175,12 @@ def load_library(path: Optional[str] = None) -> Tuple["Library", LibraryInfo]:
     raise LibraryNotFoundError(tried)
 
 
+def _largest_pool(data: bytes) -> int:
+    from asprof.engines.settings_chunk import largest_pool  # imported by the agent thread, not at start
+
+    return largest_pool(data)
+
+
 def nativemem_hazard() -> Optional[str]:
     """Why native memory sampling would crash this interpreter, or None.
 
@@ -224,6 +229,7 @@ class NativeEngine(Engine):
         self._dump = True
         self._head: Optional[bytes] = None
         self._settings: Optional[bytes] = None
+        self._settings_source: Optional[bytes] = None  # the first chunk, read at the first tick
         self._started_at = time.monotonic()
         self._full_due = False
         self._notes: List[str] = []
@@ -257,10 +263,11 @@ class NativeEngine(Engine):
 
     def _open_recording(self, logs: List[str]) -> None:
         """After a full start (lock held): take the recording's first chunk at once, while
-        it is small, to keep its settings for the reports that follow."""
+        it is small, to keep its settings for the reports that follow. It is read at the
+        first tick, on the agent thread (:meth:`_read_settings`): start-up does not wait."""
         self._started_at = time.monotonic()
         self._full_due = False
-        self._head = self._settings = None
+        self._head = self._settings = self._settings_source = None
         if not self._dump:
             return
         data, err, log = self._session.flush()
@@ -268,7 +275,15 @@ class NativeEngine(Engine):
         if err is not None:
             self._disable_dump(err)
             return
-        self._head = data  # handed over with the next report, samples included
+        self._head = self._settings_source = data  # handed over with the next report, samples included
+
+    def _read_settings(self) -> None:
+        """The settings chunk of the recording's first chunk, once (lock held)."""
+        data, self._settings_source = self._settings_source, None
+        if data is None:
+            return
+        from asprof.engines.settings_chunk import ChunkError, settings_chunk  # agent thread: not at start
+
         try:
             self._settings = settings_chunk(data)
         except ChunkError as e:
@@ -293,6 +308,8 @@ class NativeEngine(Engine):
         if head is not None:
             return head + (data or b"")
         if data and self._settings is not None:
+            from asprof.engines.settings_chunk import with_settings
+
             return with_settings(self._settings, data)
         return data
 
@@ -311,13 +328,14 @@ class NativeEngine(Engine):
             self._forward(logs)
 
     def _tick(self, logs: List[str]) -> TickResult:
+        self._read_settings()
         if self._session.status == "running" and not self._full_rotation_due():
             data, err, log = self._session.flush()
             logs.append(log)
             if err is None:
                 if not self._session.can_free_reported:
                     self._disable_dump("the file system cannot punch holes in the recording file")
-                elif largest_pool(data) >= FULL_ROTATION_POOL_BYTES:
+                elif _largest_pool(data) >= FULL_ROTATION_POOL_BYTES:
                     self._full_due = True
                 return TickResult(self._with_settings(data) or None)
             self._notes.append(f"async-profiler's dump failed ({err}): rotating by restarting it")
@@ -332,7 +350,7 @@ class NativeEngine(Engine):
         if err is None:
             self._open_recording(logs)
         else:
-            self._head = self._settings = None
+            self._head = self._settings = self._settings_source = None
         restart = ProfilerError(f"async-profiler could not restart: {err}") if err else None
         return TickResult(recording, restart)
 

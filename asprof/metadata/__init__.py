@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Mapping, Optional
+from typing import TYPE_CHECKING, Mapping, Optional
+
+if TYPE_CHECKING:
+    from datetime import datetime
 
 __all__ = [
     "AgentMetadata",
@@ -103,4 +105,14 @@ class ReportMetadata:
 
     @staticmethod
     def now() -> datetime:
+        """The current time, UTC (``datetime`` is imported here, not at start-up)."""
+        from datetime import datetime, timezone
+
         return datetime.now(timezone.utc)
+
+    @staticmethod
+    def at(timestamp: float) -> datetime:
+        """A ``time.time()`` timestamp as a UTC datetime."""
+        from datetime import datetime, timezone
+
+        return datetime.fromtimestamp(timestamp, timezone.utc)

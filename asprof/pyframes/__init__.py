@@ -11,7 +11,7 @@ import logging
 import os
 from typing import Any, Dict, FrozenSet, Optional
 
-from asprof.autostart.config import pyframes_join_by_timestamp, pyframes_timing
+from asprof.autostart.values import pyframes_join_by_timestamp, pyframes_timing
 
 __all__ = ["Capture", "attach_capture"]
 

@@ -10,16 +10,25 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from asprof.reporter.base import Reporter, ReporterError
-from asprof.reporter.local import LocalReporter
-from asprof.reporter.multi import MultiReporter
 
 if TYPE_CHECKING:
+    from asprof.reporter.local import LocalReporter
+    from asprof.reporter.multi import MultiReporter
     from asprof.reporter.s3 import S3Reporter
 
 __all__ = ["Reporter", "ReporterError", "LocalReporter", "MultiReporter", "S3Reporter"]
 
 
 def __getattr__(name: str) -> Any:
+    # Imported on first use: a profiler that reports to a directory never imports the others.
+    if name == "LocalReporter":
+        from asprof.reporter.local import LocalReporter
+
+        return LocalReporter
+    if name == "MultiReporter":
+        from asprof.reporter.multi import MultiReporter
+
+        return MultiReporter
     if name == "S3Reporter":
         from asprof.reporter.s3 import S3Reporter
 

@@ -3,17 +3,21 @@ from __future__ import annotations
 
 import errno
 import os
-from datetime import datetime, timezone
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 from asprof.metadata import ReportMetadata
 from asprof.reporter.base import Reporter, ReporterError
+
+if TYPE_CHECKING:
+    from datetime import datetime
 
 _MAX_SUFFIX = 1000
 
 
 def profile_time(t: datetime) -> str:
     """UTC time to the second with ':' as '-', as the Rust agent names files."""
+    from datetime import timezone  # on the reporting thread: importing asprof stays cheap
+
     return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H-%M-%SZ")
 
 
