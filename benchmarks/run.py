@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -50,9 +51,13 @@ def pct(x: float, digits: int = 2) -> str:
     return "n/a" if x != x else f"{x:+.{digits}f}%"
 
 
+BENCH_SITE = ""  # the benchmark venv's site-packages (pyroscope-io), on every child's path when set
+
+
 def child_env() -> Dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    path = [ROOT] + ([BENCH_SITE] if BENCH_SITE else []) + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    env["PYTHONPATH"] = os.pathsep.join(path)
     env.pop("ASPROF_LIB", None)
     return env
 
@@ -67,7 +72,7 @@ def run_child(args: List[str], timeout: float = 600) -> Dict[str, Any]:
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
+    widths = [max([len(str(h))] + [len(str(r[i])) for r in rows]) for i, h in enumerate(headers)]
     line = "  ".join(str(h).ljust(w) if i == 0 else str(h).rjust(w) for i, (h, w) in enumerate(zip(headers, widths)))
     out = [line, "  ".join("-" * w for w in widths)]
     for r in rows:
@@ -560,6 +565,325 @@ def section_all_user(ctx: "Ctx") -> None:
           "of start-up against all_user=False.")
 
 
+# ------------------------------------------------------------------ engines
+
+
+# (name, cpu interval s, wall interval s, py-spy/pyroscope rate Hz or 0 when they do not take part)
+ENGINE_RATES: List[Tuple[str, float, float, int]] = [
+    ("defaults", 0.1, 1.0, 0),  # asprof's defaults (ProfilerOptions: cpu_interval 0.1 s, wall_interval 1 s)
+    ("100 Hz", 0.01, 0.1, 100),  # 100 Hz CPU + 10 Hz wall; py-spy and pyroscope at 100 Hz (their default)
+    ("1 kHz", 0.001, 0.01, 1000),  # 1 kHz CPU + 100 Hz wall; py-spy and pyroscope at 1000 Hz
+]
+ENGINE_LABELS = {
+    "none": "no profiler",
+    "builtin": "asprof agent, built-in engine",
+    "builtin-c": "built-in engine's C module alone (no agent)",
+    "aprof": "async-profiler alone (ctypes)",
+    "pyspy": "py-spy record --pid (default: pauses the process per sample)",
+    "pyspy-nb": "py-spy record --pid --nonblocking",
+    "pyroscope": "pyroscope-io agent (in-process, oncpu, gil_only=False)",
+}
+
+
+def bench_venv_site(venv: str) -> str:
+    """The site-packages of the benchmark venv for this interpreter's version, or ''."""
+    path = os.path.join(venv, "lib", f"python{sys.version_info[0]}.{sys.version_info[1]}", "site-packages")
+    return path if os.path.isdir(path) else ""
+
+
+class PyroscopeSink:
+    """A loopback HTTP sink for pyroscope-io's uploads: answers 200 and counts the samples it was sent
+    (PushRequest protobuf -> pprof profiles, gzip'ed; the first value of each pprof sample is CPU ns,
+    one sampling period per sample)."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.lock = threading.Lock()
+        self.values: List[int] = []
+        self.periods: List[int] = []
+        sink = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                try:
+                    sink.add(body, self.headers.get("Content-Encoding") == "gzip")
+                except Exception as e:  # noqa: BLE001 (a benchmark sink: note and answer)
+                    log(f"pyroscope sink: cannot decode an upload: {e!r}")
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+
+    def add(self, body: bytes, gzipped: bool) -> None:
+        import gzip
+
+        if gzipped:
+            body = gzip.decompress(body)
+        total = 0
+        for f1, series in pb_fields(body):  # PushRequest.series
+            if f1 != 1 or not isinstance(series, bytes):
+                continue
+            for f2, sample in pb_fields(series):  # RawProfileSeries.samples
+                if f2 != 2 or not isinstance(sample, bytes):
+                    continue
+                for f3, raw in pb_fields(sample):  # RawSample.raw_profile (pprof)
+                    if f3 == 1 and isinstance(raw, bytes):
+                        total += pprof_total(gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw)
+        with self.lock:
+            self.values.append(total)
+
+    def take(self) -> int:
+        """The CPU ns received since the last take()."""
+        with self.lock:
+            total = sum(self.values)
+            self.values.clear()
+        return total
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _varint(buf: bytes, i: int) -> Tuple[int, int]:
+    v = shift = 0
+    while True:
+        b = buf[i]
+        i += 1
+        v |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return v, i
+
+
+def pb_fields(buf: bytes) -> List[Tuple[int, Any]]:
+    """A protobuf message's (field number, value) pairs: int for varints, bytes otherwise."""
+    out: List[Tuple[int, Any]] = []
+    i = 0
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        wt = key & 7
+        if wt == 0:
+            v, i = _varint(buf, i)
+            out.append((key >> 3, v))
+        elif wt == 2:
+            n, i = _varint(buf, i)
+            out.append((key >> 3, buf[i:i + n]))
+            i += n
+        elif wt in (1, 5):
+            n = 8 if wt == 1 else 4
+            out.append((key >> 3, buf[i:i + n]))
+            i += n
+        else:
+            raise ValueError(f"protobuf wire type {wt}")
+    return out
+
+
+def pprof_total(buf: bytes) -> int:
+    """Sum of the first value of every sample of a pprof Profile."""
+    total = 0
+    for f, sample in pb_fields(buf):
+        if f != 2 or not isinstance(sample, bytes):
+            continue
+        for g, value in pb_fields(sample):
+            if g == 2:  # Sample.value: packed (bytes) or one varint
+                total += _varint(value, 0)[0] if isinstance(value, bytes) else value
+                break
+    return total
+
+
+class EngineConfig:
+    def __init__(self, name: str, profiler: str, rate: str, cpu: float, wall: float, hz: int) -> None:
+        self.name, self.profiler, self.rate, self.cpu, self.wall, self.hz = name, profiler, rate, cpu, wall, hz
+
+    def args(self, ctx: "Ctx", units: int, sink: str) -> List[str]:
+        return ["engine", "--profiler", self.profiler, "--units", str(units), "--cpu-interval", str(self.cpu),
+                "--wall-interval", str(self.wall), "--rate", str(self.hz), "--lib", ctx.lib or "",
+                "--pyspy", ctx.pyspy or "py-spy", "--sink", sink, "--interval", "30"]
+
+
+def engine_configs(ctx: "Ctx") -> Tuple[List[EngineConfig], List[str]]:
+    """The configurations that can run here, and why the others cannot."""
+    available: Dict[str, str] = {}  # profiler -> '' or why not
+    available["aprof"] = "" if ctx.lib else "async-profiler not found (asprof.library_info() failed)"
+    available["pyspy"] = available["pyspy-nb"] = "" if ctx.pyspy else "py-spy not found (see --bench-venv)"
+    available["pyroscope"] = "" if ctx.pyroscope else "pyroscope-io not importable (see --bench-venv)"
+    available["builtin-c"] = ctx.builtin_c
+    available["builtin"] = ctx.builtin_py
+    configs = [EngineConfig("base", "none", "-", 0, 0, 0), EngineConfig("base-b", "none", "-", 0, 0, 0)]
+    for rate, cpu, wall, hz in ENGINE_RATES:
+        tag = {"defaults": "def", "100 Hz": "100", "1 kHz": "1k"}[rate]
+        names = ["builtin", "aprof"] + (["pyspy", "pyroscope"] if hz else [])
+        if rate == "1 kHz":
+            names += ["builtin-c", "pyspy-nb"]
+        for prof in names:
+            configs.append(EngineConfig(f"{prof}-{tag}", prof, rate, cpu, wall, hz))
+    skipped = sorted({f"{c.profiler}: {available[c.profiler]}" for c in configs
+                      if c.profiler in available and available[c.profiler]})
+    return [c for c in configs if not available.get(c.profiler)], skipped
+
+
+def probe_engines(ctx: "Ctx", sink: "PyroscopeSink") -> None:
+    """Can each profiler run here? A short child of each (also a warm-up); the reason when not."""
+    for prof, attr in (("builtin-c", "builtin_c"), ("builtin", "builtin_py")):
+        try:
+            run_child(EngineConfig("probe", prof, "", 0.001, 0.01, 0).args(ctx, 20, sink.url), timeout=120)
+            setattr(ctx, attr, "")
+        except (RuntimeError, subprocess.TimeoutExpired, ValueError) as e:
+            last = [line for line in str(e).splitlines() if line.strip()][-1:] or ["?"]
+            setattr(ctx, attr, f"not usable here: {last[0][:200]}")
+    for prof, attr in (("pyspy", "pyspy"), ("pyroscope", "pyroscope")):
+        if not getattr(ctx, attr):
+            continue
+        try:
+            run_child(EngineConfig("probe", prof, "", 0.001, 0.01, 100).args(ctx, 20, sink.url), timeout=120)
+        except (RuntimeError, subprocess.TimeoutExpired, ValueError) as e:
+            log(f"{prof} cannot run here: {str(e)[-500:]}")
+            setattr(ctx, attr, "")
+    sink.take()
+
+
+def section_engines(ctx: "Ctx") -> None:
+    print("\n## 6. Engines: asprof's built-in engine, async-profiler, py-spy, pyroscope-io")
+    sink = PyroscopeSink()
+    try:
+        probe_engines(ctx, sink)
+        configs, skipped = engine_configs(ctx)
+        units = ctx.units
+        print(f"{ctx.rounds} rounds x {len(configs)} configurations, shuffled per round, each a fresh process doing "
+              f"{units} work units on each of 2 busy threads (~{ctx.seconds:g} s unprofiled) + 1 sleeping thread "
+              "+ 1 idle thread (the agent's asprof-agent thread in its place under the agent).")
+        for rate, cpu, wall, hz in ENGINE_RATES:
+            print(f"  {rate:8s}: built-in / async-profiler cpu {cpu * 1e3:g} ms, wall {wall * 1e3:g} ms"
+                  + (f"; py-spy / pyroscope {hz} Hz" if hz else ""))
+        for prof, label in ENGINE_LABELS.items():
+            print(f"  {prof:10s} {label}")
+        for s in skipped:
+            print(f"  SKIPPED {s}")
+        results: Dict[str, List[Dict[str, Any]]] = {c.name: [] for c in configs}
+        n = 0
+        for r in range(ctx.rounds):
+            order = list(configs)
+            ctx.rng.shuffle(order)
+            for c in order:
+                n += 1
+                res = run_child(c.args(ctx, units, sink.url))
+                if c.profiler == "pyroscope":
+                    ns = sink.take()
+                    res["samples_total"] = round(ns / (1e9 / c.hz)) if c.hz else -1
+                res["round"] = r
+                results[c.name].append(res)
+                log(f"  [engines {n}/{ctx.rounds * len(configs)}] round {r + 1} {c.name:14s} "
+                    f"wall {res['wall_s']:.3f} s  load {loadavg()}")
+    finally:
+        sink.close()
+    ctx.data["engines"] = results
+    report_engines(ctx, configs, results)
+
+
+def _samples_per_s(r: Dict[str, Any]) -> Tuple[float, str]:
+    """Samples recorded per second of the window (or of the profiler's life), and how they were counted."""
+    if r.get("chunks"):
+        return (r["cpu_samples_window"] + r["wall_samples_window"]) / r["window_s"], "JFR"
+    if "d_samples" in r:
+        return r["d_samples"] / r["window_s"], "stats"
+    if r.get("samples_total", -1) >= 0 and r.get("prof_span_s"):
+        return r["samples_total"] / r["prof_span_s"], "output"
+    return float("nan"), ""
+
+
+def report_engines(ctx: "Ctx", configs: Sequence[EngineConfig], res: Dict[str, List[Dict[str, Any]]]) -> None:
+    base = "base"
+    base_hwm = median([r["hwm_kb"] for r in res[base]]) / 1024
+    rows = []
+    summary: Dict[str, Dict[str, float]] = {}
+    for c in configs:
+        rs = res[c.name]
+        wall = median(paired(res, c.name, base)) if c.name != base else 0.0
+        cpu = median(paired(res, c.name, base, "cpu_s")) if c.name != base else 0.0
+        thr = median([r["prof_thread_cpu_s"] / r["cpu_s"] * 100 for r in rs])
+        ext = median([r["ext_cpu_s"] / r["cpu_s"] * 100 for r in rs])
+        rss = median([r["hwm_kb"] for r in rs]) / 1024 - base_hwm
+        ext_rss = median([r["ext_hwm_kb"] for r in rs]) / 1024
+        sps = [_samples_per_s(r) for r in rs]
+        rate = median([x for x, _ in sps if x == x])
+        how = sps[0][1] if sps else ""
+        hns = [r["d_handler_ns"] / r["d_handler_calls"] for r in rs if r.get("d_handler_calls")]
+        ns = median(hns) if hns else float("nan")
+        start = median([r["start_s"] for r in rs]) * 1e3
+        summary[c.name] = {"wall": wall, "cpu": cpu, "thread_share": thr, "ext_share": ext, "rss_added_mb": rss,
+                           "ext_rss_mb": ext_rss, "samples_per_s": rate, "handler_ns": ns, "start_ms": start}
+        rows.append([c.name, c.rate, pct(wall), pct(cpu),
+                     "-" if c.profiler == "none" else f"{thr:.3f}%",
+                     f"{ext:.3f}%" if c.profiler.startswith("pyspy") else "-",
+                     f"{rss:+.1f}" + (f" (+{ext_rss:.0f} ext)" if ext_rss else ""),
+                     "-" if rate != rate else f"{rate:.0f} {how}", "-" if ns != ns else f"{ns:.0f}",
+                     "-" if c.profiler == "none" else f"{start:.1f}"])
+    print()
+    print(table(["configuration", "rates", "wall vs base", "CPU vs base", "prof thr CPU", "ext proc CPU",
+                 "max RSS added MB", "samples/s", "handler ns", "start ms"], rows))
+    print("wall / CPU vs base: median over rounds of (configuration / 'base' of the same round) - 1; CPU is the\n"
+          "profiled process's CPU time over the timed window (an outside profiler's own CPU is not in it).\n"
+          "prof thr CPU: CPU time of every thread of the process that is not the workload's (the profiler's own\n"
+          "threads: asprof-agent, the built-in engine's sampler, async-profiler's timer and wall threads, pyroscope's\n"
+          "sampler and uploader), as a share of the process's CPU time in the window; ext proc CPU: py-spy's process,\n"
+          "same base. Signal handlers run on the sampled threads: their cost is in the wall and CPU columns.\n"
+          "max RSS added: VmHWM against the unprofiled process ('ext': py-spy's own peak RSS, outside).\n"
+          "samples/s: recorded per second, CPU and wall together: JFR = counted in the recordings within the window;\n"
+          "stats = the built-in module's sample counter over the window; output = py-spy's raw output or the\n"
+          "samples pyroscope uploaded, over the profiler's life. handler ns: the built-in engine's\n"
+          "handler_ns / handler_calls over the window (_builtin.stats()).")
+    aa = [abs(x) for x in paired(res, "base-b", base)]
+    aa_cpu = [abs(x) for x in paired(res, "base-b", base, "cpu_s")]
+    aa_med, aa_cpu_med = median(aa), median(aa_cpu)
+    print(f"\nA/A noise (|base-b / base - 1|): wall median {aa_med:.2f}% (max {max(aa):.2f}%), "
+          f"process CPU median {aa_cpu_med:.2f}% (max {max(aa_cpu):.2f}%)")
+
+    def diff(a: str, b: str, key: str) -> float:
+        by_round = {r["round"]: r[key] for r in res[b]}
+        return median([(r[key] / by_round[r["round"]] - 1) * 100 for r in res[a] if r["round"] in by_round])
+
+    for tag in ("def", "100", "1k"):
+        for other in ("aprof", "pyspy", "pyspy-nb", "pyroscope", "builtin-c"):
+            a_, b_ = f"builtin-{tag}", f"{other}-{tag}"
+            if a_ in res and b_ in res:
+                print(f"  {a_} vs {b_} (paired): wall {pct(diff(a_, b_, 'wall_s'))}, CPU {pct(diff(a_, b_, 'cpu_s'))}")
+    ctx.summary["engines"] = summary
+
+    def verdict(name: str, budget: float) -> Tuple[str, str]:
+        s = summary[name]
+        measured = (f"wall {pct(s['wall'])}, CPU {pct(s['cpu'])} (A/A ±{aa_med:.2f}% / ±{aa_cpu_med:.2f}%); "
+                    f"own threads {s['thread_share']:.3f}%")
+        for label, x, noise in (("wall", s["wall"], aa_med), ("CPU", s["cpu"], aa_cpu_med)):
+            if noise > budget:
+                continue
+            if x <= budget:
+                return measured, f"MET ({label})"
+            return measured, (f"MET within noise ({label})" if x <= budget + noise else f"NOT MET ({label})")
+        return measured, (f"INCONCLUSIVE: A/A noise above the budget; own threads "
+                          f"{'within' if s['thread_share'] <= budget else 'OVER'} it")
+
+    v = ctx.verdicts
+    if "builtin-def" in summary:
+        v.add("built-in engine at defaults <= 0.5%", *verdict("builtin-def", 0.5))
+    if "builtin-1k" in summary:
+        v.add("built-in engine at 1 ms CPU + 10 ms wall <= 2%", *verdict("builtin-1k", 2.0))
+        ns = summary["builtin-1k"]["handler_ns"]
+        v.add("built-in handler cost per sample (printed)", f"{ns:.0f} ns (1 kHz)", "-")
+    rss = {k: summary[k]["rss_added_mb"] for k in ("builtin-def", "builtin-1k") if k in summary}
+    if rss:
+        v.add("built-in engine RSS added <= 10 MB", ", ".join(f"{k} {x:+.1f} MB" for k, x in rss.items()),
+              "MET" if max(rss.values()) <= 10 else "NOT MET")
+
+
 # ------------------------------------------------------------------ main
 
 
@@ -585,6 +909,10 @@ class Ctx:
         import asprof
 
         self.has_python_frames = hasattr(asprof.ProfilerOptions(), "python_frames")
+        self.pyspy = ""  # the py-spy executable, when found
+        self.pyroscope = False  # pyroscope-io importable in the children
+        self.builtin_c = "not probed"  # '' when the built-in engine's C module runs here, else why not
+        self.builtin_py = "not probed"  # '' when ProfilerOptions(engine="builtin") runs here, else why not
 
 
 SECTIONS: Dict[str, Callable[[Ctx], None]] = {
@@ -593,7 +921,9 @@ SECTIONS: Dict[str, Callable[[Ctx], None]] = {
     "tick": section_tick,
     "import": section_import,
     "alluser": section_all_user,
+    "engines": section_engines,
 }
+NEEDS_ASYNC_PROFILER = {"overhead", "rotation", "tick", "alluser"}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -604,6 +934,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--only", default="", help=f"comma-separated sections: {','.join(SECTIONS)}")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", default="", help="also write every raw result to this file")
+    p.add_argument("--bench-venv", default=os.environ.get("ASPROF_BENCH_VENV", "/work/benchvenv"),
+                   help="a venv with py-spy and pyroscope-io for the engines section (see README)")
+    p.add_argument("--pyspy", default="", help="the py-spy executable (default: the bench venv's, else PATH)")
     a = p.parse_args(argv)
 
     sys.path.insert(0, ROOT)
@@ -613,14 +946,37 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ImportError as e:
         log(f"cannot import asprof ({e}): build it first: cd {ROOT} && python setup.py build_ext --inplace")
         return 2
-    info = asprof.library_info()
-    ctx = Ctx(a, info.path)
+    chosen = [s.strip() for s in a.only.split(",") if s.strip()] or list(SECTIONS)
+    for s in chosen:
+        if s not in SECTIONS:
+            log(f"unknown section {s!r}; choose from {', '.join(SECTIONS)}")
+            return 2
+    try:
+        info: Any = asprof.library_info()
+        lib, ap_version = info.path, info.version
+    except Exception as e:  # noqa: BLE001 (LibraryNotFoundError and friends: say so, run what can run)
+        lib, ap_version = "", f"not found ({type(e).__name__})"
+        if set(chosen) & NEEDS_ASYNC_PROFILER:
+            log(f"async-profiler not found: sections {', '.join(sorted(set(chosen) & NEEDS_ASYNC_PROFILER))} need it "
+                "(set ASPROF_LIB); try --only engines")
+            return 2
+    ctx = Ctx(a, lib)
+    global BENCH_SITE
+    BENCH_SITE = bench_venv_site(a.bench_venv) if a.bench_venv else ""
+    ctx.pyspy = a.pyspy or (os.path.join(a.bench_venv, "bin", "py-spy")
+                            if a.bench_venv and os.access(os.path.join(a.bench_venv, "bin", "py-spy"), os.X_OK)
+                            else "") or (shutil.which("py-spy") or "")
+    ctx.pyroscope = subprocess.run([sys.executable, "-c", "import pyroscope"], env=child_env(),
+                                   capture_output=True).returncode == 0
     started = time.time()
     m = machine()
     print("# asprof benchmarks" + (" (--quick: smoke run, numbers are not meaningful)" if a.quick else ""))
     print(f"date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}; machine: {m['cpus']} cores, {m['cpu']}, "
           f"{m['memory']}, Linux {m['kernel']}")
-    print(f"{m['python']}; async-profiler {info.version} ({info.path}); asprof {asprof.__version__}")
+    print(f"{m['python']}; async-profiler {ap_version} ({lib or '-'}); asprof {asprof.__version__}")
+    if "engines" in chosen:
+        print(f"py-spy: {ctx.pyspy or 'not found'}; pyroscope-io: "
+              f"{'importable' if ctx.pyroscope else 'not importable'} (bench venv site: {BENCH_SITE or '-'})")
     print(f"load average at start: {loadavg()}")
 
     # Byte-compile asprof once: with PYTHONDONTWRITEBYTECODE set (as on our machines), every child would
@@ -629,16 +985,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     compileall.compile_dir(HERE, quiet=1)
     cal = [run_child(["calibrate", "--units", "100"]) for _ in range(2 if a.quick else 3)]
     # warm-up (discarded): the page cache, async-profiler's first start
-    run_child(Config("warm-up", "", "agent", FAST, FAST_INTERVAL).args(ctx.lib, 20))
+    if ctx.lib:
+        run_child(Config("warm-up", "", "agent", FAST, FAST_INTERVAL).args(ctx.lib, 20))
     rate = median([c["units_per_s"] for c in cal])
     ctx.units = max(20, int(rate * ctx.seconds))
     print(f"calibration: {rate:.0f} work units/s per busy thread (unprofiled); {ctx.units} units per overhead run")
 
-    chosen = [s.strip() for s in a.only.split(",") if s.strip()] or list(SECTIONS)
-    for s in chosen:
-        if s not in SECTIONS:
-            log(f"unknown section {s!r}; choose from {', '.join(SECTIONS)}")
-            return 2
     for s in chosen:
         SECTIONS[s](ctx)
         print(f"(load average after this section: {loadavg()})")
@@ -648,7 +1000,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"\nload average at end: {loadavg()}; total time {time.time() - started:.0f} s")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"machine": m, "async_profiler": info.version, "units": ctx.units, "summary": ctx.summary,
+            json.dump({"machine": m, "async_profiler": ap_version, "units": ctx.units, "summary": ctx.summary,
                        "verdicts": ctx.verdicts.rows, "raw": ctx.data}, f, indent=1)
     return 0
 

@@ -27,6 +27,7 @@ import json
 import os
 import random
 import shutil
+import struct
 import sys
 import tempfile
 import threading
@@ -288,6 +289,210 @@ def mode_run(a: argparse.Namespace) -> Dict[str, Any]:
     return out
 
 
+# ---------------------------------------------------------------- engines comparison
+
+class _BuiltinAlone:
+    """The built-in engine's C module driven by hand (no agent): start, a Python thread
+    collecting every second as the agent's tick would, stop."""
+
+    def __init__(self, cpu_ns: int, wall_ns: int) -> None:
+        from asprof.engines import _builtin  # type: ignore[attr-defined]
+
+        self.mod = _builtin
+        self.mode = _builtin.start(cpu_ns, wall_ns)
+        self.samples = 0
+        self.quit = threading.Event()
+        self.thread = threading.Thread(target=self._collect, name="builtin-collector", daemon=True)
+        self.thread.start()
+
+    def _collect(self) -> None:
+        while not self.quit.wait(1.0):
+            self.samples += len(self.mod.collect()[3]) // 20
+
+    def stop(self) -> None:
+        self.mod.stop()
+        self.quit.set()
+        self.thread.join()
+        self.samples += len(self.mod.collect()[3]) // 20
+
+
+class _PySpy:
+    """py-spy attached from outside, as users run it: ``py-spy record --pid P``."""
+
+    def __init__(self, exe: str, rate: int, nonblocking: bool, out: str) -> None:
+        import subprocess
+
+        t0 = time.perf_counter()
+        cmd = [exe, "record", "--pid", str(os.getpid()), "--rate", str(rate), "--format", "raw", "-o", out]
+        if nonblocking:
+            cmd.append("--nonblocking")
+        self.out = out
+        self.err = open(out + ".stderr", "w+")  # closed in stop()
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.err)
+        self.started = time.perf_counter()
+        self.spawn_s = self.started - t0
+        # py-spy says nothing when it has attached (its "Sampling process" line needs a terminal): it
+        # takes ~30 ms here; give it 0.5 s, and make sure it is still there.
+        time.sleep(0.5)
+        if self.proc.poll() is not None:
+            self.err.seek(0)
+            raise SystemExit(f"py-spy exited ({self.proc.returncode}): {self.err.read()[-2000:]}")
+        self.stopped = self.started
+
+    def cpu_ns(self) -> int:
+        try:
+            with open(f"/proc/{self.proc.pid}/schedstat") as f:
+                return int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            return 0
+
+    def hwm_kb(self) -> int:
+        try:
+            with open(f"/proc/{self.proc.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1])
+        except OSError:
+            pass
+        return -1
+
+    def stop(self) -> Tuple[int, str]:
+        import signal
+
+        self.stopped = time.perf_counter()
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(timeout=60)
+        self.err.seek(0)
+        err = self.err.read()
+        self.err.close()
+        samples = 0
+        try:
+            with open(self.out) as f:
+                for line in f:
+                    count = line.rstrip("\n").rsplit(" ", 1)[-1]
+                    if count.isdigit():
+                        samples += int(count)
+        except OSError:
+            pass
+        return samples, err
+
+
+def _builtin_stats() -> Dict[str, int]:
+    try:
+        from asprof.engines import _builtin  # type: ignore[attr-defined]
+    except ImportError:
+        return {}
+    return dict(_builtin.stats())
+
+
+def mode_engine(a: argparse.Namespace) -> Dict[str, Any]:
+    """One profiler (or none) around the workload; its cost in the process and outside it."""
+    tmp = tempfile.mkdtemp(prefix="asprof-bench-", dir=a.tmp)
+    workers = Workers(a.units)
+    cpu_ns = round(a.cpu_interval * 1e9)
+    wall_ns = round(a.wall_interval * 1e9)
+    # Same threads for every configuration: the agent's asprof-agent thread is stood in for by an idle one.
+    idle_exit = threading.Event()
+    idle = None
+    if a.profiler not in ("builtin", "agent"):
+        idle = threading.Thread(target=lambda: idle_exit.wait(), name="idle", daemon=True)
+        idle.start()
+    workload_tids = {t.native_id for t in threading.enumerate()}
+    gc.collect()
+    out: Dict[str, Any] = {"rss_before_kb": status_kb("VmRSS"), "profiler": a.profiler}
+    prof: Any = None
+    t0 = time.perf_counter()
+    if a.profiler == "aprof":
+        wall = f",wall={max(1, round(a.wall_interval * 1e3))}ms" if a.wall_interval > 0 else ""
+        command = f"start,event=cpu,interval={cpu_ns}{wall},jfr,cstack=dwarf,alluser"
+        prof = CtypesProfiler(a.lib, command, os.path.join(tmp, "recording.jfr"))
+    elif a.profiler in ("builtin", "agent"):
+        import asprof
+
+        kw: Dict[str, Any] = {"cpu_interval": a.cpu_interval, "wall_interval": a.wall_interval or None}
+        if a.profiler == "builtin":
+            kw["engine"] = "builtin"
+        prof = asprof.Profiler(reporter=asprof.LocalReporter(os.path.join(tmp, "profiles")),
+                               reporting_interval=a.interval, options=asprof.ProfilerOptions(**kw),
+                               library_path=a.lib if a.profiler == "agent" else None).start()
+    elif a.profiler == "builtin-c":
+        prof = _BuiltinAlone(cpu_ns, wall_ns)
+    elif a.profiler in ("pyspy", "pyspy-nb"):
+        prof = _PySpy(a.pyspy, a.rate, a.profiler == "pyspy-nb", os.path.join(tmp, "pyspy.txt"))
+    elif a.profiler == "pyroscope":
+        import pyroscope
+
+        pyroscope.configure(application_name=f"asprof-bench-{os.getpid()}", server_address=a.sink,
+                            sample_rate=a.rate, oncpu=True, gil_only=False, enable_logging=False)
+    prof_t0 = time.perf_counter()
+    out["start_s"] = prof.spawn_s if isinstance(prof, _PySpy) else prof_t0 - t0  # (py-spy: the spawn alone)
+    out["rss_started_kb"] = status_kb("VmRSS")
+    time.sleep(0.2)  # let the profiler's threads settle (py-spy: attached; timers armed)
+
+    stats0 = _builtin_stats() if a.profiler.startswith("builtin") else {}
+    ext0 = prof.cpu_ns() if isinstance(prof, _PySpy) else 0
+    cpu0 = time.process_time()
+    tasks0 = read_tasks()
+    window0 = time.time_ns()
+    wall_s = workers.run()
+    window1 = time.time_ns()
+    tasks1 = read_tasks()
+    cpu1 = time.process_time()
+    ext1 = prof.cpu_ns() if isinstance(prof, _PySpy) else 0
+    stats1 = _builtin_stats() if a.profiler.startswith("builtin") else {}
+    out["rss_kb"] = status_kb("VmRSS")
+    out["hwm_kb"] = status_kb("VmHWM")
+    out["ext_hwm_kb"] = prof.hwm_kb() if isinstance(prof, _PySpy) else 0
+
+    t0 = time.perf_counter()
+    samples = -1
+    if a.profiler in ("builtin", "agent"):
+        if not prof.stop(timeout=60):
+            raise SystemExit("agent did not stop in time")
+    elif a.profiler in ("aprof", "builtin-c"):
+        prof.stop()
+        if a.profiler == "builtin-c":
+            samples = prof.samples
+    elif isinstance(prof, _PySpy):
+        samples, err = prof.stop()
+        out["pyspy_stderr"] = err[-300:]
+    elif a.profiler == "pyroscope":
+        import pyroscope
+
+        pyroscope.shutdown()
+    prof_t1 = time.perf_counter()
+    out["stop_s"] = prof_t1 - t0
+    out["prof_span_s"] = (prof.stopped - prof.started) if isinstance(prof, _PySpy) else prof_t1 - prof_t0
+    workers.close()
+    idle_exit.set()
+    if idle is not None:
+        idle.join()
+
+    delta = {tid: ns - tasks0.get(tid, 0) for tid, ns in tasks1.items()}
+    out["wall_s"] = wall_s
+    out["window_s"] = (window1 - window0) / 1e9
+    out["cpu_s"] = cpu1 - cpu0
+    # the profiler's own threads: every thread of the process that is not the workload's
+    out["prof_threads"] = len([t for t in delta if t not in workload_tids])
+    out["prof_thread_cpu_s"] = sum(v for t, v in delta.items() if t not in workload_tids) / 1e9
+    out["ext_cpu_s"] = (ext1 - ext0) / 1e9  # a profiler in another process (py-spy)
+    out["samples_total"] = samples
+    if stats1:
+        out["stats"] = stats1
+        for k in ("samples", "handler_calls", "handler_ns", "lost", "signals"):
+            out[f"d_{k}"] = stats1.get(k, 0) - stats0.get(k, 0)
+    paths = []
+    for root, _dirs, files in os.walk(tmp):
+        paths += [os.path.join(root, f) for f in files if f.endswith(".jfr")]
+    if paths:
+        try:
+            out.update(count_samples(sorted(paths), (window0, window1)))
+        except (ValueError, OSError, struct.error) as e:
+            out["count_error"] = repr(e)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def mode_calibrate(a: argparse.Namespace) -> Dict[str, Any]:
     workers = Workers(a.units)
     wall = workers.run()
@@ -383,8 +588,9 @@ def mode_tick(a: argparse.Namespace) -> Dict[str, Any]:
 
 def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["calibrate", "run", "tick"])
-    p.add_argument("--profiler", choices=["none", "import", "aprof", "agent"], default="none")
+    p.add_argument("mode", choices=["calibrate", "run", "tick", "engine"])
+    p.add_argument("--profiler", default="none",
+                   choices=["none", "import", "aprof", "agent", "builtin", "builtin-c", "pyspy", "pyspy-nb", "pyroscope"])
     p.add_argument("--units", type=int, default=500)
     p.add_argument("--opts", default="{}", help="asprof.ProfilerOptions keyword arguments, as JSON")
     p.add_argument("--interval", type=float, default=30.0)
@@ -394,6 +600,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--count", action="store_true", help="count the recorded samples")
     p.add_argument("--idle-thread", type=int, default=1)
     p.add_argument("--ticks", type=int, default=10)
+    p.add_argument("--cpu-interval", type=float, default=0.1, help="engine mode: s of CPU between CPU samples")
+    p.add_argument("--wall-interval", type=float, default=1.0, help="engine mode: s between wall samples (0 = off)")
+    p.add_argument("--rate", type=int, default=100, help="engine mode: py-spy's and pyroscope's rate (Hz)")
+    p.add_argument("--pyspy", default="py-spy", help="engine mode: the py-spy executable")
+    p.add_argument("--sink", default="http://127.0.0.1:9", help="engine mode: pyroscope's server address")
     p.add_argument("--full-rotation", action="store_true",
                    help="every tick stops, swaps files and restarts async-profiler (as asprof did before "
                         "rotating with dump, and still does every 10 minutes)")
@@ -401,10 +612,10 @@ def main(argv: Optional[List[str]] = None) -> None:
                    help="tick mode: the busy threads run the mixed workload or GIL-free hashing")
     a = p.parse_args(argv)
     if a.full_rotation:
-        from asprof import engine
+        from asprof.engines import asyncprofiler as engine
 
         engine.FULL_ROTATION_AGE_S = 0.0
-    result = {"calibrate": mode_calibrate, "run": mode_run, "tick": mode_tick}[a.mode](a)
+    result = {"calibrate": mode_calibrate, "run": mode_run, "tick": mode_tick, "engine": mode_engine}[a.mode](a)
     sys.stdout.write(json.dumps(result) + "\n")
     sys.stdout.flush()
 
