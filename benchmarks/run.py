@@ -884,6 +884,37 @@ def report_engines(ctx: "Ctx", configs: Sequence[EngineConfig], res: Dict[str, L
               "MET" if max(rss.values()) <= 10 else "NOT MET")
 
 
+def section_attribution(ctx: "Ctx") -> None:
+    print("\n## 7. Attribution: per-thread CPU shares of Python functions (benchmarks/attribution.py)")
+    if ctx.builtin_py == "not probed":
+        try:
+            run_child(EngineConfig("probe", "builtin", "", 0.001, 0.01, 0).args(ctx, 20, "http://127.0.0.1:9"),
+                      timeout=120)
+            ctx.builtin_py = ""
+        except (RuntimeError, subprocess.TimeoutExpired, ValueError) as e:
+            ctx.builtin_py = str(e).strip().splitlines()[-1][:200]
+    if ctx.builtin_py:
+        print(f"SKIPPED: the built-in engine cannot run here: {ctx.builtin_py}")
+        return
+    seconds = 3.0 if ctx.quick else 10.0
+    p = subprocess.run([sys.executable, os.path.join(HERE, "attribution.py"), "--engine", "builtin", "--seconds",
+                        str(seconds), "--json", "-"], capture_output=True, text=True, env=child_env(), timeout=600)
+    if p.returncode != 0:
+        print(f"attribution run failed ({p.returncode}): {p.stderr[-2000:]}")
+        ctx.verdicts.add("attribution: CPU shares within 3 points of the truth, per thread", "run failed", "NOT MET")
+        return
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    sys.path.insert(0, HERE)
+    from attribution import TARGET_POINTS, report
+
+    print(report(res))
+    ctx.data["attribution"] = res
+    worst = res["max_deviation"]
+    ctx.verdicts.add("attribution: CPU shares within 3 points of the truth, per thread",
+                     f"max deviation {worst:.2f} points (1 ms CPU, {seconds:g} s, 2 threads x 2 functions)",
+                     "MET" if worst <= TARGET_POINTS else "NOT MET")
+
+
 # ------------------------------------------------------------------ main
 
 
@@ -922,6 +953,7 @@ SECTIONS: Dict[str, Callable[[Ctx], None]] = {
     "import": section_import,
     "alluser": section_all_user,
     "engines": section_engines,
+    "attribution": section_attribution,
 }
 NEEDS_ASYNC_PROFILER = {"overhead", "rotation", "tick", "alluser"}
 
