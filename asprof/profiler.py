@@ -22,15 +22,17 @@ import math
 import os
 import threading
 from types import TracebackType
-from typing import Dict, Mapping, Optional, Type, Union
+from typing import TYPE_CHECKING, Dict, Mapping, Optional, Type, Union
 
 from asprof.agent.lifecycle import launch, restore_sigterm
 from asprof.agent.loop import DEFAULT_STOP_TIMEOUT, _Agent, _Config, current
 from asprof.autostart.values import DEFAULT_REPORTING_INTERVAL, MIN_REPORTING_INTERVAL, disabled_by_environment
 from asprof.engines.base import Engine
-from asprof.metadata import AgentMetadata
 from asprof.options import ProfilerOptions
 from asprof.reporter.base import Reporter
+
+if TYPE_CHECKING:
+    from asprof.metadata import AgentMetadata
 
 __all__ = ["Profiler", "RunningProfiler", "start_profiling", "stop_profiling"]
 
@@ -38,6 +40,12 @@ logger = logging.getLogger("asprof")
 
 
 _default: Optional["RunningProfiler"] = None  # the handle of start_profiling()
+
+
+def _is_agent_metadata(value: object) -> bool:
+    from asprof.metadata import AgentMetadata  # only when one is given: not imported at start
+
+    return isinstance(value, AgentMetadata)
 
 
 def _positive(name: str, value: object, minimum: float) -> float:
@@ -143,7 +151,7 @@ class Profiler:
             raise TypeError(f"reporter must be an asprof.Reporter, got {reporter!r}")
         if options is not None and not isinstance(options, ProfilerOptions):
             raise TypeError(f"options must be asprof.ProfilerOptions, got {options!r}")
-        if agent_metadata is not None and not isinstance(agent_metadata, AgentMetadata):
+        if agent_metadata is not None and not _is_agent_metadata(agent_metadata):
             raise TypeError(f"agent_metadata must be an asprof.AgentMetadata, got {agent_metadata!r}")
         extra: Dict[str, str] = {}
         for k, v in (extra_metadata or {}).items():

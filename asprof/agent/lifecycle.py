@@ -3,7 +3,6 @@ exit and on SIGTERM, and pausing / restarting around ``os.fork()``."""
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import logging
 import os
 import signal
@@ -141,12 +140,14 @@ def _before_fork() -> None:
     except Exception:  # noqa: BLE001 - never break the application's fork
         logger.exception("preparing the profiler for fork failed")
         agent.fork_ok = False
+    loop.import_guard.acquire()  # no import of the agent thread's is half done in the child
 
 
 def _after_fork_in_parent() -> None:
     global _forking
     agent, _forking = _forking, None
     if agent is not None:
+        loop.import_guard.release()
         try:
             agent.engine.after_fork_in_parent()
         except Exception:  # noqa: BLE001
@@ -158,6 +159,7 @@ def _after_fork_in_child() -> None:
     # guarded by the native core. Start this process's own agent if safe.
     global _forking
     loop._state_lock = threading.Lock()
+    loop.import_guard = threading.Lock()  # its holder, if any, is the parent's
     parent, _forking = _forking, None
     inherited = loop._active
     loop._active = None
@@ -181,7 +183,7 @@ def _after_fork_in_child() -> None:
     config = parent.config
     try:
         reporter = config.reporter.for_child_process()
-        config = dataclasses.replace(config, reporter=reporter, metadata=parent.metadata)
+        config = config.replace(reporter=reporter, metadata=parent.metadata)
         launch(config)  # runs detached until stop_profiling() or exit
         _report_at_multiprocessing_exit()
         logger.info("forked child %d profiles itself", os.getpid())

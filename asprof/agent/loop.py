@@ -6,17 +6,18 @@ Process-global state lives here too: async-profiler is process-global, so at mos
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import threading
 import time
-from typing import Any, Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 from asprof.engines.base import Engine
 from asprof.errors import ProfilerError
-from asprof.metadata import AgentMetadata, NoMetadata, ReportMetadata
 from asprof.reporter.base import Reporter
+
+if TYPE_CHECKING:  # imported when the first report is made, on the agent thread
+    from asprof.metadata import AgentMetadata
 
 __all__ = ["current", "DEFAULT_STOP_TIMEOUT", "EXIT_TIMEOUT"]
 
@@ -28,6 +29,21 @@ _OWN_THREADS = ("asprof-agent", "async-profiler", "asprof-pyframes")
 
 _state_lock = threading.Lock()
 _active: Optional["_Agent"] = None  # async-profiler is process-global: one at a time
+
+
+#: Held by the agent thread while it imports a module, and by the fork hooks across
+#: ``os.fork()`` (after the engine's lock, the order the agent takes them in): a forked child
+#: never inherits an import left half done by a thread that does not exist there, which would
+#: block every later import of that module in the child.
+import_guard = threading.Lock()
+
+
+def _import_for_reports() -> None:
+    """What reports need and start-up does not (imported here, on the agent thread)."""
+    with import_guard:
+        import datetime  # noqa: F401
+
+        import asprof.metadata  # noqa: F401
 
 
 def current() -> Optional["_Agent"]:
@@ -65,18 +81,30 @@ def _own_cpu_seconds() -> float:
 
 
 
-@dataclasses.dataclass(frozen=True)
 class _Config:
-    """What the agent needs to run, and to start again in a forked child."""
+    """What the agent needs to run, and to start again in a forked child (read-only by
+    convention; :meth:`replace` makes a changed copy). Not a dataclass: see TickResult."""
 
-    reporter: Reporter
-    interval: float
-    metadata: Optional[AgentMetadata]
-    extra_metadata: Mapping[str, str]
-    kill_switch_file: Optional[str]
-    max_cpu_percent: Optional[float]
-    max_memory_mb: Optional[float]
-    engine_factory: Callable[[], Engine]
+    __slots__ = ("reporter", "interval", "metadata", "extra_metadata", "kill_switch_file", "max_cpu_percent",
+                 "max_memory_mb", "engine_factory")
+
+    def __init__(self, reporter: Reporter, interval: float, metadata: Optional[AgentMetadata],
+                 extra_metadata: Mapping[str, str], kill_switch_file: Optional[str],
+                 max_cpu_percent: Optional[float], max_memory_mb: Optional[float],
+                 engine_factory: Callable[[], Engine]) -> None:
+        self.reporter = reporter
+        self.interval = interval
+        self.metadata = metadata
+        self.extra_metadata = extra_metadata
+        self.kill_switch_file = kill_switch_file
+        self.max_cpu_percent = max_cpu_percent
+        self.max_memory_mb = max_memory_mb
+        self.engine_factory = engine_factory
+
+    def replace(self, **changes: Any) -> "_Config":
+        values = {name: getattr(self, name) for name in self.__slots__}
+        values.update(changes)
+        return _Config(**values)
 
 
 class _Agent:
@@ -113,6 +141,7 @@ class _Agent:
     def _run(self) -> None:
         try:
             _name_os_thread("asprof-agent")
+            _import_for_reports()
             deadline = time.monotonic() + self.interval
             cpu_mark = (_own_cpu_seconds(), time.monotonic()) if self.config.max_cpu_percent else None
             while True:
@@ -219,10 +248,13 @@ class _Agent:
     def _instance(self) -> AgentMetadata:
         if self.metadata is None:
             # Loaded lazily on the first report, in this thread: start-up never waits for it.
+            from asprof.metadata import NoMetadata
+
             md: AgentMetadata = NoMetadata()
             if getattr(self.reporter, "wants_host_metadata", True):
                 try:
-                    from asprof.metadata.aws import detect_agent_metadata
+                    with import_guard:
+                        from asprof.metadata.aws import detect_agent_metadata
 
                     md = detect_agent_metadata()
                 except ImportError:
@@ -232,6 +264,8 @@ class _Agent:
             extra = self.config.extra_metadata
             if extra:
                 try:
+                    import dataclasses
+
                     md = dataclasses.replace(md, extra={**getattr(md, "extra", {}), **extra})  # type: ignore[type-var]
                 except TypeError:
                     logger.warning("%s is not a dataclass: extra metadata %s not added", type(md).__name__,
@@ -240,6 +274,8 @@ class _Agent:
         return self.metadata
 
     def _report(self, jfr: bytes, start: float, end: float, blocking: bool) -> None:
+        from asprof.metadata import ReportMetadata
+
         md = ReportMetadata(self._instance(), ReportMetadata.at(start), ReportMetadata.at(end), self.interval)
         try:
             if blocking:

@@ -12,7 +12,6 @@ import re
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, FrozenSet, List, Optional, Tuple
 
 from asprof.autostart.values import library_from_environment
@@ -39,8 +38,9 @@ FULL_ROTATION_AGE_S = 600.0
 FULL_ROTATION_POOL_BYTES = 8 << 20
 MIN_VERSION = (3, 0)
 _BUNDLED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lib", SONAME)
-_LOG_LINE = re.compile(r"^\[(TRACE|DEBUG|INFO|WARN|ERROR)\]\s?(.*)$")
-_BENIGN = re.compile(r"for TID \d+ failed: No such process")
+# Compiled on first use (re caches them): this module is imported by every start().
+_LOG_LINE = r"^\[(TRACE|DEBUG|INFO|WARN|ERROR)\]\s?(.*)$"
+_BENIGN = r"for TID \d+ failed: No such process"
 _LEVELS = {
     "TRACE": logging.DEBUG,
     "DEBUG": logging.DEBUG,
@@ -50,14 +50,41 @@ _LEVELS = {
 }
 
 
-@dataclass(frozen=True)
 class LibraryInfo:
-    """A loaded async-profiler: where it is, its version and optional features."""
+    """A loaded async-profiler: where it is, its version and optional features (read-only).
 
+    A plain class rather than a frozen dataclass: making a dataclass costs milliseconds at
+    import, and this module is imported by every ``start()``."""
+
+    __slots__ = ("path", "version", "version_tuple", "capabilities")
     path: str
     version: str
     version_tuple: Tuple[int, ...]
     capabilities: FrozenSet[str]
+
+    def __init__(self, path: str, version: str, version_tuple: Tuple[int, ...], capabilities: FrozenSet[str]) -> None:
+        for name, value in (("path", path), ("version", version), ("version_tuple", version_tuple),
+                            ("capabilities", capabilities)):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"LibraryInfo is read-only: cannot assign to {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"LibraryInfo is read-only: cannot delete {name!r}")
+
+    def _key(self) -> Tuple[str, str, Tuple[int, ...], FrozenSet[str]]:
+        return (self.path, self.version, self.version_tuple, self.capabilities)
+
+    def __eq__(self, other: object) -> bool:
+        return self._key() == other._key() if isinstance(other, LibraryInfo) else NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (f"LibraryInfo(path={self.path!r}, version={self.version!r}, version_tuple={self.version_tuple!r}, "
+                f"capabilities={self.capabilities!r})")
 
     @property
     def has_thread_local_data(self) -> bool:
@@ -80,10 +107,10 @@ def forward_log(text: str) -> None:
         line = line.rstrip()
         if not line:
             continue
-        m = _LOG_LINE.match(line)
+        m = re.match(_LOG_LINE, line)
         if m:
             level = _LEVELS[m.group(1)]
-            if level == logging.WARNING and _BENIGN.search(m.group(2)):
+            if level == logging.WARNING and re.search(_BENIGN, m.group(2)):
                 level = logging.DEBUG  # a thread that exited while async-profiler attached to it
             _async_profiler_log.log(level, "%s", m.group(2))
         else:

@@ -5,7 +5,6 @@ is async-profiler through the native core. Tests use fakes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 from asprof.errors import ProfilerError
@@ -13,12 +12,28 @@ from asprof.errors import ProfilerError
 __all__ = ["Engine", "TickResult"]
 
 
-@dataclass
 class TickResult:
-    """A finished recording (or None), and the error of the restart if any."""
+    """A finished recording (or None), and the error of the restart if any.
 
-    recording: Optional[bytes]
-    restart_error: Optional[ProfilerError] = None
+    A plain class, not a dataclass: this module is on the path of every ``start()``, and
+    importing :mod:`dataclasses` or making one costs milliseconds there."""
+
+    __slots__ = ("recording", "restart_error")
+
+    def __init__(self, recording: Optional[bytes], restart_error: Optional[ProfilerError] = None) -> None:
+        self.recording = recording
+        self.restart_error = restart_error
+
+    def __repr__(self) -> str:
+        size = None if self.recording is None else len(self.recording)
+        return f"TickResult(recording={size} bytes, restart_error={self.restart_error!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TickResult):
+            return NotImplemented
+        return (self.recording, self.restart_error) == (other.recording, other.restart_error)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as the dataclass it replaces
 
 
 class Engine:

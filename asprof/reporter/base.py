@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import abc
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from asprof.errors import AsprofError
-from asprof.metadata import ReportMetadata
+
+if TYPE_CHECKING:
+    from asprof.metadata import ReportMetadata
 
 
 class ReporterError(AsprofError):

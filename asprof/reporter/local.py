@@ -5,11 +5,12 @@ import errno
 import os
 from typing import TYPE_CHECKING, Union
 
-from asprof.metadata import ReportMetadata
 from asprof.reporter.base import Reporter, ReporterError
 
 if TYPE_CHECKING:
     from datetime import datetime
+
+    from asprof.metadata import ReportMetadata
 
 _MAX_SUFFIX = 1000
 
