@@ -5,7 +5,7 @@
     python benchmarks/attribution.py --json -             # the result as JSON on stdout (the test uses it)
 
 Two threads run two Python functions, ``attribution_f1`` and ``attribution_f2``, in
-alternating calls of random length (0.4-8 ms of CPU, so nothing lines up with the
+alternating calls of random length (1-10 ms of CPU per pair, so nothing lines up with the
 sampling period); thread A gives f1 ~70% of its CPU and f2 ~30%, thread B ~40/60.
 f1 is pure Python; f2 mixes Python with ``hashlib.sha256`` of 64 KiB, which releases the
 GIL (the samples taken there must still carry f2). The truth is each call's thread CPU
