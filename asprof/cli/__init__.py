@@ -7,6 +7,9 @@ module to :data:`SUBCOMMANDS` -- one line.
 
 Errors print one line, ``asprof: error: ...``, to stderr and exit with
 status 1 (bad input, I/O) or 2 (bad usage); no traceback.
+
+The top layer: may import anything, the offline reader (:mod:`asprof.jfr`) included; a verb
+imports what it runs when it runs.
 """
 from __future__ import annotations
 

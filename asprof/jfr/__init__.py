@@ -11,6 +11,10 @@
 
 Every problem with the input raises :class:`JfrError` (a ``ValueError``)
 naming the file, the byte offset and what is wrong.
+
+Everything offline lives here (the reader, the aggregation, the Python-stack join, the views).
+May import only :mod:`asprof.jfr`, :mod:`asprof.jfrio`, :mod:`asprof.errors` and
+:mod:`asprof.options`; the agent side never imports it (only :mod:`asprof.cli` does).
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 ``AgentMetadata`` describes the machine and process; reporters use it to name
 and annotate what they write (the S3 reporter puts it into the object key).
 Auto-detection on AWS lives in :mod:`asprof.metadata.aws` and is loaded lazily on the
-first report, never at start-up.
+first report, never at start-up. May import: :mod:`asprof.errors` only.
 """
 from __future__ import annotations
 

@@ -3,7 +3,8 @@
 A reporter receives each finished JFR recording with its
 :class:`~asprof.metadata.ReportMetadata`. ``LocalReporter`` writes files,
 ``MultiReporter`` fans out, ``S3Reporter`` uploads (imported lazily, it needs
-the ``s3`` extra).
+the ``s3`` extra). One module (or package) per destination. May import:
+:mod:`asprof.metadata`, :mod:`asprof.errors`; never the agent, the engines or the reader.
 """
 from __future__ import annotations
 
