@@ -67,7 +67,8 @@ def child(mode: str, lib: str, out: str) -> Dict[str, float]:
     elif mode in ("B", "W"):
         import asprof
 
-        handle = asprof.Profiler(asprof.LocalReporter(out), library_path=lib).start()
+        # a bare soname (the linker's search): asprof's own discovery ends with the same search
+        handle = asprof.Profiler(asprof.LocalReporter(out), library_path=lib if os.sep in lib else None).start()
         t1, c1 = time.perf_counter(), _cpu()
         if not handle.running:
             raise SystemExit("asprof did not start")
