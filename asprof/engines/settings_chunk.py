@@ -117,7 +117,12 @@ def settings_chunk(first: bytes) -> bytes:
 
 
 def with_settings(settings: bytes, data: bytes) -> bytes:
-    """``settings`` (a settings chunk) dated like the first chunk of ``data``, then ``data``."""
+    """``settings`` (a settings chunk) dated like the first chunk of ``data``, then ``data``.
+
+    Its clock too (ticks per second): the JDK's reader keeps the first chunk's tick
+    conversion for the next chunks when their metadata is the same, so a settings chunk
+    with the recording's first (less precise) tick rate would shift every timestamp of
+    the data as the JDK reads it (by ~0.1 ms per second of report)."""
     if not data:
         return b""
     if len(data) < HEADER or len(settings) < HEADER:
@@ -127,7 +132,7 @@ def with_settings(settings: bytes, data: bytes) -> bytes:
         h = decode.read_header(data)
     except ChunkError:
         return settings + data
-    struct.pack_into(">qqq", out, 32, h.start_nanos, 0, h.start_ticks)
+    struct.pack_into(">qqqq", out, 32, h.start_nanos, 0, h.start_ticks, h.ticks_per_second)
     return bytes(out) + data
 
 

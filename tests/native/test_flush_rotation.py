@@ -18,9 +18,8 @@ from asprof import _native
 from asprof.engines.asyncprofiler import load_library
 from asprof.engines.settings_chunk import KEEP, ChunkError, chunks, largest_pool, settings_chunk, with_settings
 
-from conftest import engine_recordings
+from conftest import engine_recordings, recording_bytes
 
-SHARED_JFR = Path(__file__).resolve().parents[3] / "shared" / "jfr"
 OPTIONS = asprof.ProfilerOptions(cpu_interval=0.01, wall_interval=0.1, python_frames=False)
 
 
@@ -118,18 +117,13 @@ def test_engine_falls_back_to_full_rotations_when_dump_cannot_be_used(
 
 # -- the settings chunk, on async-profiler's own recordings ------------------------------
 
-def shared(name: str) -> bytes:
-    path = SHARED_JFR / name
-    if not path.exists():
-        pytest.skip(f"{path} is not there (the shared JFR fixtures)")
-    return path.read_bytes()
-
-
-@pytest.mark.parametrize("name", ["cpu-wall-dwarf.jfr", "nativemem.jfr", "user-events.jfr", "multi-chunk.jfr"])
+# cpu-wall-dwarf, nativemem, user-events: one chunk each, settings and samples (tests/data/README.md);
+# multi-chunk: an agent's report, whose first chunk is itself a settings chunk.
+@pytest.mark.parametrize("name", ["cpu-wall-dwarf", "nativemem", "user-events", "multi-chunk"])
 def test_settings_chunk_keeps_the_settings_and_no_sample(name: str) -> None:
     import asprof.jfr
 
-    data = shared(name)
+    data = recording_bytes(name)
     off, size, _ = next(chunks(data))
     first = data[off:off + size]
     settings = settings_chunk(first)
@@ -150,6 +144,28 @@ def test_settings_chunk_keeps_the_settings_and_no_sample(name: str) -> None:
             assert a.total == b.total and a.interval_ns == b.interval_ns
 
 
+def test_settings_chunk_takes_the_clock_of_the_data() -> None:
+    """The recording's first chunk measures the tick rate over a moment; a later chunk, over
+    seconds. The JDK converts a chunk's ticks with the rate of the chunk before it when their
+    metadata is the same, so the settings chunk must carry the data's rate (and start)."""
+    import asprof.jfr
+
+    import jfr_builder as B
+
+    data = recording_bytes("cpu-wall-dwarf")
+    off, size, _ = next(chunks(data))
+    settings = settings_chunk(data[off:off + size])
+    s = B.Simple()
+    s.thread(1, "main")
+    s.exec_sample(5000, 1, ["main", "work"])
+    later = s.build(start_nanos=2 * 10**18, start_ticks=123_456, ticks_per_second=2_100_000_017)
+    rec = asprof.jfr.open(with_settings(settings, later))
+    first, second = rec.chunks
+    assert asprof.jfr.open(settings).chunks[0].ticks_per_second != 2_100_000_017
+    assert (first.start_nanos, first.start_ticks, first.ticks_per_second) == (2 * 10**18, 123_456, 2_100_000_017)
+    assert (second.start_nanos, second.start_ticks, second.ticks_per_second) == (2 * 10**18, 123_456, 2_100_000_017)
+
+
 def test_settings_chunk_is_read_by_the_jdk(tmp_path: Path) -> None:
     from conftest import JFR_TOOL
 
@@ -157,7 +173,7 @@ def test_settings_chunk_is_read_by_the_jdk(tmp_path: Path) -> None:
         pytest.skip("the JDK's jfr tool is not installed")
     import subprocess
 
-    data = shared("cpu-wall-dwarf.jfr")
+    data = recording_bytes("cpu-wall-dwarf")
     off, size, _ = next(chunks(data))
     path = tmp_path / "report.jfr"
     path.write_bytes(with_settings(settings_chunk(data[off:off + size]), data[off:off + size]))
@@ -174,7 +190,7 @@ def test_malformed_chunks_give_a_clear_error(bad: bytes) -> None:
 
 
 def test_truncated_and_corrupted_chunks_never_crash_or_hang() -> None:
-    data = shared("cpu-wall-dwarf.jfr")
+    data = recording_bytes("cpu-wall-dwarf")
     off, size, _ = next(chunks(data))
     first = bytearray(data[off:off + size])
     for cut in (69, 100, 1000, len(first) // 2, len(first) - 1):
