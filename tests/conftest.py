@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes.util
+import gzip
 import os
 import shutil
 import struct
@@ -9,7 +10,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import pytest
 
@@ -132,3 +133,29 @@ def no_profiler() -> Iterator[None]:
         active.request_stop()
         active.done.wait(10)
         pytest.fail("the test left a profiler running")
+
+
+# -- the real recordings shipped in tests/data (how each was made: tests/data/README.md) --------
+
+DATA = Path(__file__).resolve().parent / "data"
+# Names (without .jfr.gz) of the real async-profiler recordings in tests/data.
+RECORDINGS = sorted(p.name[:-len(".jfr.gz")] for p in DATA.glob("*.jfr.gz"))
+
+
+def recording_bytes(name: str) -> bytes:
+    """The JFR bytes of tests/data/NAME.jfr.gz."""
+    return gzip.decompress((DATA / f"{name}.jfr.gz").read_bytes())
+
+
+def unpack_recording(name: str, directory: Path) -> Path:
+    """tests/data/NAME.jfr.gz unpacked as DIRECTORY/NAME.jfr (once); returns its path."""
+    out = directory / f"{name}.jfr"
+    if not out.exists():
+        out.write_bytes(recording_bytes(name))
+    return out
+
+
+@pytest.fixture
+def recording(tmp_path: Path) -> Callable[[str], Path]:
+    """``recording(NAME)``: tests/data/NAME.jfr.gz unpacked into the test's tmp_path (a Path)."""
+    return lambda name: unpack_recording(name, tmp_path)

@@ -10,13 +10,14 @@ Run it longer than the test suite does:
     python tests/fuzz/fuzz_jfr.py --seconds 600            # mutation fuzzing (no extra deps)
     python tests/fuzz/fuzz_jfr.py --atheris -- -max_len=200000   # coverage-guided, if atheris is installed
 
-Seeds are the real fixtures in ../shared/jfr (when present) and crafted
+Seeds are the real recordings shipped in tests/data (*.jfr.gz) and crafted
 recordings. A failing input is written to ``--crash-dir`` (default: a new
 temporary directory) and the harness exits non-zero.
 """
 from __future__ import annotations
 
 import argparse
+import gzip
 import os
 import random
 import signal
@@ -34,7 +35,7 @@ sys.path.insert(0, str(HERE.parent.parent))   # the repo (asprof)
 import asprof.jfr as J  # noqa: E402
 from asprof.jfr.errors import JfrError  # noqa: E402
 
-SHARED = HERE.parent.parent.parent / "shared" / "jfr"
+DATA = HERE.parent / "data"  # tests/data: the real recordings (see its README.md)
 
 
 def check(data: bytes) -> None:
@@ -65,10 +66,10 @@ def _exercise(data: bytes) -> None:
 
 def seeds(max_size: int = 200_000) -> List[bytes]:
     out = []
-    if SHARED.exists():
-        for p in sorted(SHARED.glob("*.jfr")) + sorted(SHARED.glob("rust-agent/*.jfr")):
-            if p.stat().st_size < max_size:
-                out.append(p.read_bytes())
+    for p in sorted(DATA.glob("*.jfr.gz")):
+        data = gzip.decompress(p.read_bytes())
+        if len(data) < max_size:
+            out.append(data)
     import jfr_builder as B
 
     s = B.Simple()

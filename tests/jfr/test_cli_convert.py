@@ -8,7 +8,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
-from typing import List, Tuple
+from typing import Callable, List, Tuple
 
 import pytest
 
@@ -17,8 +17,6 @@ from asprof import cli
 import jfr_builder as B
 
 ROOT = Path(__file__).resolve().parents[2]
-SHARED = ROOT.parent / "shared" / "jfr"
-needs_shared = pytest.mark.skipif(not (SHARED / "nativemem.jfr").exists(), reason=f"JFR fixtures not found in {SHARED}")
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> Tuple[int, str, str]:
@@ -201,11 +199,12 @@ def test_progress_indicator_only_on_a_terminal() -> None:
     assert plain.getvalue() == ""
 
 
-@needs_shared
-def test_convert_real_recording_all_formats(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_convert_real_recording_all_formats(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                           recording: Callable[[str], Path]) -> None:
+    source = recording("nativemem")
     for kind in ("--cpu", "--wall", "--nativemem", "--leaks"):
         for fmt in ("html", "collapsed", "pprof"):
             out = tmp_path / f"out.{fmt}"
-            code, _o, err = run(capsys, "convert", str(SHARED / "nativemem.jfr"), "-o", str(out), "-f", fmt, kind)
+            code, _o, err = run(capsys, "convert", str(source), "-o", str(out), "-f", fmt, kind)
             assert code == 0, err
-            assert out.stat().st_size > 0 or (fmt == "collapsed" and kind == "--leaks")
+            assert out.stat().st_size > 0  # the recording has leaks too: buffers it never freed

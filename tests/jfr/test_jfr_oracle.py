@@ -1,14 +1,16 @@
 """The reader against the JDK's own ``jfr`` tool on every real fixture.
 
-For each file in ``../shared/jfr/`` (async-profiler 4.5 on CPython, and the
-Rust agent's test files): the number of events per type, every decoded field
+For each real recording in ``tests/data`` (async-profiler 4.5 on CPython, recorded
+through asprof: CPU and wall with DWARF and frame-pointer stacks, native memory,
+user events, an agent report with its Python-frame side events; see
+tests/data/README.md), two of them concatenated, and a recording of the JDK's
+own Flight Recorder: the number of events per type, every decoded field
 of every event (threads, strings, numbers, settings, user-event payloads) and
 the frames of every stack equal what ``jfr print --json`` reports; event
 timestamps agree to within a microsecond.
 """
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import re
@@ -23,15 +25,14 @@ import pytest
 
 import asprof.jfr as J
 
-ROOT = Path(__file__).resolve().parents[2]
-SHARED = ROOT.parent / "shared" / "jfr"
-FIXTURES = sorted(SHARED.glob("*.jfr")) + sorted(SHARED.glob("rust-agent/*.jfr"))
-DATA = Path(__file__).resolve().parents[1] / "data"
-# extra inputs made at test time: a real 2-chunk recording, and two fixtures concatenated
-EXTRA = ["two-chunks.jfr", "concatenated.jfr"]
+from conftest import RECORDINGS, unpack_recording
+
+# the shipped recordings (tests/data/*.jfr.gz), and two of them concatenated (made at test time)
+INPUTS = [f"{name}.jfr" for name in RECORDINGS] + ["concatenated.jfr"]
+CONCATENATED = ["cpu-wall-fp", "user-events"]
 JAVA = shutil.which("java")
 if JAVA:
-    EXTRA.append("jdk-recording.jfr")  # a recording written by the JDK's own Flight Recorder
+    INPUTS.append("jdk-recording.jfr")  # a recording written by the JDK's own Flight Recorder
 
 _BURN = """
 public class Burn {
@@ -53,38 +54,34 @@ def _jfr_tool() -> str:
 
 JFR = _jfr_tool()
 
-pytestmark = [
-    pytest.mark.skipif(not FIXTURES, reason=f"no JFR fixtures in {SHARED} (shared/ is not beside the repo)"),
-    pytest.mark.skipif(not JFR, reason="no JDK 'jfr' tool installed: the JDK oracle cannot run"),
-]
+pytestmark = pytest.mark.skipif(not JFR, reason="no JDK 'jfr' tool installed: the JDK oracle cannot run")
 
 # Fields whose JSON form is a formatted time or duration (compared separately or skipped).
 _TIME_FIELDS = {"startTime", "timeSpan", "duration", "recordingStart", "recordingDuration", "maxAge",
                 "flushInterval"}
 
 
-def _materialize(name: Any, tmp: Path) -> Path:
-    if isinstance(name, Path):
-        return name
+def _materialize(name: str, tmp: Path) -> Path:
+    if name.removesuffix(".jfr") in RECORDINGS:
+        return unpack_recording(name.removesuffix(".jfr"), tmp)
     out = tmp / name
-    if name == "two-chunks.jfr":
-        out.write_bytes(gzip.decompress((DATA / "two-chunks.jfr.gz").read_bytes()))
-    elif name == "jdk-recording.jfr":
+    if name == "jdk-recording.jfr":
         src = tmp / "Burn.java"
         src.write_text(_BURN)
         subprocess.run([JAVA or "java", f"-XX:StartFlightRecording=filename={out},settings=profile", str(src)],
                        check=True, capture_output=True, timeout=300, cwd=tmp)
     else:
-        out.write_bytes((SHARED / "cpu-wall-fp.jfr").read_bytes() + (SHARED / "user-events.jfr").read_bytes())
+        out.write_bytes(b"".join(unpack_recording(part, tmp).read_bytes() for part in CONCATENATED))
     return out
 
 
-@pytest.fixture(scope="module", params=FIXTURES + EXTRA, ids=lambda p: getattr(p, "name", p))
+@pytest.fixture(scope="module", params=INPUTS)
 def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    path = _materialize(request.param, tmp_path_factory.mktemp("oracle"))
+    tmp = tmp_path_factory.mktemp("oracle")
+    path = _materialize(request.param, tmp)
     # The JDK resolves constant-pool keys across chunks, which mixes up two unrelated
     # recordings glued together: its oracle for the concatenation is that of the parts.
-    parts = [SHARED / "cpu-wall-fp.jfr", SHARED / "user-events.jfr"] if path.name == "concatenated.jfr" else [path]
+    parts = [tmp / f"{part}.jfr" for part in CONCATENATED] if path.name == "concatenated.jfr" else [path]
     jdk = []
     for part in parts:
         out = subprocess.run([JFR, "print", "--json", "--stack-depth", "2048", str(part)],
@@ -217,6 +214,6 @@ def test_threads_and_settings(pair: Any) -> None:
 
 def test_multi_chunk_inputs_have_several_chunks(pair: Any) -> None:
     path, jdk, rec = pair
-    if path.name in ("two-chunks.jfr", "concatenated.jfr"):
+    if path.name in ("two-chunks.jfr", "multi-chunk.jfr", "concatenated.jfr"):
         assert len(rec.chunks) == 2
         assert rec.chunks[0].start_nanos <= rec.chunks[1].start_nanos

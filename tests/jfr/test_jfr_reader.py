@@ -1,7 +1,6 @@
 """The reader's model on crafted and real inputs: chunks, pools, events, inputs (.zip, dirs)."""
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import os
@@ -14,12 +13,7 @@ import asprof.jfr as J
 from asprof.jfr import FrameType
 
 import jfr_builder as B
-
-ROOT = Path(__file__).resolve().parents[2]
-SHARED = ROOT.parent / "shared" / "jfr"
-DATA = Path(__file__).resolve().parents[1] / "data"
-needs_shared = pytest.mark.skipif(not (SHARED / "cpu-wall-fp.jfr").exists(),
-                                  reason=f"JFR fixtures not found in {SHARED}")
+from conftest import recording_bytes, unpack_recording
 
 
 def simple() -> bytes:
@@ -248,11 +242,8 @@ def test_directory_is_merged_in_time_order(tmp_path: Path) -> None:
     assert rec.start_nanos == 10**18
 
 
-@needs_shared
 def test_real_two_chunk_recording_with_leaks_across_chunks(tmp_path: Path) -> None:
-    p = tmp_path / "two.jfr"
-    p.write_bytes(gzip.decompress((DATA / "two-chunks.jfr.gz").read_bytes()))
-    rec = J.open(p)
+    rec = J.open(unpack_recording("two-chunks", tmp_path))
     assert len(rec.chunks) == 2
     assert all(c.columns.mem_time for c in rec.chunks)  # malloc/free in both chunks
     leaks = rec.samples("leaks")
@@ -261,11 +252,11 @@ def test_real_two_chunk_recording_with_leaks_across_chunks(tmp_path: Path) -> No
     assert settings["version"] == "4.5" and settings["engine"]
 
 
-@needs_shared
 def test_user_events_and_logs() -> None:
-    rec = J.open(SHARED / "user-events.jfr")
+    rec = J.open(recording_bytes("user-events"))
     evs = list(rec.events(["profiler.UserEvent"]))
     markers = [e["data"] for e in evs if e["type"] == "fixture.Marker"]
+    # the recording's main thread sent "marker 0", "marker 1", ... every 50 ms for 1.5 s
     assert markers == [f"marker {i}" for i in range(len(markers))] and len(markers) >= 16
     assert all(e.time_ns and rec.start_nanos <= e.time_ns <= rec.end_nanos + 10**9 for e in evs)
     logs = list(rec.events(["profiler.Log"]))
@@ -276,10 +267,9 @@ def test_user_events_and_logs() -> None:
     assert loads and all(0.0 <= x <= 1.0 for x in loads)
 
 
-@needs_shared
 def test_recording_overview() -> None:
-    rec = J.open(SHARED / "cpu-wall-dwarf.jfr")
-    assert rec.duration_nanos > 10**9
+    rec = J.open(recording_bytes("cpu-wall-dwarf"))
+    assert rec.duration_nanos > 10**9  # recorded for 1.6 s
     assert rec.setting("engine") == "perf_events"
     assert rec.setting("interval", 101) is not None
     prof = rec.samples("cpu")
@@ -302,11 +292,10 @@ def test_open_accepts_path_like_and_io_free(tmp_path: Path) -> None:
     assert isinstance(io.BytesIO(simple()).getvalue(), bytes)
 
 
-@needs_shared
 def test_two_threaded_fill_equals_one_thread() -> None:
     from asprof.jfr import _parser
 
-    data = (SHARED / "nativemem.jfr").read_bytes()
+    data = recording_bytes("nativemem")
     results = []
     try:
         for threshold in (1 << 40, 0):  # never / always two threads

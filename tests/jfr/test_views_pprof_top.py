@@ -2,16 +2,12 @@
 from __future__ import annotations
 
 import gzip
-from pathlib import Path
 from typing import Any, Dict, List, Tuple
-
-import pytest
 
 import asprof.jfr as J
 
 import jfr_builder as B
-
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "jfr"
+from conftest import recording_bytes
 
 
 def _varint(b: bytes, i: int) -> Tuple[int, int]:
@@ -105,9 +101,8 @@ def test_pprof_is_deterministic_gzip() -> None:
     assert J.to_pprof(prof)[:2] == b"\x1f\x8b"
 
 
-@pytest.mark.skipif(not (SHARED / "cpu-wall-dwarf.jfr").exists(), reason="JFR fixtures not found")
 def test_pprof_of_a_real_recording_sums_up() -> None:
-    r = J.open(SHARED / "cpu-wall-dwarf.jfr")
+    r = J.open(recording_bytes("cpu-wall-dwarf"))
     prof = r.samples("wall")
     p = read_pprof(J.to_pprof(prof))
     assert sum(v[0] for _n, v, _l in p["samples"]) == prof.total
