@@ -39,7 +39,8 @@ import_guard = threading.Lock()
 
 
 def _import_for_reports() -> None:
-    """What reports need and start-up does not (imported here, on the agent thread)."""
+    """What reports need and start-up does not: imported on the agent thread at its first
+    report (later calls find them loaded)."""
     with import_guard:
         import datetime  # noqa: F401
 
@@ -141,7 +142,6 @@ class _Agent:
     def _run(self) -> None:
         try:
             _name_os_thread("asprof-agent")
-            _import_for_reports()
             deadline = time.monotonic() + self.interval
             cpu_mark = (_own_cpu_seconds(), time.monotonic()) if self.config.max_cpu_percent else None
             while True:
@@ -274,6 +274,7 @@ class _Agent:
         return self.metadata
 
     def _report(self, jfr: bytes, start: float, end: float, blocking: bool) -> None:
+        _import_for_reports()  # at the first report, not while start() returns (the GIL)
         from asprof.metadata import ReportMetadata
 
         md = ReportMetadata(self._instance(), ReportMetadata.at(start), ReportMetadata.at(end), self.interval)
