@@ -4,6 +4,9 @@
 * :mod:`.html` -- a self-contained interactive flame graph
 * :mod:`.pprof` -- gzipped ``profile.proto`` for pprof, Pyroscope and Go tooling
 * :mod:`.top` -- hottest frames by self and total weight
+
+One output format per module, each a function of a ``Profile`` (and :mod:`.tree`, the call tree
+two of them share). May import :mod:`asprof.jfr.profile` and :mod:`asprof.jfr.model` only.
 """
 from __future__ import annotations
 
