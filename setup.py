@@ -53,10 +53,30 @@ pyframes_extensions = [
       and sys.platform.startswith("linux") and platform.machine() in ("x86_64", "aarch64")
       and glob.glob(os.path.join(HERE, "csrc/pyframes/*.c"))) else []
 
+# The built-in sampling engine (issue #11; owner: csrc/builtin). Every CPython 3.9+ on Linux
+# x86_64/aarch64; the frame walker of csrc/pyframes only where it supports the interpreter
+# (the _pyframes condition, and not the free-threaded build), native-leaf-only samples elsewhere.
+import sysconfig  # noqa: E402
+
+_walker = bool(pyframes_extensions) and not sysconfig.get_config_var("Py_GIL_DISABLED")
+builtin_extensions = [
+    Extension(
+        "asprof.engines._builtin",
+        sources=sorted(glob.glob("csrc/builtin/*.c")) + (
+            ["csrc/pyframes/safeload.c", "csrc/pyframes/walk.c", "csrc/pyframes/sigcapture.c"] if _walker else []),
+        include_dirs=["csrc/builtin", "csrc/pyframes"],
+        libraries=["dl", "pthread", "rt"],
+        extra_compile_args=CFLAGS,
+        define_macros=[("_GNU_SOURCE", "1")] + ([("ASPROF_WALKER", "1")] if _walker else []),
+    )
+] if (sys.implementation.name == "cpython" and sys.version_info[:2] >= (3, 9)
+      and sys.platform.startswith("linux") and platform.machine() in ("x86_64", "aarch64")
+      and glob.glob(os.path.join(HERE, "csrc/builtin/*.c"))) else []
+
 setup(
     ext_modules=cythonize(
         [native_core, *jfr_extensions],
         language_level="3",
         compiler_directives={"embedsignature": True},
-    ) + pyframes_extensions,
+    ) + pyframes_extensions + builtin_extensions,
 )

@@ -20,6 +20,7 @@
 #define _GNU_SOURCE 1
 #include "capture.h"
 #include "pyframes.h"
+#include "sigcapture.h"
 
 #include <dlfcn.h>
 #include <errno.h>
@@ -39,14 +40,12 @@
 #define RING_SIZE (64u * 1024u)       /* bytes per thread; a power of two */
 #define MAX_PY_FRAMES 512             /* upper bound for cfg.max_frames */
 #define MAX_ENTRIES (2 * MAX_PY_FRAMES + 2)
-#define CODE_CAP 16384                /* code table entries (power of two) */
-#define ARENA_SIZE (6u << 20)         /* bytes of copied names and line tables per table */
-#define NAME_CAP 256
-#define FILE_CAP 512
-#define LINETABLE_CAP 16384
-#define PROBES 32
-#define IDX_BOUNDARY 0xFFFFFFFFu
-#define IDX_UNKNOWN 0xFFFFFFFEu
+#define CODE_CAP PF_CODE_CAP
+#define ARENA_SIZE PF_ARENA_SIZE
+#define NAME_CAP PF_NAME_CAP
+#define FILE_CAP PF_FILE_CAP
+#define IDX_BOUNDARY PF_IDX_BOUNDARY
+#define IDX_UNKNOWN PF_IDX_UNKNOWN
 #define EVENT_MAX 2048
 
 #define REC_TRUNCATED 0x1
@@ -84,28 +83,8 @@ typedef struct {
     unsigned char *ring;
 } slot_t;
 
-typedef struct {
-    _Atomic uintptr_t code;        /* key; 0 = empty */
-    _Atomic int ready;
-    uintptr_t name, qualname, filename, linetable;   /* fingerprint (pointer identities) */
-    int32_t firstlineno;
-    uintptr_t globals;
-    uint32_t qn_off, fn_off, lt_off;
-    uint16_t qn_len, fn_len;
-    int32_t lt_len;                /* -1: no line table */
-    /* drain thread only */
-    uint32_t emitted_rec;
-    uint32_t mapped_rec;
-} code_t;
-
-typedef struct {
-    code_t entries[CODE_CAP];
-    _Atomic size_t arena_used;
-    _Atomic int count;
-    _Atomic int pins;
-    uint64_t gen;                  /* definition ids: gen * CODE_CAP + index */
-    unsigned char arena[ARENA_SIZE];
-} table_t;
+typedef pf_code_t code_t;
+typedef pf_codetable table_t;
 
 static struct {
     _Atomic int enabled;           /* the handler does its work */
@@ -151,12 +130,14 @@ static int ours(void) { return atomic_load(&g.installed) && getpid() == g.pid; }
    no lazy allocation). A forked child's copy is stale, but the capture is off in a child. */
 static __thread int cached_tid __attribute__((tls_model("initial-exec")));
 
+/* async-signal-safe: runs in the handler. */
 static inline int my_tid(void) {
     int t = cached_tid;
     if (t == 0) cached_tid = t = (int)syscall(SYS_gettid);
     return t;
 }
 
+/* async-signal-safe: runs in the handler. */
 static inline uint64_t mono_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -164,6 +145,7 @@ static inline uint64_t mono_ns(void) {
 }
 
 /* The counter async-profiler uses for JFR ticks by default (TSC / cntvct_el0). */
+/* async-signal-safe: runs in the handler. */
 static inline uint64_t cpu_ticks(void) {
 #if defined(__x86_64__)
     return __builtin_ia32_rdtsc();
@@ -181,14 +163,9 @@ static inline uint32_t hash_int(uint32_t x) {
     return x;
 }
 
-static inline uint64_t hash_ptr(uintptr_t p, int32_t line) {
-    uint64_t x = (uint64_t)p ^ ((uint64_t)(uint32_t)line << 32);
-    x ^= x >> 33; x *= 0xff51afd7ed558ccdULL; x ^= x >> 33; x *= 0xc4ceb9fe1a85ec53ULL; x ^= x >> 33;
-    return x;
-}
-
 /* --------------------------------------------------------------- slots ---- */
 
+/* async-signal-safe: runs in the handler. */
 static slot_t *find_slot(int tid) {
     uint32_t start = hash_int((uint32_t)tid) & (MAX_SLOTS - 1);
     for (uint32_t i = 0; i < MAX_SLOTS; i++) {
@@ -198,7 +175,7 @@ static slot_t *find_slot(int tid) {
     return NULL;
 }
 
-/* Claims a free slot for tid (async-signal-safe: CAS only). Only thread `tid` claims for itself. */
+/* async-signal-safe: runs in the handler. Claims a free slot for tid (CAS only). Only thread `tid` claims for itself. */
 static slot_t *claim_slot(int tid, int registered) {
     uint32_t start = hash_int((uint32_t)tid) & (MAX_SLOTS - 1);
     for (uint32_t i = 0; i < MAX_SLOTS; i++) {
@@ -218,77 +195,11 @@ static slot_t *claim_slot(int tid, int registered) {
 
 /* ---------------------------------------------------------- code table ---- */
 
-static size_t arena_alloc(table_t *t, size_t n) {
-    size_t at = atomic_fetch_add(&t->arena_used, n);
-    if (at + n > ARENA_SIZE) return (size_t)-1;
-    return at;
-}
-
-/* Finds or adds the code object (in the handler). */
-static _Atomic uint64_t n_unknown_unreadable, n_unknown_full;
-
-static uint32_t code_index(table_t *t, uintptr_t code, uintptr_t globals) {
-    pf_codeinfo ci;
-    if (pf_code_info(code, &ci) != 0) {
-        atomic_fetch_add_explicit(&n_unknown_unreadable, 1, memory_order_relaxed);
-        return IDX_UNKNOWN;
-    }
-    /* The whole fingerprint: code objects re-created at a recycled address (exec in a loop)
-       then spread over the table instead of piling up in one probe sequence. */
-    uint64_t h = hash_ptr(code ^ (ci.linetable * 31) ^ (ci.qualname * 17) ^ (ci.filename * 7), ci.firstlineno);
-    for (int p = 0; p < PROBES; p++) {
-        uint32_t idx = (uint32_t)((h + (uint64_t)p) & (CODE_CAP - 1));
-        code_t *e = &t->entries[idx];
-        uintptr_t k = atomic_load_explicit(&e->code, memory_order_acquire);
-        if (k == 0) {
-            if (atomic_load_explicit(&t->count, memory_order_relaxed) >= CODE_CAP * 7 / 8) break;
-            uintptr_t expect = 0;
-            if (atomic_compare_exchange_strong(&e->code, &expect, code)) {
-                /* Ours: copy what must outlive the code object. */
-                atomic_fetch_add(&t->count, 1);
-                e->name = ci.name; e->qualname = ci.qualname; e->filename = ci.filename;
-                e->linetable = ci.linetable; e->firstlineno = ci.firstlineno; e->globals = globals;
-                char qn[NAME_CAP], fn[FILE_CAP];
-                int qn_len = pf_read_str(ci.qualname, qn, NAME_CAP);
-                int fn_len = pf_read_str(ci.filename, fn, FILE_CAP);
-                if (qn_len < 0) { memcpy(qn, "<unreadable>", 12); qn_len = 12; }
-                if (fn_len < 0) { memcpy(fn, "<unreadable>", 12); fn_len = 12; }
-                size_t off = arena_alloc(t, (size_t)qn_len + (size_t)fn_len);
-                if (off == (size_t)-1) {
-                    e->qn_len = e->fn_len = 0;
-                    e->qn_off = e->fn_off = 0;
-                } else {
-                    memcpy(t->arena + off, qn, (size_t)qn_len);
-                    memcpy(t->arena + off + qn_len, fn, (size_t)fn_len);
-                    e->qn_off = (uint32_t)off; e->qn_len = (uint16_t)qn_len;
-                    e->fn_off = (uint32_t)(off + qn_len); e->fn_len = (uint16_t)fn_len;
-                }
-                e->lt_len = -1;
-                /* The line table: its size first, then a copy straight into the arena. */
-                size_t sz;
-                if (ci.linetable != 0 && pf_bytes_size(ci.linetable, &sz) == 0 && sz <= LINETABLE_CAP) {
-                    size_t lo = arena_alloc(t, sz);
-                    if (lo != (size_t)-1) {
-                        int n = pf_read_bytes(ci.linetable, t->arena + lo, (int)sz);
-                        if (n >= 0) { e->lt_off = (uint32_t)lo; e->lt_len = n; }
-                    }
-                }
-                atomic_store_explicit(&e->ready, 1, memory_order_release);
-                return idx;
-            }
-            k = atomic_load_explicit(&e->code, memory_order_acquire);
-        }
-        if (k == code && atomic_load_explicit(&e->ready, memory_order_acquire) &&
-            e->firstlineno == ci.firstlineno && e->name == ci.name && e->qualname == ci.qualname &&
-            e->filename == ci.filename && e->linetable == ci.linetable)
-            return idx;
-    }
-    atomic_fetch_add_explicit(&n_unknown_full, 1, memory_order_relaxed);
-    return IDX_UNKNOWN;
-}
+#define code_index pf_code_index
 
 /* ------------------------------------------------------------- handler ---- */
 
+/* async-signal-safe: runs in the handler. */
 static void call_prev(int sig, siginfo_t *info, void *uc) {
     void *fn = atomic_load_explicit(&g.sig[sig].prev_fn, memory_order_acquire);
     int flags = atomic_load_explicit(&g.sig[sig].prev_flags, memory_order_relaxed);
@@ -297,6 +208,7 @@ static void call_prev(int sig, siginfo_t *info, void *uc) {
     else ((void (*)(int))fn)(sig);
 }
 
+/* async-signal-safe: runs in the handler. */
 static void record(slot_t *s, int tid, void *tstate, uint64_t counter, int have_counter) {
     pf_rawframe raw[MAX_ENTRIES];
     int truncated = 0;
@@ -354,6 +266,7 @@ static void record(slot_t *s, int tid, void *tstate, uint64_t counter, int have_
     atomic_fetch_add_explicit(&g.n_samples, 1, memory_order_relaxed);
 }
 
+/* async-signal-safe: runs in the handler. */
 static void pf_signal_handler(int sig, siginfo_t *info, void *ucontext) {
     int saved_errno = errno;
     /* enabled is cleared in a forked child (at-fork handler), so no getpid() here. */
@@ -1045,8 +958,8 @@ void pf_get_stats(pf_stats *o) {
     o->ring_full = atomic_load(&g.n_ring_full);
     o->slots_full = atomic_load(&g.n_slots_full);
     o->unknown_code = atomic_load(&g.n_unknown_code);
-    o->unknown_unreadable = atomic_load(&n_unknown_unreadable);
-    o->unknown_full = atomic_load(&n_unknown_full);
+    o->unknown_unreadable = pf_unknown_unreadable();
+    o->unknown_full = pf_unknown_full();
     o->faults_recovered = pf_safeload_faults();
     o->guard_reinstalled = g.n_guard_reinstalled;
     o->timed_ns = atomic_load(&g.n_timed_ns);

@@ -4,6 +4,7 @@
  * Layout of csrc/pyframes/:
  *   safeload.c  a load instruction whose faults are recovered (no crash on a bad pointer)
  *   walk.c      per-CPython-version frame walking and line tables (compiled with Py_BUILD_CORE)
+ *   sigcapture.c the handler-side code table (shared with csrc/builtin)
  *   capture.c   signal chaining, per-thread slots and rings, the code table, the drain thread,
  *               emission as JFR user events, the session hooks
  *   module.c    the Python module asprof._pyframes

@@ -1,0 +1,17 @@
+"""asprof's built-in sampling engine (C extension, csrc/builtin/). Contract: see the module docs."""
+from __future__ import annotations
+
+python_frames: bool
+compiled_version: int
+
+def start(cpu_interval_ns: int, wall_interval_ns: int, max_frames: int = 128, cpu_mode: str = "auto") -> str: ...
+def stop() -> None: ...
+def running() -> bool: ...
+def collect() -> tuple[
+    list[tuple[str, str, str, int]],
+    list[tuple[str, str]],
+    list[tuple[int, ...]],
+    bytes,
+    int,
+]: ...
+def stats() -> dict[str, int]: ...

@@ -1,0 +1,121 @@
+/*
+ * asprof's built-in sampling engine (issue #11): the module asprof.engines._builtin.
+ *
+ *   handler.c  the SIGPROF handler (records one sample into the store), its installation and
+ *              chaining to the handler that was there before
+ *   store.c    the sample store: two halves (one written by handlers, one drained by collect),
+ *              each a bounded sample array, a lock-free stack table and a code table
+ *   timers.c   per-thread CPU-clock timers, the ITIMER_PROF fallback, the "asprof-sampler"
+ *              thread (thread rescans, wall-clock signals), fork handling
+ *   module.c   the Python module (start, stop, running, collect, stats)
+ *
+ * The Python frames come from csrc/pyframes (walk.c, safeload.c, sigcapture.c) where the walker
+ * supports the interpreter (ASPROF_WALKER defined by setup.py); elsewhere samples carry the
+ * native leaf only.
+ */
+#ifndef ASPROF_BUILTIN_H
+#define ASPROF_BUILTIN_H
+
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdint.h>
+
+#ifdef ASPROF_WALKER
+#include "pyframes.h"
+#include "sigcapture.h"
+#else
+#include <time.h>
+static inline uint64_t pf_mono_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+#endif
+
+/* sigval of our signals: magic in the upper 32 bits, kind and state below. */
+#define BI_MAGIC 0x4153505200000000ull          /* "ASPR" */
+#define BI_MAGIC_MASK 0xFFFFFFFF00000000ull
+#define BI_VAL_CPU 0x100u
+#define BI_VAL_WALL 0x200u
+
+#define BI_MAX_FRAMES 256                       /* Python frames per sample, upper bound */
+#define BI_SAMPLE_CAP (1u << 18)                /* samples per half (24 bytes each) */
+#define BI_STACK_CAP (1u << 15)                 /* distinct Python stacks per half */
+#define BI_FRAME_CAP (1u << 20)                 /* frames of those stacks per half */
+#define BI_STACK_PROBES 64
+#define BI_NO_STACK 0xFFFFFFu                   /* sample without Python frames */
+
+typedef struct {
+    uint64_t time;       /* CLOCK_MONOTONIC ns */
+    uint64_t pc;         /* native PC at the signal (0 = unknown) */
+    uint32_t tid;
+    uint32_t packed;     /* stack index (24 bits) | kind << 24 | state << 25 */
+} bi_sample;
+
+typedef struct {
+    uint32_t idx;        /* code index in the half's code table (or PF_IDX_UNKNOWN) */
+    int32_t lasti;
+} bi_frame;
+
+typedef struct {
+    _Atomic uint64_t hash;   /* 0 = empty */
+    _Atomic int ready;       /* 1 = frames written; 2 = no room for frames */
+    uint32_t off;
+    uint16_t n;
+    uint16_t truncated;
+} bi_stack;
+
+typedef struct {
+    _Atomic int pins;                  /* handlers using this half now */
+    _Atomic uint32_t nsamples;         /* reserved slots (may exceed BI_SAMPLE_CAP: lost) */
+    _Atomic uint32_t nstacks;
+    _Atomic uint32_t frames_used;
+    _Atomic uint64_t lost;             /* samples dropped for lack of room (stack table, frames) */
+    bi_sample *samples;
+    bi_stack *stacks;
+    bi_frame *frames;
+#ifdef ASPROF_WALKER
+    pf_codetable *codes;
+#endif
+} bi_half;
+
+typedef struct {
+    _Atomic uint64_t signals, samples, lost, chained, no_python, truncated, handler_calls,
+        handler_ns, inert, no_guard, masked, unknown_code, foreign_kernel, handler_reinstalled,
+        wall_sent, wall_failed, timer_failed, collects, collect_timeouts;
+} bi_counters;
+
+extern struct bi_state {
+    _Atomic int enabled;              /* the handler records our signals */
+    _Atomic int itimer_mode;          /* SI_KERNEL SIGPROF are ours */
+    _Atomic int guard_ok;             /* the fault guard for frame reads is in place */
+    int max_frames;
+    _Atomic int cur;                  /* the half handlers write to */
+    bi_half halves[2];
+    bi_counters n;
+} bi;
+
+/* store.c */
+int bi_store_init(void);                 /* maps the halves (once); 0 or -1 */
+void bi_store_reset(bi_half *h);         /* no handler may use it */
+/* Swaps the halves and waits for handlers to leave the old one: returns it, or NULL (timeout). */
+bi_half *bi_store_swap(void);
+
+/* handler.c */
+int bi_handler_install(void);            /* 0 or -1 (errno) */
+int bi_handler_is_installed(void);
+void bi_handler_restore(void);           /* puts the previous handler back if ours is installed */
+/* async-signal-safe: runs in the handler. */
+void bi_handler(int sig, siginfo_t *info, void *ucontext);
+
+/* timers.c */
+/* cpu_mode: 0 auto, 1 thread, 2 process. Returns NULL or an error message (errno kept). *mode_out:
+   "thread-cputime" | "itimer" | "off". */
+const char *bi_sampler_start(uint64_t cpu_ns, uint64_t wall_ns, int cpu_mode, const char **mode_out);
+void bi_sampler_stop(void);
+int bi_sampler_running(void);
+int bi_sampler_threads(void);
+int bi_sampler_timers(void);
+void bi_atfork_child(void);
+
+#endif

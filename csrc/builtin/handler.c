@@ -1,0 +1,228 @@
+/*
+ * The SIGPROF handler of the built-in engine.
+ *
+ * Our signals carry a magic value (per-thread timers: SI_TIMER; wall signals from the sampler:
+ * SI_QUEUE with the thread's state), or are SI_KERNEL while the ITIMER_PROF fallback runs.
+ * Any other SIGPROF goes to the handler installed before ours (chained, never swallowed).
+ *
+ * Per sample: the native PC from the signal context, the Python frames of this thread
+ * (csrc/pyframes' fault-tolerant walk, names copied into the half's code table), the stack
+ * deduplicated into the half's lock-free stack table, one 24-byte record. No allocation, no
+ * lock, no call that is not async-signal-safe; bounded loops; errno preserved.
+ */
+#define _GNU_SOURCE 1
+#include "builtin.h"
+
+#include <errno.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+static _Atomic(void *) prev_fn;
+static _Atomic int prev_flags;
+static struct sigaction prev_sa;
+
+/* async-signal-safe: runs in the handler. */
+static void call_prev(int sig, siginfo_t *info, void *uc) {
+    void *fn = atomic_load_explicit(&prev_fn, memory_order_acquire);
+    int flags = atomic_load_explicit(&prev_flags, memory_order_relaxed);
+    if (fn == (void *)SIG_DFL || fn == (void *)SIG_IGN || fn == NULL || fn == (void *)bi_handler) return;
+    if (flags & SA_SIGINFO) ((void (*)(int, siginfo_t *, void *))fn)(sig, info, uc);
+    else ((void (*)(int))fn)(sig);
+}
+
+/* async-signal-safe: runs in the handler. */
+static inline uint64_t signal_pc(void *ucontext) {
+    ucontext_t *uc = (ucontext_t *)ucontext;
+    if (uc == NULL) return 0;
+#if defined(__x86_64__)
+    return (uint64_t)uc->uc_mcontext.gregs[REG_RIP];
+#elif defined(__aarch64__)
+    return (uint64_t)uc->uc_mcontext.pc;
+#else
+    return 0;
+#endif
+}
+
+#ifdef ASPROF_WALKER
+/* async-signal-safe: runs in the handler. */
+static uint64_t hash_frames(const bi_frame *fr, int n, int truncated) {
+    uint64_t h = 0x9E3779B97F4A7C15ull ^ (uint64_t)n ^ ((uint64_t)truncated << 40);
+    for (int i = 0; i < n; i++) {
+        uint64_t x = ((uint64_t)fr[i].idx << 32) | (uint32_t)fr[i].lasti;
+        h = (h ^ x) * 0xff51afd7ed558ccdULL;
+        h ^= h >> 32;
+    }
+    return h ? h : 1;
+}
+
+/* Finds or adds the stack; returns its index, or BI_STACK_CAP when there is no room.
+   async-signal-safe: runs in the handler. */
+static uint32_t stack_index(bi_half *hf, const bi_frame *fr, int n, int truncated) {
+    uint64_t h = hash_frames(fr, n, truncated);
+    for (uint32_t p = 0; p < BI_STACK_PROBES; p++) {
+        uint32_t idx = (uint32_t)((h + p) & (BI_STACK_CAP - 1));
+        bi_stack *e = &hf->stacks[idx];
+        uint64_t k = atomic_load_explicit(&e->hash, memory_order_acquire);
+        if (k == 0) {
+            if (atomic_load_explicit(&hf->nstacks, memory_order_relaxed) >= BI_STACK_CAP * 3 / 4) break;
+            uint64_t expect = 0;
+            if (atomic_compare_exchange_strong(&e->hash, &expect, h)) {
+                atomic_fetch_add(&hf->nstacks, 1);
+                uint32_t off = atomic_fetch_add(&hf->frames_used, (uint32_t)n);
+                if ((uint64_t)off + (uint64_t)n > BI_FRAME_CAP) {
+                    atomic_store_explicit(&e->ready, 2, memory_order_release);
+                    return BI_STACK_CAP;
+                }
+                memcpy(&hf->frames[off], fr, (size_t)n * sizeof(bi_frame));
+                e->off = off;
+                e->n = (uint16_t)n;
+                e->truncated = (uint16_t)truncated;
+                atomic_store_explicit(&e->ready, 1, memory_order_release);
+                return idx;
+            }
+            k = expect;
+        }
+        /* Being written by another handler right now: probe on (a duplicate is merged later). */
+        if (k == h && atomic_load_explicit(&e->ready, memory_order_acquire) == 1 && e->n == n &&
+            e->truncated == truncated && memcmp(&hf->frames[e->off], fr, (size_t)n * sizeof(bi_frame)) == 0)
+            return idx;
+    }
+    return BI_STACK_CAP;
+}
+
+/* The Python stack of this thread into hf: its index, BI_NO_STACK (no Python frames) or
+   BI_STACK_CAP (no room). async-signal-safe: runs in the handler. */
+static uint32_t python_stack(bi_half *hf, void *ucontext) {
+    void *tstate = pf_this_thread_state();
+    if (tstate == NULL) {
+        atomic_fetch_add_explicit(&bi.n.no_python, 1, memory_order_relaxed);
+        return BI_NO_STACK;
+    }
+    ucontext_t *uc = (ucontext_t *)ucontext;
+    if (uc != NULL && (sigismember(&uc->uc_sigmask, SIGSEGV) == 1 || sigismember(&uc->uc_sigmask, SIGBUS) == 1)) {
+        atomic_fetch_add_explicit(&bi.n.masked, 1, memory_order_relaxed);  /* a fault could not be caught */
+        return BI_NO_STACK;
+    }
+    /* Our fault guard must be first in line for SIGSEGV (one system call; SIGBUS, which a heap
+       read cannot raise, is checked by the sampler thread). */
+    if (!atomic_load_explicit(&bi.guard_ok, memory_order_relaxed) || !pf_safeload_segv_active()) {
+        atomic_fetch_add_explicit(&bi.n.no_guard, 1, memory_order_relaxed);
+        return BI_NO_STACK;
+    }
+    pf_rawframe raw[2 * BI_MAX_FRAMES + 2];
+    bi_frame fr[BI_MAX_FRAMES];
+    int truncated = 0, unknown = 0;
+    int max = bi.max_frames;
+    int n = pf_walk(tstate, raw, 2 * max + 2, max, &truncated);
+    int m = 0;
+    for (int i = 0; i < n && m < BI_MAX_FRAMES; i++) {
+        if (raw[i].flags & PF_FRAME_BOUNDARY) continue;
+        fr[m].idx = pf_code_index(hf->codes, raw[i].code, raw[i].globals);
+        fr[m].lasti = raw[i].lasti;
+        if (fr[m].idx == PF_IDX_UNKNOWN) unknown = 1;
+        m++;
+    }
+    if (unknown) atomic_fetch_add_explicit(&bi.n.unknown_code, 1, memory_order_relaxed);
+    if (truncated) atomic_fetch_add_explicit(&bi.n.truncated, 1, memory_order_relaxed);
+    if (m == 0) return BI_NO_STACK;
+    return stack_index(hf, fr, m, truncated);
+}
+#endif
+
+/* async-signal-safe: runs in the handler. */
+void bi_handler(int sig, siginfo_t *info, void *ucontext) {
+    int saved_errno = errno;
+    uint64_t t0 = pf_mono_ns();
+    unsigned kind, state;
+    uint64_t v = info != NULL ? (uint64_t)(uintptr_t)info->si_value.sival_ptr : 0;
+    if (info != NULL && info->si_code == SI_TIMER && v == (BI_MAGIC | BI_VAL_CPU)) {
+        kind = 0; state = 0;
+    } else if (info != NULL && info->si_code == SI_QUEUE && (v & ~(uint64_t)0xFF) == (BI_MAGIC | BI_VAL_WALL)) {
+        kind = 1; state = (unsigned)(v & 3u);
+    } else if (info != NULL && info->si_code == SI_KERNEL && atomic_load_explicit(&bi.itimer_mode, memory_order_relaxed)) {
+        kind = 0; state = 0;
+    } else {
+        atomic_fetch_add_explicit(&bi.n.chained, 1, memory_order_relaxed);
+        call_prev(sig, info, ucontext);
+        errno = saved_errno;
+        return;
+    }
+    if (!atomic_load_explicit(&bi.enabled, memory_order_acquire)) {
+        atomic_fetch_add_explicit(&bi.n.inert, 1, memory_order_relaxed);  /* in flight at stop */
+        errno = saved_errno;
+        return;
+    }
+    atomic_fetch_add_explicit(&bi.n.signals, 1, memory_order_relaxed);
+    /* Pin the half we write to; collect() swaps halves and waits for pins to drop. */
+    int c = atomic_load(&bi.cur);
+    bi_half *hf = &bi.halves[c];
+    atomic_fetch_add(&hf->pins, 1);
+    if (atomic_load(&bi.cur) != c) {
+        atomic_fetch_sub(&hf->pins, 1);
+        c = 1 - c;
+        hf = &bi.halves[c];
+        atomic_fetch_add(&hf->pins, 1);
+        if (atomic_load(&bi.cur) != c) {  /* two swaps under us: give up this one */
+            atomic_fetch_sub(&hf->pins, 1);
+            atomic_fetch_add_explicit(&bi.n.lost, 1, memory_order_relaxed);
+            goto out;
+        }
+    }
+    uint32_t slot = atomic_fetch_add_explicit(&hf->nsamples, 1, memory_order_relaxed);
+    if (slot >= BI_SAMPLE_CAP) {
+        atomic_fetch_sub(&hf->pins, 1);
+        atomic_fetch_add_explicit(&bi.n.lost, 1, memory_order_relaxed);
+        goto out;
+    }
+    uint32_t stack = BI_NO_STACK;
+#ifdef ASPROF_WALKER
+    stack = python_stack(hf, ucontext);
+    if (stack == BI_STACK_CAP) {
+        /* the slot stays reserved but empty: marked so collect skips it */
+        hf->samples[slot].packed = 0xFFFFFFFFu;
+        hf->samples[slot].tid = 0;
+        atomic_fetch_add_explicit(&hf->lost, 1, memory_order_relaxed);
+        atomic_fetch_sub(&hf->pins, 1);
+        atomic_fetch_add_explicit(&bi.n.lost, 1, memory_order_relaxed);
+        goto out;
+    }
+#endif
+    bi_sample *s = &hf->samples[slot];
+    s->time = t0;
+    s->pc = signal_pc(ucontext);
+    s->tid = (uint32_t)syscall(SYS_gettid);
+    s->packed = (stack & 0xFFFFFFu) | (kind << 24) | (state << 25);
+    atomic_fetch_sub(&hf->pins, 1);  /* seq_cst: the record is complete before the unpin */
+    atomic_fetch_add_explicit(&bi.n.samples, 1, memory_order_relaxed);
+out:
+    atomic_fetch_add_explicit(&bi.n.handler_ns, pf_mono_ns() - t0, memory_order_relaxed);
+    atomic_fetch_add_explicit(&bi.n.handler_calls, 1, memory_order_relaxed);
+    errno = saved_errno;
+}
+
+int bi_handler_is_installed(void) {
+    struct sigaction cur;
+    return sigaction(SIGPROF, NULL, &cur) == 0 && (cur.sa_flags & SA_SIGINFO) && cur.sa_sigaction == bi_handler;
+}
+
+/* Installs ours in front; the one found there is kept to chain to. Not async-signal-safe. */
+int bi_handler_install(void) {
+    struct sigaction cur;
+    if (sigaction(SIGPROF, NULL, &cur) != 0) return -1;
+    if ((cur.sa_flags & SA_SIGINFO) && cur.sa_sigaction == bi_handler) return 0;
+    prev_sa = cur;
+    atomic_store(&prev_flags, cur.sa_flags);
+    atomic_store(&prev_fn, (cur.sa_flags & SA_SIGINFO) ? (void *)cur.sa_sigaction : (void *)cur.sa_handler);
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_sigaction = bi_handler;
+    sa.sa_flags = SA_SIGINFO | SA_RESTART | (cur.sa_flags & SA_ONSTACK);
+    sigemptyset(&sa.sa_mask);
+    return sigaction(SIGPROF, &sa, NULL);
+}
+
+void bi_handler_restore(void) {
+    if (bi_handler_is_installed()) sigaction(SIGPROF, &prev_sa, NULL);
+}

@@ -1,0 +1,425 @@
+/*
+ * asprof.engines._builtin: the built-in sampling engine's Python module (contract:
+ * docs in /asprof/engines/_builtin.pyi).
+ *
+ *   start(cpu_interval_ns, wall_interval_ns, max_frames=128, cpu_mode="auto") -> str
+ *   stop(), running(), collect(), stats()
+ *   python_frames, compiled_version
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "builtin.h"
+
+#include <dlfcn.h>
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#if defined(Py_GIL_DISABLED) && defined(ASPROF_WALKER)
+#error "the frame walker does not support the free-threaded build: build without ASPROF_WALKER"
+#endif
+
+static int started;            /* between a successful start() and stop() */
+static int collecting;         /* a collect() is in progress (GIL released while swapping) */
+static uint64_t lost_reported; /* bi.n.lost at the previous collect */
+
+static void atfork_child(void) {
+    /* The child has no sampler and no timers; the parent's samples are not the child's. */
+    atomic_store(&bi.enabled, 0);
+    atomic_store(&bi.itimer_mode, 0);
+    bi_atfork_child();
+    started = 0;
+    collecting = 0;
+    for (int i = 0; i < 2; i++) {
+        atomic_store(&bi.halves[i].pins, 0);  /* no other thread exists here */
+        bi_store_reset(&bi.halves[i]);
+    }
+    lost_reported = atomic_load(&bi.n.lost);
+}
+
+/* ---------------------------------------------------------------- start ---- */
+
+static PyObject *bi_start(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"cpu_interval_ns", "wall_interval_ns", "max_frames", "cpu_mode", NULL};
+    long long cpu_ns, wall_ns;
+    int max_frames = 128;
+    const char *mode = "auto";
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "LL|is:start", kwlist, &cpu_ns, &wall_ns, &max_frames, &mode))
+        return NULL;
+    if (started) {
+        PyErr_SetString(PyExc_RuntimeError, "the built-in engine is already running");
+        return NULL;
+    }
+    if (cpu_ns < 0 || wall_ns < 0) {
+        PyErr_SetString(PyExc_ValueError, "intervals must be >= 0 ns");
+        return NULL;
+    }
+    if (cpu_ns == 0 && wall_ns == 0) {
+        PyErr_SetString(PyExc_ValueError, "both CPU and wall sampling are off (intervals 0)");
+        return NULL;
+    }
+    if ((cpu_ns != 0 && cpu_ns < 100000) || (wall_ns != 0 && wall_ns < 100000)) {
+        PyErr_SetString(PyExc_ValueError, "intervals must be at least 100000 ns (0.1 ms)");
+        return NULL;
+    }
+    if (max_frames < 1) {
+        PyErr_SetString(PyExc_ValueError, "max_frames must be >= 1");
+        return NULL;
+    }
+    int cpu_mode;
+    if (strcmp(mode, "auto") == 0) cpu_mode = 0;
+    else if (strcmp(mode, "thread") == 0) cpu_mode = 1;
+    else if (strcmp(mode, "process") == 0) cpu_mode = 2;
+    else {
+        PyErr_Format(PyExc_ValueError, "cpu_mode must be 'auto', 'thread' or 'process', not %R",
+                     PyTuple_Size(args) > 3 ? PyTuple_GET_ITEM(args, 3) : Py_None);
+        return NULL;
+    }
+    if (bi_store_init() != 0) {
+        PyErr_SetString(PyExc_MemoryError, "cannot map the built-in engine's sample store");
+        return NULL;
+    }
+    bi.max_frames = max_frames > BI_MAX_FRAMES ? BI_MAX_FRAMES : max_frames;
+    /* A fresh store: nothing of a previous run is reported as this one's. */
+    for (int i = 0; i < 2; i++) bi_store_reset(&bi.halves[i]);
+    lost_reported = atomic_load(&bi.n.lost);
+#ifdef ASPROF_WALKER
+    atomic_store(&bi.guard_ok, pf_safeload_install() == 0 && pf_safeload_active());
+#endif
+    int had_handler = bi_handler_is_installed();
+    if (bi_handler_install() != 0) {
+        PyErr_SetFromErrnoWithFilename(PyExc_OSError, "sigaction(SIGPROF)");
+        return NULL;
+    }
+    atomic_store(&bi.enabled, 1);
+    const char *mode_out = "off";
+    const char *err;
+    Py_BEGIN_ALLOW_THREADS
+    err = bi_sampler_start((uint64_t)cpu_ns, (uint64_t)wall_ns, cpu_mode, &mode_out);
+    Py_END_ALLOW_THREADS
+    if (err != NULL) {
+        int e = errno;
+        atomic_store(&bi.enabled, 0);
+        if (!had_handler) bi_handler_restore();  /* no signal of ours was ever sent */
+        PyErr_Format(PyExc_OSError, "built-in engine: %s: %s", err, strerror(e));
+        return NULL;
+    }
+    started = 1;
+    return PyUnicode_FromString(mode_out);
+}
+
+static PyObject *bi_stop(PyObject *self, PyObject *noargs) {
+    if (!started) Py_RETURN_NONE;
+    Py_BEGIN_ALLOW_THREADS
+    bi_sampler_stop();
+    Py_END_ALLOW_THREADS
+    /* Signals still in flight find the handler inert; it stays installed (a pending SIGPROF
+       must never meet SIG_DFL, which would end the process). */
+    atomic_store(&bi.enabled, 0);
+    started = 0;
+    Py_RETURN_NONE;
+}
+
+static PyObject *bi_running(PyObject *self, PyObject *noargs) {
+    return PyBool_FromLong(started);
+}
+
+/* -------------------------------------------------------------- collect ---- */
+
+typedef struct {
+    PyObject *codes, *natives, *stacks;
+    PyObject *pc_map, *native_map, *stack_map, *combo_map;
+    PyObject **py_pairs;        /* per stack index: list of (code id, line) ints, or NULL */
+    int32_t *code_map;
+    long unknown_code;
+} batch;
+
+static PyObject *decode(const unsigned char *p, size_t n, const char *dflt) {
+    if (n == 0) return PyUnicode_FromString(dflt);
+    return PyUnicode_DecodeUTF8((const char *)p, (Py_ssize_t)n, "replace");
+}
+
+static long add_unknown_code(batch *b) {
+    if (b->unknown_code >= 0) return b->unknown_code;
+    PyObject *t = Py_BuildValue("(sssi)", "<unknown>", "<unknown>", "", 0);
+    if (t == NULL || PyList_Append(b->codes, t) != 0) { Py_XDECREF(t); return -1; }
+    Py_DECREF(t);
+    b->unknown_code = (long)PyList_GET_SIZE(b->codes) - 1;
+    return b->unknown_code;
+}
+
+#ifdef ASPROF_WALKER
+/* The (code id, line) pairs of stack idx of half h, leaf first. New reference to a list. */
+static PyObject *python_pairs(batch *b, bi_half *h, uint32_t idx) {
+    PyObject *out = PyList_New(0);
+    if (out == NULL) return NULL;
+    bi_stack *e = &h->stacks[idx];
+    if (atomic_load(&e->ready) != 1) return out;
+    pf_codetable *t = h->codes;
+    for (uint32_t i = 0; i < e->n; i++) {
+        bi_frame *f = &h->frames[e->off + i];
+        long id;
+        int line = 0;
+        pf_code_t *c = f->idx < PF_CODE_CAP ? &t->entries[f->idx] : NULL;
+        if (c == NULL || !atomic_load(&c->ready)) {
+            id = add_unknown_code(b);
+        } else {
+            if (b->code_map[f->idx] < 0) {
+                PyObject *name = decode(t->arena + c->nm_off, c->nm_len, "<unknown>");
+                PyObject *qual = decode(t->arena + c->qn_off, c->qn_len, "<unknown>");
+                PyObject *file = decode(t->arena + c->fn_off, c->fn_len, "");
+                PyObject *tup = (name && qual && file) ? Py_BuildValue("(OOOi)", name, qual, file, (int)c->firstlineno) : NULL;
+                Py_XDECREF(name); Py_XDECREF(qual); Py_XDECREF(file);
+                if (tup == NULL || PyList_Append(b->codes, tup) != 0) { Py_XDECREF(tup); Py_DECREF(out); return NULL; }
+                Py_DECREF(tup);
+                b->code_map[f->idx] = (int32_t)(PyList_GET_SIZE(b->codes) - 1);
+            }
+            id = b->code_map[f->idx];
+            if (c->lt_len >= 0) {
+                line = pf_addr2line(t->arena + c->lt_off, c->lt_len, c->firstlineno, f->lasti);
+                if (line < 0) line = 0;
+            }
+        }
+        if (id < 0) { Py_DECREF(out); return NULL; }
+        PyObject *a = PyLong_FromLong(id), *l = PyLong_FromLong(line);
+        int bad = a == NULL || l == NULL || PyList_Append(out, a) != 0 || PyList_Append(out, l) != 0;
+        Py_XDECREF(a); Py_XDECREF(l);
+        if (bad) { Py_DECREF(out); return NULL; }
+    }
+    return out;
+}
+#endif
+
+/* Native id of pc (dladdr, cached per pc); -1 with an exception set on error. */
+static long native_id(batch *b, uint64_t pc) {
+    PyObject *key = PyLong_FromUnsignedLongLong(pc);
+    if (key == NULL) return -1;
+    PyObject *hit = PyDict_GetItemWithError(b->pc_map, key);
+    if (hit != NULL) { Py_DECREF(key); return PyLong_AsLong(hit); }
+    if (PyErr_Occurred()) { Py_DECREF(key); return -1; }
+    Dl_info info;
+    char hex[32];
+    const char *sym, *lib = "";
+    memset(&info, 0, sizeof(info));
+    if (dladdr((void *)(uintptr_t)pc, &info) != 0) {
+        if (info.dli_fname != NULL) lib = info.dli_fname;
+    }
+    if (info.dli_sname != NULL) sym = info.dli_sname;
+    else { snprintf(hex, sizeof(hex), "0x%llx", (unsigned long long)pc); sym = hex; }
+    PyObject *nat = Py_BuildValue("(ss)", sym, lib);
+    long id = -1;
+    if (nat != NULL) {
+        PyObject *known = PyDict_GetItemWithError(b->native_map, nat);
+        if (known != NULL) id = PyLong_AsLong(known);
+        else if (!PyErr_Occurred() && PyList_Append(b->natives, nat) == 0) {
+            id = (long)PyList_GET_SIZE(b->natives) - 1;
+            PyObject *v = PyLong_FromLong(id);
+            if (v == NULL || PyDict_SetItem(b->native_map, nat, v) != 0) id = -1;
+            Py_XDECREF(v);
+        }
+        Py_DECREF(nat);
+    }
+    if (id >= 0) {
+        PyObject *v = PyLong_FromLong(id);
+        if (v == NULL || PyDict_SetItem(b->pc_map, key, v) != 0) id = -1;
+        Py_XDECREF(v);
+    }
+    Py_DECREF(key);
+    return id;
+}
+
+/* Final stack id of (native id or -1, stack index); -1 with an exception on error. */
+static long final_stack(batch *b, bi_half *h, long nat, uint32_t idx) {
+    PyObject *ck = PyLong_FromLongLong((long long)(nat + 1) * (1LL << 25) + (long long)idx);
+    if (ck == NULL) return -1;
+    PyObject *hit = PyDict_GetItemWithError(b->combo_map, ck);
+    if (hit != NULL) { Py_DECREF(ck); return PyLong_AsLong(hit); }
+    if (PyErr_Occurred()) { Py_DECREF(ck); return -1; }
+    long id = -1;
+    PyObject *refs = PyList_New(0);
+    if (refs == NULL) goto done;
+    if (nat >= 0) {
+        PyObject *a = PyLong_FromLong(-nat - 1), *z = PyLong_FromLong(0);
+        int bad = a == NULL || z == NULL || PyList_Append(refs, a) != 0 || PyList_Append(refs, z) != 0;
+        Py_XDECREF(a); Py_XDECREF(z);
+        if (bad) goto done;
+    }
+#ifdef ASPROF_WALKER
+    if (idx < BI_STACK_CAP) {
+        if (b->py_pairs[idx] == NULL && (b->py_pairs[idx] = python_pairs(b, h, idx)) == NULL) goto done;
+        PyObject *pairs = b->py_pairs[idx];
+        if (PyList_SetSlice(refs, PyList_GET_SIZE(refs), PyList_GET_SIZE(refs), pairs) != 0) goto done;
+    }
+#else
+    (void)h;
+#endif
+    PyObject *tup = PyList_AsTuple(refs);
+    if (tup == NULL) goto done;
+    PyObject *known = PyDict_GetItemWithError(b->stack_map, tup);
+    if (known != NULL) id = PyLong_AsLong(known);
+    else if (!PyErr_Occurred() && PyList_Append(b->stacks, tup) == 0) {
+        id = (long)PyList_GET_SIZE(b->stacks) - 1;
+        PyObject *v = PyLong_FromLong(id);
+        if (v == NULL || PyDict_SetItem(b->stack_map, tup, v) != 0) id = -1;
+        Py_XDECREF(v);
+    }
+    Py_DECREF(tup);
+    if (id >= 0) {
+        PyObject *v = PyLong_FromLong(id);
+        if (v == NULL || PyDict_SetItem(b->combo_map, ck, v) != 0) id = -1;
+        Py_XDECREF(v);
+    }
+done:
+    Py_XDECREF(refs);
+    Py_DECREF(ck);
+    return id;
+}
+
+static void put_u32(unsigned char *p, uint32_t v) { for (int i = 0; i < 4; i++) p[i] = (unsigned char)(v >> (8 * i)); }
+static void put_u64(unsigned char *p, uint64_t v) { for (int i = 0; i < 8; i++) p[i] = (unsigned char)(v >> (8 * i)); }
+
+static PyObject *drain(bi_half *h, uint64_t lost) {
+    batch b;
+    memset(&b, 0, sizeof(b));
+    b.unknown_code = -1;
+    PyObject *samples = NULL, *result = NULL;
+    uint32_t n = h != NULL ? atomic_load(&h->nsamples) : 0;
+    if (n > BI_SAMPLE_CAP) n = BI_SAMPLE_CAP;
+    b.codes = PyList_New(0); b.natives = PyList_New(0); b.stacks = PyList_New(0);
+    b.pc_map = PyDict_New(); b.native_map = PyDict_New(); b.stack_map = PyDict_New(); b.combo_map = PyDict_New();
+    samples = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)n * 20);
+    if (!b.codes || !b.natives || !b.stacks || !b.pc_map || !b.native_map || !b.stack_map || !b.combo_map || !samples)
+        goto out;
+#ifdef ASPROF_WALKER
+    if (n > 0) {
+        b.py_pairs = PyMem_Calloc(BI_STACK_CAP, sizeof(PyObject *));
+        b.code_map = PyMem_Malloc(PF_CODE_CAP * sizeof(int32_t));
+        if (b.py_pairs == NULL || b.code_map == NULL) { PyErr_NoMemory(); goto out; }
+        memset(b.code_map, 0xFF, PF_CODE_CAP * sizeof(int32_t));
+    }
+#endif
+    unsigned char *w = (unsigned char *)PyBytes_AS_STRING(samples);
+    uint32_t kept = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        bi_sample *s = &h->samples[i];
+        if (s->packed == 0xFFFFFFFFu || s->tid == 0) continue;  /* lost in the handler */
+        uint32_t idx = s->packed & 0xFFFFFFu;
+        unsigned kind = (s->packed >> 24) & 1u, state = (s->packed >> 25) & 3u;
+        long nat = -1;
+        if (s->pc != 0 && (nat = native_id(&b, s->pc)) < 0) goto out;
+        long sid = final_stack(&b, h, nat, idx);
+        if (sid < 0) goto out;
+        unsigned char *r = w + (size_t)kept * 20;
+        put_u64(r, s->time);
+        put_u32(r + 8, s->tid);
+        put_u32(r + 12, (uint32_t)sid);
+        r[16] = (unsigned char)kind;
+        r[17] = (unsigned char)state;
+        r[18] = r[19] = 0;
+        kept++;
+    }
+    if (kept != n && _PyBytes_Resize(&samples, (Py_ssize_t)kept * 20) != 0) { samples = NULL; goto out; }
+    result = Py_BuildValue("(OOOOK)", b.codes, b.natives, b.stacks, samples, (unsigned long long)lost);
+out:
+    if (b.py_pairs != NULL) {
+        for (uint32_t i = 0; i < BI_STACK_CAP; i++) Py_XDECREF(b.py_pairs[i]);
+        PyMem_Free(b.py_pairs);
+    }
+    PyMem_Free(b.code_map);
+    Py_XDECREF(b.codes); Py_XDECREF(b.natives); Py_XDECREF(b.stacks);
+    Py_XDECREF(b.pc_map); Py_XDECREF(b.native_map); Py_XDECREF(b.stack_map); Py_XDECREF(b.combo_map);
+    Py_XDECREF(samples);
+    return result;
+}
+
+static PyObject *bi_collect(PyObject *self, PyObject *noargs) {
+    if (collecting) {
+        PyErr_SetString(PyExc_RuntimeError, "collect() is already running in another thread");
+        return NULL;
+    }
+    if (bi.halves[0].samples == NULL) return drain(NULL, 0);  /* never started */
+    collecting = 1;
+    bi_half *h;
+    Py_BEGIN_ALLOW_THREADS
+    h = bi_store_swap();
+    Py_END_ALLOW_THREADS
+    uint64_t lost_now = atomic_load(&bi.n.lost);
+    uint64_t lost = lost_now - lost_reported;
+    lost_reported = lost_now;
+    atomic_fetch_add(&bi.n.collects, 1);
+    PyObject *r = drain(h, lost);
+    if (h != NULL) bi_store_reset(h);
+    collecting = 0;
+    return r;
+}
+
+/* ---------------------------------------------------------------- stats ---- */
+
+static int put(PyObject *d, const char *k, unsigned long long v) {
+    PyObject *o = PyLong_FromUnsignedLongLong(v);
+    int rc = o == NULL ? -1 : PyDict_SetItemString(d, k, o);
+    Py_XDECREF(o);
+    return rc;
+}
+
+static PyObject *bi_stats(PyObject *self, PyObject *noargs) {
+    PyObject *d = PyDict_New();
+    if (d == NULL) return NULL;
+#define C(name) put(d, #name, atomic_load(&bi.n.name))
+    int rc = C(signals) | C(samples) | C(lost) | C(chained) | C(no_python) | C(truncated) | C(handler_calls) |
+             C(handler_ns) | C(inert) | C(no_guard) | C(masked) | C(unknown_code) | C(handler_reinstalled) |
+             C(wall_sent) | C(wall_failed) | C(timer_failed) | C(collects) | C(collect_timeouts);
+#undef C
+    rc |= put(d, "threads", (unsigned long long)bi_sampler_threads());
+    rc |= put(d, "timers", (unsigned long long)bi_sampler_timers());
+#ifdef ASPROF_WALKER
+    rc |= put(d, "faults_recovered", pf_safeload_faults());
+#else
+    rc |= put(d, "faults_recovered", 0);
+#endif
+    if (rc != 0) { Py_DECREF(d); return NULL; }
+    return d;
+}
+
+static PyMethodDef methods[] = {
+    {"start", (PyCFunction)(void (*)(void))bi_start, METH_VARARGS | METH_KEYWORDS,
+     "start(cpu_interval_ns, wall_interval_ns, max_frames=128, cpu_mode='auto') -> CPU mode in use"},
+    {"stop", bi_stop, METH_NOARGS, "stop() -> None: timers deleted, sampler thread joined"},
+    {"running", bi_running, METH_NOARGS, "running() -> bool"},
+    {"collect", bi_collect, METH_NOARGS, "collect() -> (codes, natives, stacks, samples, lost)"},
+    {"stats", bi_stats, METH_NOARGS, "stats() -> dict of cumulative counters"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef moduledef = {
+    PyModuleDef_HEAD_INIT, "asprof.engines._builtin",
+    "asprof's built-in sampling engine (per-thread CPU-clock timers, wall-clock signals).", -1, methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__builtin(void) {
+    PyObject *m = PyModule_Create(&moduledef);
+    if (m == NULL) return NULL;
+#ifdef ASPROF_WALKER
+    int frames = 1;
+    unsigned long version = pf_compiled_version();
+#else
+    int frames = 0;
+    unsigned long version = PY_VERSION_HEX;
+#endif
+    static int atfork_done;
+    if (!atfork_done) {
+        pthread_atfork(NULL, NULL, atfork_child);
+        atfork_done = 1;
+    }
+    if (PyModule_AddObject(m, "python_frames", PyBool_FromLong(frames)) != 0 ||
+        PyModule_AddIntConstant(m, "compiled_version", (long)version) != 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
