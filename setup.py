@@ -18,7 +18,7 @@ CFLAGS = ["-O2", "-g0", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fvisibili
 native_core = Extension(
     "asprof._native",
     sources=["asprof/_native.pyx"] + sorted(glob.glob("csrc/core/*.c")),
-    include_dirs=["csrc/core"],
+    include_dirs=["csrc/core", "csrc/include"],
     libraries=["dl", "pthread"],
     extra_compile_args=CFLAGS,
     define_macros=[("_GNU_SOURCE", "1")],
@@ -44,7 +44,7 @@ pyframes_extensions = [
     Extension(
         "asprof._pyframes",
         sources=sorted(glob.glob("csrc/pyframes/*.c")),
-        include_dirs=["csrc/pyframes"],
+        include_dirs=["csrc/pyframes", "csrc/include"],
         libraries=["dl", "pthread"],
         extra_compile_args=CFLAGS,
         define_macros=[("_GNU_SOURCE", "1")],

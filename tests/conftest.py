@@ -16,6 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 STUB_SOURCE = Path(__file__).resolve().parent / "stub" / "fake_asprof.c"
+ABI_INCLUDE = ROOT / "csrc" / "include"  # asprof_abi.h: the one declaration of the C API
 JFR_TOOL = next(iter(sorted(Path("/usr/lib/jvm").glob("*/bin/jfr"))), None) if Path("/usr/lib/jvm").exists() else None
 
 
@@ -36,7 +37,8 @@ def stub_builds(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
         d = out / name
         d.mkdir()
         target = d / "libasyncProfiler.so"
-        subprocess.run([cc, "-shared", "-fPIC", "-O1", *flags, "-o", str(target), str(STUB_SOURCE)], check=True)
+        subprocess.run([cc, "-shared", "-fPIC", "-O1", f"-I{ABI_INCLUDE}", *flags, "-o", str(target), str(STUB_SOURCE)],
+                       check=True)
         builds[name] = target
     return builds
 

@@ -4,9 +4,7 @@
  * Plain C with no Python API, so that it can run without the GIL and be
  * tested on its own. The Cython module asprof/_native.pyx wraps it.
  *
- * Declarations of async-profiler's C API are our own (from its documented
- * ABI: asprof_init, asprof_execute, asprof_error_str, and the optional 4.x
- * functions), not a copy of upstream's header.
+ * async-profiler's C API is declared once, in csrc/include/asprof_abi.h.
  */
 #ifndef ASPROF_CORE_H
 #define ASPROF_CORE_H
@@ -15,16 +13,7 @@
 #include <stdint.h>
 #include <sys/types.h>
 
-/* ---- async-profiler's C API, as resolved with dlsym ---- */
-typedef const char *asp_error_t;
-typedef void (*asp_writer_fn)(const char *buf, size_t size);
-typedef void (*asp_init_fn)(void);
-typedef asp_error_t (*asp_execute_fn)(const char *command, asp_writer_fn writer);
-typedef const char *(*asp_error_str_fn)(asp_error_t err);
-typedef struct { volatile uint64_t sample_counter; } asp_thread_local_data;
-typedef asp_thread_local_data *(*asp_get_tld_fn)(void);
-typedef int (*asp_register_event_fn)(const char *name);
-typedef asp_error_t (*asp_emit_event_fn)(int key, const uint8_t *data, size_t len);
+#include "asprof_abi.h"   /* async-profiler's C API and the session hooks, declared once */
 
 /* A growable byte buffer, bounded by `limit` (0 = 1 MiB). */
 typedef struct {

@@ -129,15 +129,8 @@ static void register_atfork(void) {
 /* ---- hooks around start/stop (issue #5, Python frames; owner: csrc/pyframes) ----
  * An optional extension (asprof._pyframes) sets these through asp_session_set_hooks, found
  * with dlsym on this module; without it they stay NULL and nothing changes. They run on the
- * thread doing the start/stop, outside asp_exec_lock, and must not need the GIL. */
-typedef struct {
-    void (*before_start)(void);
-    void (*after_start)(int ok);
-    void (*before_stop)(void);
-    void (*after_stop)(int ok);
-    void (*before_flush)(void);   /* around a dump: the chunk is finished, sampling goes on */
-    void (*after_flush)(int ok);
-} asp_session_hooks;
+ * thread doing the start/stop, outside asp_exec_lock, and must not need the GIL. The struct is
+ * asp_session_hooks (csrc/include/asprof_abi.h), shared with the extension. */
 static asp_session_hooks session_hooks;
 static pthread_mutex_t hooks_lock = PTHREAD_MUTEX_INITIALIZER;
 

@@ -5,10 +5,13 @@
 #include <stdint.h>
 #include <stddef.h>
 
-typedef struct { volatile uint64_t sample_counter; } pf_tld;
-typedef pf_tld *(*pf_get_tld_fn)(void);
-typedef int (*pf_register_fn)(const char *name);
-typedef const char *(*pf_emit_fn)(int key, const uint8_t *data, size_t len);
+#include "asprof_abi.h"  /* async-profiler's C API, declared once */
+
+/* Short names for the 4.x functions capture.c calls (the types are the ABI header's). */
+typedef asp_thread_local_data pf_tld;
+typedef asp_get_tld_fn pf_get_tld_fn;
+typedef asp_register_event_fn pf_register_fn;
+typedef asp_emit_event_fn pf_emit_fn;
 
 /* How the handler's record is tied to async-profiler's sample. */
 enum { PF_JOIN_EXACT = 1,    /* 4.5+: sample_counter is the sample's startTime */

@@ -94,16 +94,8 @@ static void *open_loaded(const char *path, char *err, size_t errlen) {
     return h;
 }
 
-typedef struct {
-    void (*before_start)(void);
-    void (*after_start)(int ok);
-    void (*before_stop)(void);
-    void (*after_stop)(int ok);
-    void (*before_flush)(void);
-    void (*after_flush)(int ok);
-} session_hooks;
-typedef void (*set_hooks_fn)(const session_hooks *);
-static set_hooks_fn set_hooks;
+/* csrc/core's session hooks: asp_session_hooks, declared once in csrc/include/asprof_abi.h. */
+static asp_set_hooks_fn set_hooks;
 
 /* threading.Thread._bootstrap_inner is wrapped by a C function (bound as a method with
    PyInstanceMethod), so that new threads register themselves before running anything, and no
@@ -178,7 +170,7 @@ static PyObject *py_install(PyObject *module, PyObject *args, PyObject *kw) {
     cfg.get_tld = (pf_get_tld_fn)dlsym(lib, "asprof_get_thread_local_data");
     cfg.register_event = (pf_register_fn)dlsym(lib, "asprof_register_jfr_event");
     cfg.emit = (pf_emit_fn)dlsym(lib, "asprof_emit_jfr_event");
-    set_hooks = (set_hooks_fn)dlsym(native, "asp_session_set_hooks");
+    set_hooks = (asp_set_hooks_fn)dlsym(native, "asp_session_set_hooks");
     Dl_info info;
     void *exec = dlsym(lib, "asprof_execute");
     if (exec == NULL || dladdr(exec, &info) == 0) {
@@ -207,7 +199,7 @@ static PyObject *py_install(PyObject *module, PyObject *args, PyObject *kw) {
         PyErr_SetString(PyExc_RuntimeError, e);
         return NULL;
     }
-    session_hooks h = {pf_before_start, pf_after_start, pf_before_stop, pf_after_stop,
+    asp_session_hooks h = {pf_before_start, pf_after_start, pf_before_stop, pf_after_stop,
                       pf_before_flush, pf_after_flush};
     set_hooks(&h);
     register_current();

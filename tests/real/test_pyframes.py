@@ -55,7 +55,7 @@ def build_for(python):
     for name, srcs, incdir in jobs:
         srcs = [s if os.path.isabs(s) else os.path.join(ROOT, s) for s in srcs]
         target = os.path.join(ROOT, name + suffix)
-        deps = srcs + glob.glob(os.path.join(ROOT, incdir, "*.h"))
+        deps = srcs + glob.glob(os.path.join(ROOT, incdir, "*.h")) + glob.glob(os.path.join(ROOT, "csrc/include/*.h"))
         if not all(os.path.exists(s) for s in srcs):
             if os.path.exists(target):
                 continue
@@ -63,7 +63,8 @@ def build_for(python):
         if os.path.exists(target) and os.path.getmtime(target) >= max(map(os.path.getmtime, deps)):
             continue
         cmd = ["gcc", "-shared", "-fPIC", "-O2", "-g", "-std=gnu11", "-D_GNU_SOURCE=1",
-               "-fvisibility=hidden", "-I" + inc, "-I" + os.path.join(ROOT, incdir)] + srcs + \
+               "-fvisibility=hidden", "-I" + inc, "-I" + os.path.join(ROOT, incdir),
+               "-I" + os.path.join(ROOT, "csrc/include")] + srcs + \
               ["-o", target + ".tmp", "-ldl", "-lpthread"]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:

@@ -30,6 +30,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "asprof_abi.h"  /* the ABI the agent expects (csrc/include): the stand-in implements it */
+
 #define EXPORT __attribute__((visibility("default")))
 
 static int initialized;
@@ -91,6 +93,12 @@ static void at_exit(void) {
     }
 }
 
+/* Each function has exactly the type the agent resolves it as (a mismatch fails to compile). */
+EXPORT void asprof_init(void);
+EXPORT const char *asprof_error_str(const char *err);
+static asp_init_fn const check_init __attribute__((unused)) = asprof_init;
+static asp_error_str_fn const check_error_str __attribute__((unused)) = asprof_error_str;
+
 EXPORT void asprof_init(void) {
     if (!initialized) atexit(at_exit);
     initialized++;
@@ -99,7 +107,9 @@ EXPORT void asprof_init(void) {
 EXPORT const char *asprof_error_str(const char *err) { return err; }
 
 #ifndef STUB_NO_EXECUTE
-EXPORT const char *asprof_execute(const char *command, void (*writer)(const char *, size_t)) {
+EXPORT asp_error_t asprof_execute(const char *command, asp_writer_fn writer);
+static asp_execute_fn const check_execute __attribute__((unused)) = asprof_execute;
+EXPORT asp_error_t asprof_execute(const char *command, asp_writer_fn writer) {
     const char *record = getenv("STUB_COMMANDS");
     if (record != NULL) {
         int fd = open(record, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
@@ -189,10 +199,13 @@ EXPORT const char *asprof_execute(const char *command, void (*writer)(const char
 #endif
 
 #ifndef STUB_NO_OPTIONAL
-typedef struct { volatile uint64_t sample_counter; } tld_t;
-static __thread tld_t tld;
-EXPORT tld_t *asprof_get_thread_local_data(void) { return &tld; }
+static __thread asp_thread_local_data tld;
+EXPORT asp_thread_local_data *asprof_get_thread_local_data(void) { return &tld; }
 EXPORT int asprof_register_jfr_event(const char *name) { return name && *name ? 1 : -1; }
+EXPORT asp_error_t asprof_emit_jfr_event(int key, const uint8_t *data, size_t len);
+static asp_get_tld_fn const check_get_tld __attribute__((unused)) = asprof_get_thread_local_data;
+static asp_register_event_fn const check_register __attribute__((unused)) = asprof_register_jfr_event;
+static asp_emit_event_fn const check_emit __attribute__((unused)) = asprof_emit_jfr_event;
 EXPORT const char *asprof_emit_jfr_event(int key, const uint8_t *data, size_t len) {
     return len > 2048 ? "Unable to emit JFR event larger than ASPROF_MAX_JFR_EVENT_LENGTH bytes" : NULL;
 }
