@@ -49,7 +49,7 @@ typedef struct {
     uint64_t time;       /* CLOCK_MONOTONIC ns */
     uint64_t pc;         /* native PC at the signal (0 = unknown) */
     uint32_t tid;
-    uint32_t packed;     /* stack index (24 bits) | kind << 24 | state << 25 */
+    uint32_t packed;     /* stack index (24 bits) | kind << 24 | state << 25 | timer overrun << 27 */
 } bi_sample;
 
 typedef struct {
@@ -104,7 +104,8 @@ bi_half *bi_store_swap(void);
 /* handler.c */
 int bi_handler_install(void);            /* 0 or -1 (errno) */
 int bi_handler_is_installed(void);
-void bi_handler_restore(void);           /* puts the previous handler back if ours is installed */
+void bi_handler_restore(void);
+void bi_handler_atfork_child(void);   /* forget the cached thread id */           /* puts the previous handler back if ours is installed */
 /* async-signal-safe: runs in the handler. */
 void bi_handler(int sig, siginfo_t *info, void *ucontext);
 

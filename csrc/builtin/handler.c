@@ -19,6 +19,24 @@
 #include <ucontext.h>
 #include <unistd.h>
 
+/* The thread id, cached per thread (initial-exec TLS: a plain %fs-relative load in the handler,
+   no lazy allocation). Reset in a forked child (bi_handler_atfork_child). */
+static __thread int cached_tid __attribute__((tls_model("initial-exec")));
+
+/* async-signal-safe: runs in the handler. */
+static inline uint32_t my_tid(void) {
+    int t = cached_tid;
+    if (t == 0) cached_tid = t = (int)syscall(SYS_gettid);
+    return (uint32_t)t;
+}
+
+void bi_handler_atfork_child(void) { cached_tid = 0; }
+
+/* When a handler last saw our fault guard first in line for SIGSEGV (one sigaction call at most
+   every GUARD_RECHECK_NS across all threads; the sampler re-installs it every 100 ms). */
+#define GUARD_RECHECK_NS 10000000ull
+static _Atomic uint64_t guard_checked_ns;
+
 static _Atomic(void *) prev_fn;
 static _Atomic int prev_flags;
 static struct sigaction prev_sa;
@@ -94,7 +112,7 @@ static uint32_t stack_index(bi_half *hf, const bi_frame *fr, int n, int truncate
 
 /* The Python stack of this thread into hf: its index, BI_NO_STACK (no Python frames) or
    BI_STACK_CAP (no room). async-signal-safe: runs in the handler. */
-static uint32_t python_stack(bi_half *hf, void *ucontext) {
+static uint32_t python_stack(bi_half *hf, void *ucontext, uint64_t now) {
     void *tstate = pf_this_thread_state();
     if (tstate == NULL) {
         atomic_fetch_add_explicit(&bi.n.no_python, 1, memory_order_relaxed);
@@ -105,11 +123,20 @@ static uint32_t python_stack(bi_half *hf, void *ucontext) {
         atomic_fetch_add_explicit(&bi.n.masked, 1, memory_order_relaxed);  /* a fault could not be caught */
         return BI_NO_STACK;
     }
-    /* Our fault guard must be first in line for SIGSEGV (one system call; SIGBUS, which a heap
-       read cannot raise, is checked by the sampler thread). */
-    if (!atomic_load_explicit(&bi.guard_ok, memory_order_relaxed) || !pf_safeload_segv_active()) {
+    /* Our fault guard must be first in line for SIGSEGV (SIGBUS, which a heap read cannot raise,
+       is checked by the sampler thread). */
+    if (!atomic_load_explicit(&bi.guard_ok, memory_order_relaxed)) {
         atomic_fetch_add_explicit(&bi.n.no_guard, 1, memory_order_relaxed);
         return BI_NO_STACK;
+    }
+    uint64_t checked = atomic_load_explicit(&guard_checked_ns, memory_order_relaxed);
+    if (now - checked > GUARD_RECHECK_NS) {
+        if (!pf_safeload_segv_active()) {
+            atomic_store_explicit(&bi.guard_ok, 0, memory_order_relaxed);  /* the sampler puts it back */
+            atomic_fetch_add_explicit(&bi.n.no_guard, 1, memory_order_relaxed);
+            return BI_NO_STACK;
+        }
+        atomic_store_explicit(&guard_checked_ns, now, memory_order_relaxed);
     }
     pf_rawframe raw[2 * BI_MAX_FRAMES + 2];
     bi_frame fr[BI_MAX_FRAMES];
@@ -135,10 +162,13 @@ static uint32_t python_stack(bi_half *hf, void *ucontext) {
 void bi_handler(int sig, siginfo_t *info, void *ucontext) {
     int saved_errno = errno;
     uint64_t t0 = pf_mono_ns();
-    unsigned kind, state;
+    unsigned kind, state, extra = 0;
     uint64_t v = info != NULL ? (uint64_t)(uintptr_t)info->si_value.sival_ptr : 0;
     if (info != NULL && info->si_code == SI_TIMER && v == (BI_MAGIC | BI_VAL_CPU)) {
         kind = 0; state = 0;
+        /* Thread CPU-clock timers expire on scheduler ticks: at intervals shorter than a tick,
+           one signal stands for 1 + si_overrun intervals (collect repeats the record). */
+        extra = info->si_overrun > 0 ? (info->si_overrun > 31 ? 31u : (unsigned)info->si_overrun) : 0u;
     } else if (info != NULL && info->si_code == SI_QUEUE && (v & ~(uint64_t)0xFF) == (BI_MAGIC | BI_VAL_WALL)) {
         kind = 1; state = (unsigned)(v & 3u);
     } else if (info != NULL && info->si_code == SI_KERNEL && atomic_load_explicit(&bi.itimer_mode, memory_order_relaxed)) {
@@ -178,7 +208,7 @@ void bi_handler(int sig, siginfo_t *info, void *ucontext) {
     }
     uint32_t stack = BI_NO_STACK;
 #ifdef ASPROF_WALKER
-    stack = python_stack(hf, ucontext);
+    stack = python_stack(hf, ucontext, t0);
     if (stack == BI_STACK_CAP) {
         /* the slot stays reserved but empty: marked so collect skips it */
         hf->samples[slot].packed = 0xFFFFFFFFu;
@@ -192,8 +222,8 @@ void bi_handler(int sig, siginfo_t *info, void *ucontext) {
     bi_sample *s = &hf->samples[slot];
     s->time = t0;
     s->pc = signal_pc(ucontext);
-    s->tid = (uint32_t)syscall(SYS_gettid);
-    s->packed = (stack & 0xFFFFFFu) | (kind << 24) | (state << 25);
+    s->tid = my_tid();
+    s->packed = (stack & 0xFFFFFFu) | (kind << 24) | (state << 25) | (extra << 27);
     atomic_fetch_sub(&hf->pins, 1);  /* seq_cst: the record is complete before the unpin */
     atomic_fetch_add_explicit(&bi.n.samples, 1, memory_order_relaxed);
 out:

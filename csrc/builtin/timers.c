@@ -1,8 +1,8 @@
 /*
  * What makes SIGPROF arrive: per-thread CPU-clock timers (or the process-wide ITIMER_PROF
  * fallback) and the "asprof-sampler" thread, which
- *   - rescans /proc/self/task every 100 ms (or every wall interval, when shorter): a timer for
- *     each new thread, the timers of gone threads deleted;
+ *   - rescans /proc/self/task every 100 ms: a timer for each new thread, the timers of gone
+ *     threads deleted (wall signals go to the threads of the latest scan);
  *   - every wall interval reads each thread's state from /proc/self/task/<tid>/stat and sends
  *     it a SIGPROF carrying that state (rt_tgsigqueueinfo);
  *   - keeps our SIGPROF handler and the fault guard of frame reads in front.
@@ -190,7 +190,7 @@ static void *sampler_main(void *arg) {
     pthread_mutex_lock(&S.lock);
     S.self_tid = (int)syscall(SYS_gettid);
     uint64_t now = pf_mono_ns();
-    uint64_t scan_every = S.wall_ns != 0 && S.wall_ns < SCAN_NS ? S.wall_ns : SCAN_NS;
+    uint64_t scan_every = SCAN_NS;
     uint64_t next_scan = now, next_wall = S.wall_ns ? now + S.wall_ns : UINT64_MAX;
     uint64_t next_check = now + SCAN_NS;
     while (!S.stop) {
@@ -297,6 +297,7 @@ const char *bi_sampler_start(uint64_t cpu_ns, uint64_t wall_ns, int cpu_mode, co
         err = "cannot start the asprof-sampler thread";
         goto fail;
     }
+    pthread_setname_np(S.th, "asprof-sampler");  /* named before start() returns */
     S.running = 1;
     pthread_mutex_unlock(&S.lock);
     return NULL;
