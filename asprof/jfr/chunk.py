@@ -107,8 +107,9 @@ class Chunk:
         for k, v in ft.items():
             self._frame_types[k] = FrameType.from_name(v if isinstance(v, str) else None)
         # async-profiler's FrameType pool has "Kernel": there "Native" means C code;
-        # in the JDK's own recordings it means a Java native method.
-        self.native_is_c = any(v == "Kernel" for v in ft.values())
+        # in the JDK's own recordings it means a Java native method. asprof's writer
+        # (asprof.jfrio.writer) has "Python" instead of "Kernel": there too it is C code.
+        self.native_is_c = any(v in ("Kernel", "Python") for v in ft.values())
 
     # -- samples -------------------------------------------------------------------------
 
