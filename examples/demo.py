@@ -4,7 +4,9 @@
 
 Each second a profile lands in the directory (default ./profiles); the
 reporting interval is shortened from the production default (30 s) so the
-demo finishes quickly.
+demo finishes quickly. It says which engine recorded them: async-profiler where
+it is installed, else asprof's built-in engine (``ASPROF_ENGINE=builtin`` or
+``async-profiler`` picks one).
 """
 from __future__ import annotations
 
@@ -31,6 +33,16 @@ def work(until: float) -> None:
         hashlib.sha256(data).digest()
 
 
+def recorded_by(path: str) -> str:
+    """The engine a profile names in its settings (jdk.ActiveSetting "engine")."""
+    import asprof.jfr
+
+    engine = asprof.jfr.open(path).setting("engine")
+    if engine == "builtin":
+        return "builtin (asprof's own sampler)"
+    return f"async-profiler ({engine})"
+
+
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 5.0
@@ -45,6 +57,7 @@ def main() -> int:
         work(until)
         helper.join()
     files = sorted(os.listdir(reporter.directory))
+    print(f"engine: {recorded_by(os.path.join(reporter.directory, files[0])) if files else 'none'}")
     print(f"{len(files)} profiles in {reporter.directory}:")
     for name in files:
         print(f"  {name}  {os.path.getsize(os.path.join(reporter.directory, name))} bytes")
