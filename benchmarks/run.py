@@ -793,10 +793,10 @@ def _samples_per_s(r: Dict[str, Any]) -> Tuple[float, str]:
     """Samples recorded per second of the window (or of the profiler's life), and how they were counted."""
     if r.get("chunks"):
         return (r["cpu_samples_window"] + r["wall_samples_window"]) / r["window_s"], "JFR"
-    if "d_samples" in r:
-        return r["d_samples"] / r["window_s"], "stats"
     if r.get("samples_total", -1) >= 0 and r.get("prof_span_s"):
         return r["samples_total"] / r["prof_span_s"], "output"
+    if "d_samples" in r:
+        return r["d_samples"] / r["window_s"], "stats"
     return float("nan"), ""
 
 
@@ -838,8 +838,8 @@ def report_engines(ctx: "Ctx", configs: Sequence[EngineConfig], res: Dict[str, L
           "same base. Signal handlers run on the sampled threads: their cost is in the wall and CPU columns.\n"
           "max RSS added: VmHWM against the unprofiled process ('ext': py-spy's own peak RSS, outside).\n"
           "samples/s: recorded per second, CPU and wall together: JFR = counted in the recordings within the window;\n"
-          "stats = the built-in module's sample counter over the window; output = py-spy's raw output or the\n"
-          "samples pyroscope uploaded, over the profiler's life. handler ns: the built-in engine's\n"
+          "output = the samples collect() returned (builtin-c), py-spy's raw output or what pyroscope uploaded, over\n"
+          "the profiler's life; stats = the built-in module's counter over the window. handler ns: the built-in engine's\n"
           "handler_ns / handler_calls over the window (_builtin.stats()).")
     aa = [abs(x) for x in paired(res, "base-b", base)]
     aa_cpu = [abs(x) for x in paired(res, "base-b", base, "cpu_s")]
