@@ -161,3 +161,22 @@ def test_overhead_guard_counts_the_sampler_thread_and_stops_the_engine(tmp_path:
     assert lines[0].endswith("counted True"), r.stdout
     assert lines[1] == "stopped", r.stdout + r.stderr
     assert "overhead guard" in r.stderr
+
+
+def test_the_readme_demo_on_a_machine_without_async_profiler(tmp_path: Path) -> None:
+    # The README's first command with the default engine (auto) where async-profiler cannot be
+    # found: the real loader looks where nothing is, and the demo records with the built-in engine.
+    out = tmp_path / "profiles"
+    r = _child(f"""
+        import sys, runpy
+        import asprof.engines.asyncprofiler as ap
+        ap._BUNDLED = "/nonexistent/asprof-test/libasyncProfiler.so"
+        ap.SONAME = "libasyncProfiler-asprof-test-missing.so"
+        sys.argv = ["demo.py", "2", {str(out)!r}]
+        runpy.run_path({str(ROOT / "examples" / "demo.py")!r}, run_name="__main__")
+    """)
+    assert r.returncode == 0, r.stderr
+    assert "engine: builtin" in r.stdout, r.stdout
+    assert "built-in" in r.stderr  # the demo logs INFO: the one line saying why
+    cpu = asprof.jfr.to_collapsed(asprof.jfr.open(out).samples("cpu"))
+    assert "__main__.fib" in cpu and "__main__.work" in cpu
