@@ -46,15 +46,15 @@ cdef extern from "asprof_core.h":
                                  char *err, size_t errlen) nogil
     const char *asp_session_start(asp_session *s, asp_buf *log) nogil
     const char *asp_session_stop(asp_session *s, asp_buf *log) nogil
-    const char *asp_session_tick(asp_session *s, int *finished, long long *start, asp_buf *log) nogil
-    const char *asp_session_flush(asp_session *s, asp_buf *out, asp_buf *log) nogil
+    const char *asp_session_full_rotation(asp_session *s, int *finished, long long *start, asp_buf *log) nogil
+    const char *asp_session_dump(asp_session *s, asp_buf *out, asp_buf *log) nogil
     void asp_session_discard(asp_session *s, int fd) nogil
     int asp_read_range(int fd, long long start, long long end, asp_buf *out, char *err, size_t errlen) nogil
     const char *asp_session_pause(asp_session *s, asp_buf *log) nogil
     const char *asp_session_resume(asp_session *s, asp_buf *log) nogil
     long long asp_fd_size(int fd) nogil
     int asp_session_destroy(asp_session *s, asp_buf *log) nogil
-    int asp_wait_engine_threads(int timeout_ms) nogil
+    int asp_wait_async_profiler_threads(int timeout_ms) nogil
 
 
 cdef extern from "<pthread.h>" nogil:
@@ -72,11 +72,11 @@ def set_thread_name(str name):
 ctypedef const char *(*session_op)(asp_session *s, asp_buf *log) noexcept nogil
 
 
-def wait_engine_threads(int timeout_ms):
+def wait_async_profiler_threads(int timeout_ms):
     """Waits until async-profiler's threads are gone after a stop; True if they are."""
     cdef int rc
     with nogil:
-        rc = asp_wait_engine_threads(timeout_ms)
+        rc = asp_wait_async_profiler_threads(timeout_ms)
     return rc == 0
 
 
@@ -228,9 +228,9 @@ cdef class Session:
         """Resumes after a fork, appending a chunk to the active file: (error or None, log)."""
         return self._op(asp_session_resume)
 
-    def tick(self):
-        """One full rotation (stop, swap, start): returns (recording bytes or None,
-        error or None, log text)."""
+    def full_rotation(self):
+        """One full rotation (stop, swap files, start; a start when idle): returns
+        (the finished recording's bytes or None, error or None, log text)."""
         cdef asp_buf log
         cdef const char *e
         cdef int finished = -1
@@ -239,7 +239,7 @@ cdef class Session:
         memset(&log, 0, sizeof(log))
         try:
             with nogil:
-                e = asp_session_tick(self.s, &finished, &start, &log)
+                e = asp_session_full_rotation(self.s, &finished, &start, &log)
             err = None if e == NULL else e.decode("utf-8", "replace")
             recording = None
             if finished >= 0:
@@ -249,9 +249,9 @@ cdef class Session:
         finally:
             asp_buf_free(&log)
 
-    def flush(self):
-        """A rotation without stopping (async-profiler's dump): returns (the JFR chunks
-        finished since the last hand-over, error or None, log text)."""
+    def dump(self):
+        """A rotation without stopping (async-profiler's "dump" command): returns (the JFR
+        chunks finished since the last hand-over, error or None, log text)."""
         cdef asp_buf out
         cdef asp_buf log
         cdef const char *e
@@ -260,7 +260,7 @@ cdef class Session:
         memset(&log, 0, sizeof(log))
         try:
             with nogil:
-                e = asp_session_flush(self.s, &out, &log)
+                e = asp_session_dump(self.s, &out, &log)
             err = None if e == NULL else e.decode("utf-8", "replace")
             data = out.data[:out.len] if (e == NULL and out.len > 0) else b""
             return data, err, _text(&log)

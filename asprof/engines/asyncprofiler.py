@@ -297,7 +297,7 @@ class NativeEngine(Engine):
         self._head = self._settings = self._settings_source = None
         if not self._dump:
             return
-        data, err, log = self._session.flush()
+        data, err, log = self._session.dump()
         logs.append(log)
         if err is not None:
             self._disable_dump(err)
@@ -357,7 +357,7 @@ class NativeEngine(Engine):
     def _tick(self, logs: List[str]) -> TickResult:
         self._read_settings()
         if self._session.status == "running" and not self._full_rotation_due():
-            data, err, log = self._session.flush()
+            data, err, log = self._session.dump()
             logs.append(log)
             if err is None:
                 if not self._session.can_free_reported:
@@ -366,7 +366,7 @@ class NativeEngine(Engine):
                     self._full_due = True
                 return TickResult(self._with_settings(data) or None)
             self._notes.append(f"async-profiler's dump failed ({err}): rotating by restarting it")
-        recording, err, log = self._session.tick()
+        recording, err, log = self._session.full_rotation()
         logs.append(log)
         if recording is None:
             if err is not None:
@@ -395,9 +395,9 @@ class NativeEngine(Engine):
         if err is not None:
             raise ProfilerError(f"async-profiler could not stop: {err}")
         # The final stop leaves no thread behind (its timer thread exits on its own).
-        from asprof._native import wait_engine_threads
+        from asprof._native import wait_async_profiler_threads
 
-        if not wait_engine_threads(1000):
+        if not wait_async_profiler_threads(1000):
             logger.debug("async-profiler's threads were still exiting 1 s after stop")
         return data or None
 

@@ -78,7 +78,7 @@ typedef struct asp_session {
     int leaked;         /* the files were leaked on purpose (see session.c) */
     int paused;         /* stopped by asp_session_pause, to be resumed */
     long long report_from[2]; /* per file: where the chunks not yet handed over begin */
-    int no_punch;       /* the file system cannot free reported bytes (see asp_session_flush) */
+    int no_punch;       /* the file system cannot free reported bytes (see asp_session_dump) */
     pid_t pid;          /* process that created the session */
     dev_t dev[2];
     ino_t ino[2];
@@ -103,7 +103,7 @@ const char *asp_session_stop(asp_session *s, asp_buf *log);
  * restart failed, in which case the restart's error is returned and *finished
  * is still set). When stop fails, its error is returned and *finished = -1.
  */
-const char *asp_session_tick(asp_session *s, int *finished, long long *from, asp_buf *log);
+const char *asp_session_full_rotation(asp_session *s, int *finished, long long *from, asp_buf *log);
 
 /*
  * After the recording handed over by a full rotation was read: empties its file
@@ -120,7 +120,7 @@ void asp_session_discard(asp_session *s, int fd);
  * punched; s->no_punch is set where the file system cannot). Errors: the
  * dump's, or a file that is not made of JFR chunks (nothing is handed over).
  */
-const char *asp_session_flush(asp_session *s, asp_buf *out, asp_buf *log);
+const char *asp_session_dump(asp_session *s, asp_buf *out, asp_buf *log);
 
 
 /*
@@ -137,7 +137,7 @@ const char *asp_session_resume(asp_session *s, asp_buf *log);
  * async-profiler's stop signals its timer thread, which exits a moment later.
  * Waits (bounded) until no thread started by it is left; 0 when none is.
  */
-int asp_wait_engine_threads(int timeout_ms);
+int asp_wait_async_profiler_threads(int timeout_ms);
 
 /* Reads [from, to) of fd (to < 0: to the end of the file) into out (no limit beyond memory). */
 int asp_read_range(int fd, long long from, long long to, asp_buf *out, char *err, size_t errlen);

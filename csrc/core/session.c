@@ -12,9 +12,9 @@
  * the process could reuse it, and async-profiler (which may still re-open or
  * write "/proc/self/fd/N") would then write into an unrelated file.
  *
- * Two ways to rotate. The full one (asp_session_tick) stops, swaps the files
+ * Two ways to rotate. The full one (asp_session_full_rotation) stops, swaps the files
  * and starts again: samples are lost while async-profiler is stopped, and its
- * start re-reads the process. The light one (asp_session_flush) is the "dump"
+ * start re-reads the process. The light one (asp_session_dump) is the "dump"
  * command: async-profiler finishes the JFR chunk in progress and opens the next
  * one in the same file, sampling all along; the finished chunks are handed over
  * and their blocks freed. report_from[i] is where file i's chunks not yet handed
@@ -48,7 +48,7 @@ static void set_err(char *err, size_t errlen, const char *msg, int e) {
 /* ---- fork guard ---- */
 
 static void before_fork(void) {
-    /* Fork only between commands, never in the middle of a start/stop/tick,
+    /* Fork only between commands, never in the middle of a start/stop/rotation,
        so the child's copy of async-profiler and of our state is consistent. */
     pthread_mutex_lock(&asp_exec_lock);
     pthread_mutex_lock(&registry_lock);
@@ -212,7 +212,7 @@ const char *asp_session_start(asp_session *s, asp_buf *log) {
 }
 
 /* Is a thread named "async-profiler" (see run_start) still alive in this process? */
-static int engine_thread_alive(void) {
+static int async_profiler_thread_alive(void) {
     int dir = open("/proc/self/task", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (dir < 0) return 1;  /* cannot tell: assume the worst */
     int alive = 0;
@@ -248,14 +248,14 @@ const char *asp_session_pause(asp_session *s, asp_buf *log) {
      * a moment later. A fork while that thread is still inside pthread_cond_timedwait
      * hands the child a condition variable in a state no thread will ever complete:
      * the child's next stop then blocks forever in pthread_cond_signal (seen with
-     * 4.5). Wait, bounded, until the engine's threads are gone.
+     * 4.5). Wait, bounded, until async-profiler's threads are gone.
      */
-    if (asp_wait_engine_threads(500) != 0) return "async-profiler's timer thread did not exit within 500 ms";
+    if (asp_wait_async_profiler_threads(500) != 0) return "async-profiler's timer thread did not exit within 500 ms";
     return NULL;
 }
 
-int asp_wait_engine_threads(int timeout_ms) {
-    for (int waited_ms = 0; engine_thread_alive(); waited_ms++) {
+int asp_wait_async_profiler_threads(int timeout_ms) {
+    for (int waited_ms = 0; async_profiler_thread_alive(); waited_ms++) {
         if (waited_ms >= timeout_ms) return -1;
         struct timespec ts = {0, 1000000};
         nanosleep(&ts, NULL);
@@ -285,7 +285,7 @@ static const char *run_start(asp_session *s, const char *action, asp_buf *log) {
        now leaks its files (the seed's Status::Starting). */
     s->status = ASP_STARTING;
     /* async-profiler's threads (timer, wall clock) inherit the name of the thread
-       that starts them: name them after the engine, so that top, /proc and the
+       that starts them: name them "async-profiler", so that top, /proc and the
        benchmarks attribute their CPU time correctly. */
     char own_name[16] = "";
     int named = pthread_getname_np(pthread_self(), own_name, sizeof(own_name)) == 0 &&
@@ -316,7 +316,7 @@ const char *asp_session_stop(asp_session *s, asp_buf *log) {
     return e;
 }
 
-const char *asp_session_tick(asp_session *s, int *finished, long long *from, asp_buf *log) {
+const char *asp_session_full_rotation(asp_session *s, int *finished, long long *from, asp_buf *log) {
     *finished = -1;
     *from = 0;
     s->paused = 0;
@@ -371,17 +371,17 @@ static long long finished_end(int fd, long long from, long long size) {
     return off;
 }
 
-const char *asp_session_flush(asp_session *s, asp_buf *out, asp_buf *log) {
+const char *asp_session_dump(asp_session *s, asp_buf *out, asp_buf *log) {
     if (foreign(s)) return "this profiler belongs to the parent process (the process forked)";
     if (s->status != ASP_RUNNING) return "the profiler is not running";
     out->len = 0;
     int fd = s->fd[s->active];
     long long from = s->report_from[s->active];
     asp_session_hooks hooks = current_hooks();                 /* issue #5 hooks */
-    if (hooks.before_flush != NULL) hooks.before_flush();
+    if (hooks.before_dump != NULL) hooks.before_dump();
     /* JFR output: no file is opened; the recording's current chunk is finished in place. */
     const char *e = asp_execute(s->lib, "dump,jfr", s->loglevel, NULL, log);
-    if (hooks.after_flush != NULL) hooks.after_flush(e == NULL);
+    if (hooks.after_dump != NULL) hooks.after_dump(e == NULL);
     if (e != NULL) return e;
     long long size = asp_fd_size(fd);
     if (size < 0) return "cannot stat the recording file";
@@ -395,7 +395,7 @@ const char *asp_session_flush(asp_session *s, asp_buf *out, asp_buf *log) {
      * offsets (async-profiler goes on writing at its own file position). Whole
      * pages only, so the chunk in progress is never touched.
      */
-    long long lo = from & ~4095LL, upto = end & ~4095LL;  /* before `lo`: freed by the last flush */
+    long long lo = from & ~4095LL, upto = end & ~4095LL;  /* before `lo`: freed by the last dump */
     if (upto > lo && !s->no_punch &&
         fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)lo, (off_t)(upto - lo)) != 0 &&
         (errno == EOPNOTSUPP || errno == ENOSYS)) {

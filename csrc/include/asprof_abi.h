@@ -38,8 +38,8 @@ typedef struct {
     void (*after_start)(int ok);
     void (*before_stop)(void);
     void (*after_stop)(int ok);
-    void (*before_flush)(void);   /* around a dump: the chunk is finished, sampling goes on */
-    void (*after_flush)(int ok);
+    void (*before_dump)(void);   /* around a dump: the chunk is finished, sampling goes on */
+    void (*after_dump)(int ok);
 } asp_session_hooks;
 typedef void (*asp_set_hooks_fn)(const asp_session_hooks *hooks);
 

@@ -47,20 +47,20 @@ def session(stub_lib: Path) -> "_native.Session":
     return _native.Session(lib, OPTIONS.start_command(), "warn")
 
 
-def test_flush_hands_over_each_finished_chunk_once(stub_lib: Path, chunked: None) -> None:
+def test_dump_hands_over_each_finished_chunk_once(stub_lib: Path, chunked: None) -> None:
     s = session(stub_lib)
     assert s.start()[0] is None
-    first, err, _ = s.flush()
+    first, err, _ = s.dump()
     assert err is None and texts(first) == [f"STUBJFR start=1 pid={os.getpid()}\nDUMP 1\n"]
-    second, err, _ = s.flush()
+    second, err, _ = s.dump()
     assert err is None and texts(second) == ["DUMP 2\n"]
     assert s.active_size() == 68  # only the chunk in progress is left to hand over
-    # a full rotation hands over what no flush did, and starts the other file afresh
+    # a full rotation hands over what no dump did, and starts the other file afresh
     first_file = s.active_fd
-    rest, err, _ = s.tick()
+    rest, err, _ = s.full_rotation()
     assert err is None and texts(rest) == ["END start=1\n"]
     assert s.active_fd != first_file and os.fstat(first_file).st_size == 0  # read, then emptied
-    third, err, _ = s.flush()
+    third, err, _ = s.dump()
     assert err is None and texts(third) == [f"STUBJFR start=2 pid={os.getpid()}\nDUMP 3\n"]
     assert s.stop()[0] is None
     assert texts(s.read_active()) == ["END start=2\n"]
@@ -72,10 +72,10 @@ def test_a_failed_dump_hands_over_nothing_and_loses_nothing(stub_lib: Path, chun
     s = session(stub_lib)
     s.start()
     monkeypatch.setenv("STUB_FAIL_DUMP", "1")
-    data, err, _ = s.flush()
+    data, err, _ = s.dump()
     assert data == b"" and err == "Stub: dump failed on demand"
     monkeypatch.delenv("STUB_FAIL_DUMP")
-    data, err, _ = s.flush()
+    data, err, _ = s.dump()
     assert err is None and texts(data) == [f"STUBJFR start=1 pid={os.getpid()}\nDUMP 2\n"]
     s.stop()
     s.close()
@@ -87,16 +87,16 @@ def test_a_file_that_is_not_jfr_chunks_is_refused_and_kept_whole(stub_lib: Path,
     s = session(stub_lib)
     s.start()
     monkeypatch.setenv("STUB_CHUNKS", "1")  # dump works, but the file holds plain text
-    data, err, _ = s.flush()
+    data, err, _ = s.dump()
     assert data == b"" and err == "the recording file is not made of JFR chunks"
     s.stop()
     assert s.read_active().startswith(b"STUBJFR start=1")  # everything is still there
     s.close()
 
 
-def test_flush_when_not_running_is_an_error(stub_lib: Path, chunked: None) -> None:
+def test_dump_when_not_running_is_an_error(stub_lib: Path, chunked: None) -> None:
     s = session(stub_lib)
-    assert s.flush()[1] == "the profiler is not running"
+    assert s.dump()[1] == "the profiler is not running"
     s.close()
 
 
