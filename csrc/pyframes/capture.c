@@ -639,9 +639,11 @@ static void *drainer_main(void *arg) {
     return NULL;
 }
 
+#ifdef ASPROF_BENCH
 /* The capture path of one sample, run n times on the calling thread outside a signal handler
    (same lookups, walk, code table and ring write; the ring is a scratch one). Returns the
-   nanoseconds of the fastest of 5 batches, per capture. For benchmarks. */
+   nanoseconds of the fastest of 5 batches, per capture. Only in the copy of the extension
+   benchmarks/bench_pyframes.py builds with -DASPROF_BENCH, never in the shipped one. */
 uint64_t pf_bench(int n) {
     if (!ours() || n <= 0) return 0;
     static slot_t scratch;
@@ -668,6 +670,7 @@ uint64_t pf_bench(int n) {
     atomic_fetch_sub(&g.n_samples, 5 * (uint64_t)n);  /* not real samples */
     return best;
 }
+#endif /* ASPROF_BENCH */
 
 /* ---------------------------------------------------------------- hooks ---- */
 

@@ -64,6 +64,8 @@ typedef struct {
         chained_signals, rec_emitted_samples, unknown_unreadable, unknown_full, timed_ns, timed, faults_recovered, guard_reinstalled;
 } pf_stats;
 void pf_get_stats(pf_stats *out);
-uint64_t pf_bench(int n);
+#ifdef ASPROF_BENCH
+uint64_t pf_bench(int n);  /* benchmarks/bench_pyframes.py's own build only */
+#endif
 
 #endif

@@ -291,14 +291,18 @@ static PyObject *py_stats(PyObject *m, PyObject *unused) {
         "guard_reinstalled", s.guard_reinstalled);
 }
 
+#ifdef ASPROF_BENCH
 static PyObject *py_bench(PyObject *m, PyObject *arg) {
     long n = PyLong_AsLong(arg);
     if (n == -1 && PyErr_Occurred()) return NULL;
     return PyLong_FromUnsignedLongLong(pf_bench((int)n));
 }
+#endif
 
 static PyMethodDef methods[] = {
+#ifdef ASPROF_BENCH /* benchmarks/bench_pyframes.py builds its own copy with it */
     {"bench", py_bench, METH_O, "bench(n): ns per capture of the calling thread's stack (best of 5 batches of n)."},
+#endif
     {"install", (PyCFunction)(void (*)(void))py_install, METH_VARARGS | METH_KEYWORDS,
      "install(lib_path, native_path, join_mode, max_frames=128, drain_interval_ms=50, timing=False)"},
     {"uninstall", py_uninstall, METH_NOARGS, "Stops capturing Python frames."},
