@@ -34,8 +34,10 @@ void bi_handler_atfork_child(void) { cached_tid = 0; }
 
 /* When a handler last saw our fault guard first in line for SIGSEGV (one sigaction call at most
    every GUARD_RECHECK_NS across all threads; the sampler re-installs it every 100 ms). */
+#ifdef ASPROF_WALKER
 #define GUARD_RECHECK_NS 10000000ull
 static _Atomic uint64_t guard_checked_ns;
+#endif
 
 static _Atomic(void *) prev_fn;
 static _Atomic int prev_flags;

@@ -86,7 +86,9 @@ static PyObject *bi_start(PyObject *self, PyObject *args, PyObject *kw) {
     }
     bi.max_frames = max_frames > BI_MAX_FRAMES ? BI_MAX_FRAMES : max_frames;
     /* A fresh store: nothing of a previous run is reported as this one's. */
-    for (int i = 0; i < 2; i++) bi_store_reset(&bi.halves[i]);
+    /* (a collect() running in another thread resets the half it drains itself) */
+    for (int i = 0; i < 2; i++)
+        if (!collecting || i == atomic_load(&bi.cur)) bi_store_reset(&bi.halves[i]);
     lost_reported = atomic_load(&bi.n.lost);
 #ifdef ASPROF_WALKER
     atomic_store(&bi.guard_ok, pf_safeload_install() == 0 && pf_safeload_active());
@@ -139,6 +141,7 @@ typedef struct {
     long unknown_code;
 } batch;
 
+#ifdef ASPROF_WALKER
 static PyObject *decode(const unsigned char *p, size_t n, const char *dflt) {
     if (n == 0) return PyUnicode_FromString(dflt);
     return PyUnicode_DecodeUTF8((const char *)p, (Py_ssize_t)n, "replace");
@@ -153,7 +156,6 @@ static long add_unknown_code(batch *b) {
     return b->unknown_code;
 }
 
-#ifdef ASPROF_WALKER
 /* The (code id, line) pairs of stack idx of half h, leaf first. New reference to a list. */
 static PyObject *python_pairs(batch *b, bi_half *h, uint32_t idx) {
     PyObject *out = PyList_New(0);

@@ -118,6 +118,16 @@ static int scan(int strict) {
         }
         thread_t *t = &S.threads[i];
         t->seen = 1;
+        if (t->has_timer) {
+            /* A timer whose thread ended reads as disarmed (an expired live one reads 1 ns): the
+               tid now belongs to a new thread, which needs its own timer. */
+            struct itimerspec cur;
+            if (timer_gettime(t->timer, &cur) != 0 || (cur.it_value.tv_sec == 0 && cur.it_value.tv_nsec == 0)) {
+                timer_delete(t->timer);
+                t->has_timer = 0;
+                atomic_fetch_sub(&S.n_timers, 1);
+            }
+        }
         if (S.cpu_thread && !t->has_timer && create_timer(t) != 0) {
             int e = errno;
             char path[64];
