@@ -14,6 +14,7 @@ from typing import Optional, Union
 from asprof.autostart.values import (
     DEFAULT_CPU_INTERVAL,
     DEFAULT_WALL_INTERVAL,
+    ENGINE_NAMES,
     MAX_PROFILER_INTERVAL,
     MIN_CPU_INTERVAL,
     MIN_WALL_INTERVAL,
@@ -79,6 +80,10 @@ class ProfilerOptions:
     - ``python_frames``: give every CPU and wall-clock sample the Python stack of the
       thread it interrupted (issue #5; needs async-profiler 4.1+ and CPython 3.9-3.13,
       otherwise off with one log line). On by default.
+    - ``engine``: what samples (issue #11): ``"auto"`` (default: async-profiler when it
+      loads, else the built-in engine, with one log line), ``"async-profiler"`` or
+      ``"builtin"`` (asprof's own sampler: CPU and wall-clock samples with Python stacks and
+      the native leaf frame; no native memory). ``ASPROF_ENGINE`` applies when this is ``auto``.
     """
 
     cpu_interval: float = DEFAULT_CPU_INTERVAL
@@ -88,6 +93,7 @@ class ProfilerOptions:
     cstack: str = "dwarf"
     force_native_mem: bool = False
     python_frames: bool = True  # issue #5
+    engine: str = "auto"  # issue #11
 
     def __post_init__(self) -> None:
         cpu = _interval("cpu_interval", self.cpu_interval)
@@ -99,6 +105,11 @@ class ProfilerOptions:
             raise ValueError(f"force_native_mem must be True or False, got {self.force_native_mem!r}")
         if not isinstance(self.python_frames, bool):  # issue #5
             raise ValueError(f"python_frames must be True or False, got {self.python_frames!r}")
+        if not isinstance(self.engine, str) or self.engine not in ENGINE_NAMES:  # issue #11
+            raise ValueError(f"engine must be one of {', '.join(ENGINE_NAMES)}, got {self.engine!r}")
+        if self.engine == "builtin" and mem is not None:
+            raise ValueError(f"native_mem={self.native_mem!r} needs engine='async-profiler' (or 'auto'): "
+                             "the built-in engine does not sample native memory")
         if not isinstance(self.cstack, str) or self.cstack not in _CSTACK:
             raise ValueError(f"cstack must be one of {', '.join(_CSTACK)}, got {self.cstack!r}")
         object.__setattr__(self, "cpu_interval", cpu)

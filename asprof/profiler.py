@@ -22,7 +22,7 @@ import math
 import os
 import threading
 from types import TracebackType
-from typing import TYPE_CHECKING, Dict, Mapping, Optional, Type, Union
+from typing import TYPE_CHECKING, Callable, Dict, Mapping, Optional, Type, Union
 
 from asprof.agent.lifecycle import launch, restore_sigterm
 from asprof.agent.loop import DEFAULT_STOP_TIMEOUT, _Agent, _Config, current
@@ -79,6 +79,19 @@ class RunningProfiler:
         """True until the agent thread has finished (after stop() or an engine failure)."""
         a = self._agent
         return a is not None and not a.done.is_set() and a.pid == os.getpid()
+
+    @property
+    def engine(self) -> Optional[str]:
+        """The engine that samples: ``"async-profiler"``, ``"builtin"`` (issue #11), another
+        engine's class name, or None when nothing runs."""
+        a = self._agent
+        if a is None:
+            return None
+        eng = a.engine
+        name = getattr(eng, "name", None)
+        if isinstance(name, str):
+            return name
+        return "async-profiler" if type(eng).__name__ == "NativeEngine" else type(eng).__name__
 
     def stop(self, timeout: Optional[float] = DEFAULT_STOP_TIMEOUT) -> bool:
         """Stops profiling: a final tick, then the last report.
@@ -172,13 +185,16 @@ class Profiler:
     def _config(self, reporter: Reporter) -> _Config:
         engine, options, path = self._engine, self.options, self.library_path
 
-        def factory() -> Engine:
-            if engine is not None:
-                return engine
-            from asprof.engines.asyncprofiler import NativeEngine
+        def fixed() -> Engine:
+            assert engine is not None
+            return engine
 
-            return NativeEngine(options, path)
+        if engine is None:
+            from asprof.engines.choice import EngineFactory  # issue #11: auto, async-profiler, builtin
 
+            factory: Callable[[], Engine] = EngineFactory(options, path)
+        else:
+            factory = fixed
         return _Config(reporter, self.reporting_interval, self.agent_metadata,
                        self.extra_metadata, self.kill_switch_file,
                        self.max_cpu_percent, self.max_memory_mb, factory)

@@ -51,7 +51,8 @@ def main() -> int:
     profiler = asprof.Profiler(reporter, reporting_interval=1.0,
                                options=asprof.ProfilerOptions(cpu_interval=0.01, wall_interval=0.1))
     until = time.monotonic() + seconds
-    with profiler.start():
+    with profiler.start() as running:
+        print(f"profiling with the {running.engine} engine (asprof doctor says why)")
         helper = threading.Thread(target=work, args=(until,), name="worker")
         helper.start()
         work(until)

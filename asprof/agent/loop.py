@@ -25,7 +25,7 @@ logger = logging.getLogger("asprof")
 
 DEFAULT_STOP_TIMEOUT = 30.0
 EXIT_TIMEOUT = 10.0
-_OWN_THREADS = ("asprof-agent", "async-profiler", "asprof-pyframes")
+_OWN_THREADS = ("asprof-agent", "async-profiler", "asprof-pyframes", "asprof-sampler")
 
 _state_lock = threading.Lock()
 _active: Optional["_Agent"] = None  # async-profiler is process-global: one at a time

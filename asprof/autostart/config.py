@@ -24,6 +24,7 @@ from asprof.autostart.values import (
     DEFAULT_CPU_INTERVAL,
     DEFAULT_REPORTING_INTERVAL,
     DEFAULT_WALL_INTERVAL,
+    ENGINE_NAMES,
     MAX_PROFILER_INTERVAL,
     MAX_REPORTING_INTERVAL,
     MIN_CPU_INTERVAL,
@@ -131,6 +132,10 @@ VARIABLES: Tuple[Variable, ...] = (
              "How native stacks are walked: `dwarf`, `fp` or `no`.", "--cstack"),
     Variable("ASPROF_ALL_USER", "`true`",
              "`true` leaves kernel frames out of CPU stacks (async-profiler's `alluser`).", None),
+    Variable("ASPROF_ENGINE", "`auto`",
+             "What samples: `auto` (async-profiler when it loads, else the built-in engine, with one log "
+             "line), `async-profiler` (an error when it is missing) or `builtin` (asprof's own sampler: "
+             "CPU and wall-clock samples with Python stacks, no native memory).", None),
     Variable("ASPROF_LIB", "bundled, then the linker's search",
              "Path of `libasyncProfiler.so` (must exist).", "--lib"),
     Variable("ASPROF_LOG_LEVEL", "`warning`",
@@ -191,6 +196,7 @@ class EnvConfig:
     force_native_mem: bool = False
     cstack: str = "dwarf"
     all_user: bool = True
+    engine: str = "auto"
     library_path: Optional[str] = None
     log_level: Optional[int] = None
     extra_metadata: Mapping[str, str] = field(default_factory=dict)
@@ -269,6 +275,7 @@ class EnvConfig:
             force_native_mem=p.boolean("ASPROF_FORCE_NATIVE_MEM", False),
             cstack=p.choice("ASPROF_CSTACK", "dwarf", ("dwarf", "fp", "no")),
             all_user=p.boolean("ASPROF_ALL_USER", True),
+            engine=p.choice("ASPROF_ENGINE", "auto", ENGINE_NAMES),
             library_path=p.library(),
             log_level=log_level,
             extra_metadata=extra,
@@ -307,6 +314,7 @@ class EnvConfig:
         rows.append(("wall interval", "off" if self.wall_interval is None else format_seconds(self.wall_interval)))
         rows.append(("native memory", "off" if self.native_mem is None else
                      ("every allocation" if self.native_mem == 0 else f"every {self.native_mem} bytes")))
+        rows.append(("engine", self.engine))
         rows.append(("native stacks", f"cstack={self.cstack}, {'no ' if self.all_user else ''}kernel frames"))
         if self.extra_metadata:
             rows.append(("metadata", ", ".join(f"{k}={v}" for k, v in sorted(self.extra_metadata.items()))))

@@ -40,6 +40,7 @@ def profiler_options(cfg: EnvConfig) -> ProfilerOptions:
             native_mem=cfg.native_mem,
             all_user=cfg.all_user,
             cstack=cfg.cstack,
+            engine=cfg.engine,
             force_native_mem=cfg.force_native_mem,
         )
     except ValueError as e:  # pragma: no cover - every value was checked above

@@ -19,7 +19,8 @@ __all__ = [
     "DEFAULT_REPORTING_INTERVAL", "MIN_REPORTING_INTERVAL", "MAX_REPORTING_INTERVAL",
     "DEFAULT_CPU_INTERVAL", "DEFAULT_WALL_INTERVAL", "MIN_CPU_INTERVAL", "MIN_WALL_INTERVAL",
     "MAX_PROFILER_INTERVAL", "parse_bool", "parse_duration", "parse_size", "format_seconds",
-    "disabled_by_environment", "library_from_environment", "pyframes_join_by_timestamp",
+    "disabled_by_environment", "library_from_environment", "engine_from_environment", "ENGINE_NAMES",
+    "pyframes_join_by_timestamp",
     "pyframes_timing",
 ]
 
@@ -112,6 +113,22 @@ def library_from_environment(environ: Optional[Mapping[str, str]] = None) -> Opt
     """``ASPROF_LIB`` as an absolute path, or None when unset or empty."""
     value = (os.environ if environ is None else environ).get("ASPROF_LIB", "").strip()
     return os.path.abspath(os.path.expanduser(value)) if value else None
+
+
+#: The values of ``ProfilerOptions(engine=...)`` and ``ASPROF_ENGINE``.
+ENGINE_NAMES = ("auto", "async-profiler", "builtin")
+
+
+def engine_from_environment(environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """``ASPROF_ENGINE`` (``auto``, ``async-profiler`` or ``builtin``), or None when unset or
+    empty; ValueError naming the variable for any other value."""
+    raw = (os.environ if environ is None else environ).get("ASPROF_ENGINE", "")
+    value = raw.strip().lower()
+    if not value:
+        return None
+    if value not in ENGINE_NAMES:
+        raise ValueError(f"ASPROF_ENGINE must be one of {', '.join(ENGINE_NAMES)}, got {raw!r}")
+    return value
 
 
 def pyframes_join_by_timestamp() -> bool:

@@ -160,13 +160,21 @@ def diagnose(environ: Optional[Mapping[str, str]] = None, *, offline: bool = Fal
                 d.add("Configuration", name, WARN, "unknown variable, ignored (a typo?)")
 
     # -- library
+    # issue #11: with ASPROF_ENGINE=auto (default) a missing async-profiler is not a blocker when the
+    # built-in engine can run; async-profiler's problems are gathered first, judged in "Engine".
+    asked = cfg.engine if cfg is not None else "auto"
+    builtin_why_not = _builtin_unavailable()
+    explicit_lib = bool(env.get("ASPROF_LIB", "").strip())
+    ap_required = asked == "async-profiler" or (asked == "auto" and (builtin_why_not is not None or explicit_lib))
+    ap_fail = FAIL if ap_required else (INFO if asked == "builtin" else WARN)
+    final_blockers, blockers = blockers, []
     info = None
     native_ok = True
     try:
         import asprof._native  # noqa: F401
     except ImportError as e:
         native_ok = False
-        d.add("async-profiler", "native extension", FAIL, f"asprof._native cannot be imported: {e}",
+        d.add("async-profiler", "native extension", ap_fail, f"asprof._native cannot be imported: {e}",
               "reinstall asprof for this interpreter (pip install --force-reinstall asprof), or build it in "
               "place: python setup.py build_ext --inplace")
         blockers.append("native extension missing")
@@ -181,17 +189,22 @@ def diagnose(environ: Optional[Mapping[str, str]] = None, *, offline: bool = Fal
             d.add("async-profiler", "library", OK, f"{info.path}, version {info.version}, optional features: {caps}")
         except LibraryNotFoundError as e:
             tried = "; ".join(f"{w}: {what_}" for w, what_ in e.tried)
-            d.add("async-profiler", "library", FAIL, f"libasyncProfiler.so not found (tried {tried})",
+            d.add("async-profiler", "library", ap_fail, f"libasyncProfiler.so not found (tried {tried})",
                   "install async-profiler 3.0+ (https://github.com/async-profiler/async-profiler/releases): put "
                   "lib/libasyncProfiler.so in /usr/local/lib and run ldconfig, or set ASPROF_LIB to its path")
             blockers.append("async-profiler not found")
         except Exception as e:  # noqa: BLE001 - unsupported version, broken file
-            d.add("async-profiler", "library", FAIL, f"{type(e).__name__}: {e}",
+            d.add("async-profiler", "library", ap_fail, f"{type(e).__name__}: {e}",
                   "install async-profiler 3.0 or later, or point ASPROF_LIB at a working copy")
             blockers.append("async-profiler unusable")
+    ap_problems, blockers = blockers, final_blockers
+    engine_name = _engine_checks(d, asked, info is not None and not ap_problems, ap_problems, builtin_why_not,
+                                 explicit_lib, blockers)
 
     # -- CPU engine
     engine = _cpu_checks(d)
+    if engine_name == "builtin":
+        engine = "per-thread CPU-clock timers of the built-in engine"
     if cfg is not None and cfg.enabled:
         what.append(f"CPU samples ({engine}) every {_secs(cfg.cpu_interval)} of CPU time")
         if cfg.wall_interval is not None:
@@ -230,6 +243,8 @@ def diagnose(environ: Optional[Mapping[str, str]] = None, *, offline: bool = Fal
         _s3_checks(d, env, offline, timeout, required=False)
     _metadata_checks(d, env, offline, timeout)
 
+    if cfg is not None and cfg.enabled and engine_name is not None:
+        what.append(f"by the {engine_name} engine")  # issue #11
     if cfg is not None and cfg.enabled:
         dest = (f"s3://{cfg.s3_bucket}/{cfg.s3_prefix}" if cfg.s3_bucket is not None
                 else os.path.abspath(cfg.directory or "profiles"))
@@ -246,6 +261,52 @@ def _known() -> "frozenset[str]":
     from asprof.autostart.config import KNOWN
 
     return KNOWN
+
+
+def _builtin_unavailable() -> Optional[str]:
+    try:
+        from asprof.engines.builtin import unavailable_reason
+
+        return unavailable_reason()
+    except Exception as e:  # noqa: BLE001
+        return f"it cannot be imported ({e})"
+
+
+def _engine_checks(d: Diagnosis, asked: str, ap_ok: bool, ap_problems: List[str], builtin_why_not: Optional[str],
+                   explicit_lib: bool, blockers: List[str]) -> Optional[str]:
+    """Which engine would run and why (issue #11); returns its name, or None when none would."""
+    ap_why = ap_problems[0] if ap_problems else "it does not load"
+    if asked == "builtin":
+        if builtin_why_not is not None:
+            d.add("Engine", "engine", FAIL, f"builtin (ASPROF_ENGINE=builtin), but {builtin_why_not}",
+                  "reinstall asprof for this interpreter, or set ASPROF_ENGINE=auto")
+            blockers.append("built-in engine unavailable")
+            return None
+        d.add("Engine", "engine", OK, "builtin: asked for by ASPROF_ENGINE=builtin (CPU and wall-clock samples "
+              "with Python stacks and the native leaf frame; no native memory)")
+        return "builtin"
+    if ap_ok:
+        d.add("Engine", "engine", OK, "async-profiler: " + ("asked for by ASPROF_ENGINE=async-profiler"
+                                                            if asked == "async-profiler" else "auto, it loads"))
+        return "async-profiler"
+    if asked == "async-profiler":
+        d.add("Engine", "engine", FAIL, f"async-profiler (ASPROF_ENGINE=async-profiler), but {ap_why}",
+              "install async-profiler, or set ASPROF_ENGINE=auto to use the built-in engine")
+        blockers.extend(ap_problems or ["async-profiler unusable"])
+        return None
+    if explicit_lib:
+        d.add("Engine", "engine", FAIL, f"auto, but the library ASPROF_LIB names does not load ({ap_why})",
+              "fix or unset ASPROF_LIB")
+        blockers.extend(ap_problems or ["async-profiler unusable"])
+        return None
+    if builtin_why_not is not None:
+        d.add("Engine", "engine", FAIL, f"none: async-profiler does not load ({ap_why}) and {builtin_why_not}",
+              "install async-profiler, or reinstall asprof to build its built-in engine")
+        blockers.extend(ap_problems or ["async-profiler unusable"])
+        return None
+    d.add("Engine", "engine", OK, f"builtin: auto, because async-profiler does not load ({ap_why}); "
+          "install async-profiler for native stacks and native memory")
+    return "builtin"
 
 
 def _guard(fn: Callable[[], Optional[str]]) -> Optional[str]:

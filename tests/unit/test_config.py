@@ -92,6 +92,9 @@ VALID: List[Any] = [
     ({"ASPROF_FORCE_NATIVE_MEM": "0"}, "force_native_mem", False),
     ({"ASPROF_CSTACK": "FP"}, "cstack", "fp"),
     ({"ASPROF_CSTACK": "no"}, "cstack", "no"),
+    ({"ASPROF_ENGINE": "builtin"}, "engine", "builtin"),  # issue #11
+    ({"ASPROF_ENGINE": " Async-Profiler "}, "engine", "async-profiler"),
+    ({"ASPROF_ENGINE": "auto"}, "engine", "auto"),
     ({"ASPROF_ALL_USER": "false"}, "all_user", False),
     ({"ASPROF_LIB": sys.executable}, "library_path", sys.executable),
     ({"ASPROF_LOG_LEVEL": "debug"}, "log_level", logging.DEBUG),
@@ -173,6 +176,7 @@ INVALID: List[Any] = [
     ({"ASPROF_NATIVE_MEM": "-1m"}, "ASPROF_NATIVE_MEM"),
     ({"ASPROF_FORCE_NATIVE_MEM": "please"}, "ASPROF_FORCE_NATIVE_MEM"),
     ({"ASPROF_CSTACK": "lbr"}, "ASPROF_CSTACK"),
+    ({"ASPROF_ENGINE": "pyspy"}, "ASPROF_ENGINE"),  # issue #11
     ({"ASPROF_ALL_USER": "kernel"}, "ASPROF_ALL_USER"),
     ({"ASPROF_LIB": "/nonexistent/libasyncProfiler.so"}, "ASPROF_LIB"),
     ({"ASPROF_LIB": "/"}, "ASPROF_LIB"),
@@ -351,7 +355,8 @@ def test_library_missing_is_one_line(caplog: pytest.LogCaptureFixture, clean_env
                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     caplog.set_level(logging.DEBUG, logger="asprof")
     monkeypatch.setattr("asprof.engines.asyncprofiler._candidates", lambda path: [("bundled copy", str(tmp_path / "none.so"))])
-    assert start_from_environment({"ASPROF_REPORTER": str(tmp_path / "p")}) is None
+    # issue #11: with ASPROF_ENGINE=auto the built-in engine runs instead (tests/builtin/test_choice.py)
+    assert start_from_environment({"ASPROF_REPORTER": str(tmp_path / "p"), "ASPROF_ENGINE": "async-profiler"}) is None
     lines = asprof_records(caplog)
     assert len(lines) == 1 and "not found" in lines[0].getMessage()
     assert "\n" not in lines[0].getMessage()

@@ -80,10 +80,29 @@ def test_without_async_profiler_says_what_is_missing_and_how_to_fix_it(tmp_path:
 def test_without_any_library_on_the_search_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ASPROF_LIB", raising=False)
     monkeypatch.setattr("asprof.engines.asyncprofiler._candidates", lambda path: [("bundled copy", str(tmp_path / "none.so"))])
-    d = cli_doctor.diagnose({}, offline=True)
+    d = cli_doctor.diagnose({"ASPROF_ENGINE": "async-profiler"}, offline=True)
     assert not d.would_profile
     lib = [c for c in d.checks if c.name == "library"][0]
     assert lib.status == "fail" and "none.so" in lib.detail and lib.fix and "install" in lib.fix
+    eng = [c for c in d.checks if c.section == "Engine"][0]
+    assert eng.status == "fail" and "ASPROF_ENGINE=async-profiler" in eng.detail
+
+
+def test_without_async_profiler_auto_says_the_builtin_engine_runs_and_why(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """issue #11: auto falls back to the built-in engine; the doctor says which engine and why."""
+    from asprof.engines.builtin import unavailable_reason
+
+    if unavailable_reason() is not None:
+        pytest.skip(f"the built-in engine is unavailable: {unavailable_reason()}")
+    monkeypatch.delenv("ASPROF_LIB", raising=False)
+    monkeypatch.setattr("asprof.engines.asyncprofiler._candidates", lambda path: [("bundled copy", str(tmp_path / "none.so"))])
+    d = cli_doctor.diagnose({}, offline=True)
+    lib = [c for c in d.checks if c.name == "library"][0]
+    assert lib.status == "warn" and "none.so" in lib.detail
+    eng = [c for c in d.checks if c.section == "Engine"][0]
+    assert eng.status == "ok" and eng.detail.startswith("builtin: auto, because async-profiler does not load")
+    assert d.would_profile and "by the builtin engine" in d.summary
 
 
 def test_invalid_configuration(tmp_path: Path, stub_lib: Path) -> None:

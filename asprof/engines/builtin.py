@@ -1,0 +1,288 @@
+"""The built-in sampling engine (issue #11): asprof's own C sampler (``asprof.engines._builtin``,
+``csrc/builtin``) behind the :class:`~asprof.engines.base.Engine` protocol.
+
+It records CPU samples (per-thread CPU-clock timers, else ``ITIMER_PROF``) and wall-clock
+samples of every thread, each with the thread's Python stack and the native leaf frame. Every
+tick, on the agent thread, :class:`BuiltinEngine` takes the batch recorded since the previous
+tick and writes it as one self-contained JFR chunk with :mod:`asprof.jfrio.writer` (the same
+event types as async-profiler: ``jdk.ExecutionSample``, ``profiler.WallClockSample``, thread
+names, ``jdk.ActiveSetting`` with ``engine = builtin``, the CPU mode and the intervals).
+
+What it does not do: native memory, native stacks beyond the leaf frame, kernel frames. Asked
+for explicitly (``engine="builtin"``) with such options it refuses to start; picked by ``auto``
+it says in one log line what it leaves out.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+
+from asprof.engines.base import Engine, TickResult
+from asprof.errors import ProfilerError
+
+if TYPE_CHECKING:
+    from asprof.options import ProfilerOptions
+
+__all__ = ["BuiltinEngine", "available", "unavailable_reason", "unsupported_options", "NAME"]
+
+logger = logging.getLogger("asprof")
+
+NAME = "builtin"
+_MAX_FRAMES = 128
+
+
+def unavailable_reason() -> Optional[str]:
+    """Why the built-in engine cannot run here, or None when it can."""
+    if not sys.platform.startswith("linux"):
+        return f"the built-in engine runs on Linux only (this is {sys.platform})"
+    try:
+        from asprof.engines import _builtin  # noqa: F401
+    except ImportError as e:
+        return f"its C extension asprof.engines._builtin is not built ({e})"
+    return None
+
+
+def available() -> bool:
+    return unavailable_reason() is None
+
+
+def unsupported_options(options: "ProfilerOptions") -> List[str]:
+    """The options (set to other than their defaults) this engine cannot honour."""
+    out = []
+    if options.native_mem is not None:
+        out.append(f"native_mem={options.native_mem!r} (native memory sampling needs async-profiler)")
+    if options.force_native_mem:
+        out.append("force_native_mem=True (native memory sampling needs async-profiler)")
+    if options.cstack != "dwarf":
+        out.append(f"cstack={options.cstack!r} (the built-in engine records the native leaf frame only)")
+    if not options.all_user:
+        out.append("all_user=False (the built-in engine records no kernel frames)")
+    return out
+
+
+class _Names:
+    """Module names from code filenames (via ``sys.modules``) and thread names from thread ids,
+    computed on the agent thread at each tick."""
+
+    def __init__(self) -> None:
+        self._modules_seen = -1
+        self._by_file: Dict[str, str] = {}
+        self._cache: Dict[str, str] = {}
+        self._roots: List[str] = []
+
+    def _refresh(self) -> None:
+        mods = sys.modules
+        if len(mods) == self._modules_seen:
+            return
+        by_file: Dict[str, str] = {}
+        for name, mod in list(mods.items()):
+            f = getattr(mod, "__file__", None)
+            if isinstance(f, str):
+                by_file.setdefault(f, name)
+                if not os.path.isabs(f):
+                    by_file.setdefault(os.path.abspath(f), name)
+        self._by_file = by_file
+        self._cache = {}
+        self._roots = sorted({os.path.abspath(p) for p in sys.path if isinstance(p, str) and p},
+                             key=len, reverse=True)
+        self._modules_seen = len(mods)
+
+    def module(self, filename: str) -> str:
+        """The dotted module name of the code in ``filename`` (``"<string>"`` stays as is)."""
+        got = self._cache.get(filename)
+        if got is not None:
+            return got
+        name = self._by_file.get(filename)
+        if name is None:
+            name = self._guess(filename)
+        self._cache[filename] = name
+        return name
+
+    def _guess(self, filename: str) -> str:
+        if not filename or filename.startswith("<"):
+            return filename or "<unknown>"
+        path = filename
+        for root in self._roots:
+            if path.startswith(root + os.sep):
+                path = path[len(root) + 1:]
+                break
+        else:
+            path = os.path.basename(path)
+        for suffix in (".py", ".pyc", ".pyw"):
+            if path.endswith(suffix):
+                path = path[: -len(suffix)]
+                break
+        parts = [p for p in path.split(os.sep) if p]
+        if len(parts) > 1 and parts[-1] == "__init__":
+            parts.pop()
+        return ".".join(parts) or filename
+
+    @staticmethod
+    def threads() -> Dict[int, str]:
+        out: Dict[int, str] = {}
+        for t in threading.enumerate():
+            nid = getattr(t, "native_id", None)
+            if nid is not None:
+                out[nid] = t.name
+        return out
+
+
+def _comm(tid: int) -> str:
+    try:
+        with open(f"/proc/self/task/{tid}/comm", encoding="utf-8", errors="replace") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+class BuiltinEngine(Engine):
+    """The built-in engine. ``explicit``: the user asked for it (unsupported options are an
+    error) rather than ``auto`` picking it (they are left out, with one log line)."""
+
+    name = NAME
+
+    def __init__(self, options: "ProfilerOptions", *, explicit: bool = True) -> None:
+        why = unavailable_reason()
+        if why is not None:
+            raise ProfilerError(f"the built-in engine is not available: {why}")
+        from asprof.engines import _builtin
+
+        self._mod = _builtin
+        self.options = options
+        bad = unsupported_options(options)
+        if bad and explicit:
+            raise ProfilerError("the built-in engine (engine='builtin') cannot honour "
+                                + "; ".join(bad) + ". Use engine='async-profiler' or leave these options out.")
+        if bad:
+            logger.info("the built-in engine leaves out: %s", "; ".join(bad))
+        self._cpu_ns = options.cpu_interval_ns
+        self._wall_ns = 0 if options.wall_interval is None else max(1, round(options.wall_interval * 1e9))
+        self._lock = threading.Lock()  # ticks, stop and fork
+        self._names = _Names()
+        self._running = False
+        self._orphan = False  # this object belongs to the parent of a forked child
+        self.cpu_mode = "off"
+        self._chunk_start: Tuple[int, int] = (0, 0)  # (ns since the epoch, CLOCK_MONOTONIC ns)
+        self._lost_total = 0
+        self._last_size = 0
+
+    # -- Engine -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        from asprof.jfrio.writer import clock_pair
+
+        with self._lock:
+            if self._running:
+                raise ProfilerError("the built-in engine is already running")
+            pair = clock_pair()
+            try:
+                self.cpu_mode = self._mod.start(self._cpu_ns, self._wall_ns, _MAX_FRAMES, "auto")
+            except RuntimeError as e:
+                raise ProfilerError(f"the built-in engine could not start: {e}") from e
+            except OSError as e:
+                raise ProfilerError(f"the built-in engine could not start: {e}") from e
+            self._chunk_start = pair
+            self._running = True
+        logger.debug("built-in engine started: cpu %s every %d ns, wall every %d ns",
+                     self.cpu_mode, self._cpu_ns, self._wall_ns)
+
+    def tick(self) -> TickResult:
+        with self._lock:
+            if not self._running or self._orphan:
+                return TickResult(None)
+            return TickResult(self._report())
+
+    def stop(self) -> Optional[bytes]:
+        with self._lock:
+            if not self._running or self._orphan:
+                return None
+            self._running = False
+            self._mod.stop()
+            return self._report()
+
+    def close(self) -> None:
+        try:
+            with self._lock:
+                if self._running and not self._orphan:
+                    self._running = False
+                    self._mod.stop()
+        except Exception:  # noqa: BLE001 - must not raise
+            logger.debug("stopping the built-in engine failed", exc_info=True)
+
+    def before_fork(self) -> bool:
+        self._lock.acquire()  # no report is half written when the process forks
+        return True  # the child's module is reset by its own atfork handler: it can start afresh
+
+    def after_fork_in_parent(self) -> None:
+        self._lock.release()
+
+    def after_fork_in_child(self) -> None:
+        self._orphan = True  # the child's agent starts its own engine
+        self._lock = threading.Lock()
+
+    def memory_bytes(self) -> Optional[int]:
+        try:
+            held = int(self._mod.stats().get("memory_bytes", 0))
+        except Exception:  # noqa: BLE001
+            held = 0
+        return held + self._last_size
+
+    # -- the report ---------------------------------------------------------------------
+
+    def _report(self) -> Optional[bytes]:
+        """Collects the batch and writes it as one chunk (lock held)."""
+        from asprof.jfrio.writer import clock_pair
+
+        end = clock_pair()
+        codes, natives, stacks, samples, lost = self._mod.collect()
+        start, self._chunk_start = self._chunk_start, end
+        if lost:
+            self._lost_total += lost
+            logger.warning("the built-in engine lost %d samples since the last report (its buffers were full)", lost)
+        data = self.write_chunk(start, end, codes, natives, stacks, samples, lost)
+        self._last_size = len(data)
+        return data
+
+    def write_chunk(self, start: Tuple[int, int], end: Tuple[int, int],
+                    codes: Sequence[Tuple[str, str, str, int]], natives: Sequence[Tuple[str, str]],
+                    stacks: Sequence[Tuple[int, ...]], samples: bytes, lost: int) -> bytes:
+        """One self-contained JFR chunk for a batch of :func:`_builtin.collect` (public for tests)."""
+        from asprof.jfrio.writer import FRAME_NATIVE, FRAME_PYTHON, ChunkWriter
+
+        version = getattr(sys.modules.get("asprof"), "__version__", "unknown")  # not imported: a cycle
+        w = ChunkWriter(start[0], start[1])
+        w.recording_info("asprof")
+        w.system_info()
+        rec, ex = "jdk.ActiveRecording", "jdk.ExecutionSample"
+        for owner, key, value in (
+            (rec, "version", f"asprof {version}"), (rec, "engine", NAME), (rec, "cpuMode", self.cpu_mode),
+            (rec, "cstack", "no"), (rec, "clock", "monotonic"), (rec, "event", "cpu"),
+            (rec, "pythonFrames", "true" if self._mod.python_frames else "false"),
+            (rec, "lostSamples", str(lost)),
+            (ex, "enabled", "true"), (ex, "interval", str(self._cpu_ns)), (ex, "alluser", "true"),
+            (ex, "wall", str(self._wall_ns)),
+        ):
+            w.setting(owner, key, value)
+        names = self._names
+        names._refresh()
+        code_keys = [w.python_method(names.module(fn), qual or name) for name, qual, fn, _first in codes]
+        first_lines = [first for _n, _q, _f, first in codes]
+        native_keys = [w.native_method(lib or "", sym) for sym, lib in natives]
+        stack_keys = []
+        for pairs in stacks:
+            frames = []
+            for i in range(0, len(pairs) - 1, 2):
+                ref, line = pairs[i], pairs[i + 1]
+                if ref >= 0:
+                    frames.append((code_keys[ref], line or first_lines[ref], FRAME_PYTHON))
+                else:
+                    frames.append((native_keys[-ref - 1], 0, FRAME_NATIVE))
+            stack_keys.append(w.stack(frames, truncated=len(frames) >= _MAX_FRAMES))
+        w.samples_from(samples, stack_keys)
+        threads = names.threads()
+        for tid in w.thread_ids:
+            w.thread(tid, threads.get(tid) or _comm(tid) or f"[tid={tid}]")
+        return w.finish(end_ticks=end[1])
