@@ -140,13 +140,15 @@ static uint32_t python_stack(bi_half *hf, void *ucontext, uint64_t now) {
         }
         atomic_store_explicit(&guard_checked_ns, now, memory_order_relaxed);
     }
-    pf_rawframe raw[2 * BI_MAX_FRAMES + 2];
-    bi_frame fr[BI_MAX_FRAMES];
-    int truncated = 0, unknown = 0;
+    /* Sized by max_frames (default 128: ~7 KB of the interrupted thread's stack, not 15). */
     int max = bi.max_frames;
+    if (max < 1 || max > BI_MAX_FRAMES) max = BI_MAX_FRAMES;
+    pf_rawframe raw[2 * max + 2];
+    bi_frame fr[max];
+    int truncated = 0, unknown = 0;
     int n = pf_walk(tstate, raw, 2 * max + 2, max, &truncated);
     int m = 0;
-    for (int i = 0; i < n && m < BI_MAX_FRAMES; i++) {
+    for (int i = 0; i < n && m < max; i++) {
         if (raw[i].flags & PF_FRAME_BOUNDARY) continue;
         fr[m].idx = pf_code_index(hf->codes, raw[i].code, raw[i].globals);
         fr[m].lasti = raw[i].lasti;

@@ -487,3 +487,29 @@ def test_handler_installed_after_start_is_chained_and_ours_put_back() -> None:
     assert r["reinstalled"] >= 1
     assert r["forwarded"] >= 1  # standard signals may merge while pending: at least one arrives
     assert r["ours"] >= 10
+
+
+@needs_frames
+def test_max_frames_keeps_the_leaf_side() -> None:
+    r = run('''
+        def deep(n):
+            if n == 0:
+                end = time.monotonic() + 0.1
+                while time.monotonic() < end:
+                    pass
+                return 0
+            return deep(n - 1)
+        b.start(1_000_000, 0, max_frames=5)
+        got = []
+        t0 = time.monotonic()
+        while len(got) < 10 and time.monotonic() - t0 < 30:
+            deep(40)
+            got += [s for s in decode(b.collect()) if any(f[1] == "deep" for f in s["frames"])]
+        stats = b.stats()
+        b.stop()
+        emit({"depths": [sum(1 for f in s["frames"] if f[0] == "py") for s in got],
+              "names": [[f[1] for f in s["frames"] if f[0] == "py"] for s in got], "truncated": stats["truncated"]})
+    ''')
+    assert r["depths"] and max(r["depths"]) <= 5
+    assert r["truncated"] >= 1
+    assert all(names[-1] == "deep" for names in r["names"] if len(names) == 5)  # the root side is cut
