@@ -3,7 +3,8 @@
 - ``"async-profiler"``: async-profiler, and today's :class:`~asprof.errors.LibraryNotFoundError`
   when it is missing;
 - ``"builtin"``: the built-in engine (:mod:`asprof.engines.builtin`);
-- ``"auto"`` (default): async-profiler when it loads, else the built-in engine, with one INFO
+- ``"auto"`` (default): async-profiler when it loads (its native core ``asprof._native`` imports and
+  ``libasyncProfiler.so`` is found and recent enough), else the built-in engine, with one INFO
   line saying why. A library asked for by path (``library_path=`` or ``ASPROF_LIB``) that does
   not load stays an error: that is not a library that happens to be missing.
 
@@ -75,7 +76,7 @@ def make_engine(options: "ProfilerOptions", library_path: Optional[str] = None,
         return builtin.BuiltinEngine(options, explicit=True)
     try:
         return _async_profiler_engine(options, library_path)
-    except (LibraryNotFoundError, UnsupportedVersionError) as e:
+    except (LibraryNotFoundError, UnsupportedVersionError, ImportError) as e:
         why_not = builtin.unavailable_reason()
         if _explicit_library(library_path) or why_not is not None:
             raise
@@ -128,7 +129,7 @@ def describe(options: "Optional[ProfilerOptions]" = None, library_path: Optional
         return BUILTIN, f"asked for by {where}"
     try:
         loaded = _load_async_profiler(library_path)
-    except (LibraryNotFoundError, UnsupportedVersionError) as e:
+    except (LibraryNotFoundError, UnsupportedVersionError, ImportError) as e:
         if asked == ASYNC_PROFILER:
             return "none", f"engine=async-profiler ({where}) but it does not load: {_first_line(e)}"
         if _explicit_library(library_path):

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 import pytest
-from jfr_tools import JFR_TOOL, JFRCONV, NO_JDK, NO_JFRCONV, jfr, jfrconv_collapsed
 
 import asprof.jfr
 from asprof.jfrio.writer import (
@@ -22,6 +21,8 @@ from asprof.jfrio.writer import (
     clock_pair,
     varint,
 )
+
+from jfr_tools import JFR_TOOL, JFRCONV, NO_JDK, NO_JFRCONV, jfr, jfrconv_collapsed
 
 MAIN_TID, WORKER_TID = 4242, 4243
 
