@@ -52,7 +52,7 @@ def main() -> int:
                                options=asprof.ProfilerOptions(cpu_interval=0.01, wall_interval=0.1))
     until = time.monotonic() + seconds
     with profiler.start() as running:
-        print(f"profiling with the {running.engine} engine (asprof doctor says why)")
+        engine = running.engine
         helper = threading.Thread(target=work, args=(until,), name="worker")
         helper.start()
         work(until)
@@ -62,6 +62,8 @@ def main() -> int:
     print(f"{len(files)} profiles in {reporter.directory}:")
     for name in files:
         print(f"  {name}  {os.path.getsize(os.path.join(reporter.directory, name))} bytes")
+    why = " (async-profiler is not loaded here; `asprof doctor` says why)" if engine == "builtin" else ""
+    print(f"engine: {engine}{why}")
     return 0
 
 

@@ -104,7 +104,7 @@ def test_demo_with_the_builtin_engine(tmp_path: Path) -> None:
     self-contained report; the demo's functions in the stacks; asprof convert reads them."""
     r = _run_demo(tmp_path, ASPROF_ENGINE="builtin")
     assert r.returncode == 0, r.stderr
-    assert "profiling with the builtin engine" in r.stdout
+    assert r.stdout.rstrip().splitlines()[-1].startswith("engine: builtin")
     files = sorted((tmp_path / "profiles").glob("*.jfr"))
     assert len(files) >= 3, r.stdout
     for f in files:
@@ -177,3 +177,30 @@ def test_fork_child_profiles_itself_with_the_builtin_engine(tmp_path: Path) -> N
         check_jfr(f)
         by_pid[pid] = by_pid.get(pid, 0) + sum(_collapsed(asprof.jfr.open(str(f)), "cpu").values())
     assert by_pid.get(parent, 0) > 0 and by_pid.get(child, 0) > 0, (by_pid, r.stderr)
+
+
+HIDDEN_DEMO = """
+import runpy, sys
+from asprof.engines import choice
+from asprof.errors import LibraryNotFoundError
+def missing(options, path):
+    raise LibraryNotFoundError([("the linker's search (libasyncProfiler.so)", "hidden by the test")])
+choice._async_profiler_engine = missing  # a machine without async-profiler, whatever this one has
+sys.argv = ["demo.py", "2", sys.argv[1]]
+runpy.run_path({demo!r}, run_name="__main__")
+"""
+
+
+@needs_builtin
+def test_readme_first_command_without_async_profiler(tmp_path: Path) -> None:
+    """`python examples/demo.py 5 profiles` where async-profiler does not load: the built-in
+    engine runs, one INFO line says why, the demo ends with the engine's name."""
+    code = HIDDEN_DEMO.format(demo=str(ROOT / "examples" / "demo.py"))
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "profiles")], capture_output=True, text=True,
+                       timeout=120, env=child_env(ASPROF_ENGINE=""))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.rstrip().splitlines()[-1].startswith("engine: builtin")
+    infos = [ln for ln in r.stderr.splitlines() if "engine: built-in (async-profiler does not load" in ln]
+    assert len(infos) == 1, r.stderr
+    files = sorted((tmp_path / "profiles").glob("*.jfr"))
+    assert len(files) >= 2 and all(check_jfr(f)["chunks"] == 1 for f in files)
