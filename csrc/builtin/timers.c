@@ -53,10 +53,11 @@ static struct {
     uint64_t cpu_ns, wall_ns;
     pid_t pid;
     int cond_ready;
+    int task_dir;     /* /proc/self/task of this process while the sampler runs, else -1 */
     thread_t threads[MAX_THREADS];
     int nthreads;
     _Atomic int n_threads_seen, n_timers;
-} S = {.lock = PTHREAD_MUTEX_INITIALIZER};
+} S = {.lock = PTHREAD_MUTEX_INITIALIZER, .task_dir = -1};
 
 static clockid_t thread_cpu_clock(int tid) {
     /* MAKE_THREAD_CPUCLOCK(tid, CPUCLOCK_SCHED): the thread's scheduler CPU time. */
@@ -150,8 +151,15 @@ static int scan(int strict) {
 /* 1 running / runnable, 2 sleeping (any other state), 0 unknown. */
 static unsigned thread_state(int tid) {
     char path[64], buf[512];
-    snprintf(path, sizeof(path), "/proc/self/task/%d/stat", tid);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int fd;
+    if (S.task_dir >= 0) {
+        /* relative to the kept /proc/self/task: no lookup of /proc/self/task per read */
+        snprintf(path, sizeof(path), "%d/stat", tid);
+        fd = openat(S.task_dir, path, O_RDONLY | O_CLOEXEC);
+    } else {
+        snprintf(path, sizeof(path), "/proc/self/task/%d/stat", tid);
+        fd = open(path, O_RDONLY | O_CLOEXEC);
+    }
     if (fd < 0) return 0;
     ssize_t n = read(fd, buf, sizeof(buf) - 1);
     close(fd);
@@ -308,6 +316,7 @@ const char *bi_sampler_start(uint64_t cpu_ns, uint64_t wall_ns, int cpu_mode, co
         goto fail;
     }
     pthread_setname_np(S.th, "asprof-sampler");  /* named before start() returns */
+    if (S.task_dir < 0) S.task_dir = open("/proc/self/task", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     S.running = 1;
     pthread_mutex_unlock(&S.lock);
     return NULL;
@@ -329,6 +338,10 @@ void bi_sampler_stop(void) {
     pthread_mutex_lock(&S.lock);
     S.running = 0;
     delete_all();
+    if (S.task_dir >= 0) {
+        close(S.task_dir);
+        S.task_dir = -1;
+    }
     pthread_mutex_unlock(&S.lock);
 }
 
@@ -342,6 +355,10 @@ void bi_atfork_child(void) {
     pthread_mutex_t m = PTHREAD_MUTEX_INITIALIZER;
     memcpy(&S.lock, &m, sizeof(m));
     S.cond_ready = 0;  /* the condition variable is made again at the next start */
+    if (S.task_dir >= 0) {
+        close(S.task_dir);  /* the parent's task directory */
+        S.task_dir = -1;
+    }
     S.running = 0;
     S.stop = 0;
     S.nthreads = 0;
