@@ -100,6 +100,8 @@ int bi_store_init(void);                 /* maps the halves (once); 0 or -1 */
 void bi_store_reset(bi_half *h);         /* no handler may use it */
 /* Swaps the halves and waits for handlers to leave the old one: returns it, or NULL (timeout). */
 bi_half *bi_store_swap(void);
+/* Bytes of the store resident in memory now (mincore over its mappings). */
+uint64_t bi_store_resident(void);
 
 /* handler.c */
 int bi_handler_install(void);            /* 0 or -1 (errno) */

@@ -386,6 +386,7 @@ static PyObject *bi_stats(PyObject *self, PyObject *noargs) {
              C(handler_ns) | C(inert) | C(no_guard) | C(masked) | C(unknown_code) | C(handler_reinstalled) |
              C(wall_sent) | C(wall_failed) | C(timer_failed) | C(collects) | C(collect_timeouts);
 #undef C
+    rc |= put(d, "memory_bytes", (unsigned long long)bi_store_resident());
     rc |= put(d, "threads", (unsigned long long)bi_sampler_threads());
     rc |= put(d, "timers", (unsigned long long)bi_sampler_timers());
 #ifdef ASPROF_WALKER

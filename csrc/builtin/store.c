@@ -8,6 +8,8 @@
 #include "builtin.h"
 
 #include <errno.h>
+#include <stdlib.h>
+#include <unistd.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <time.h>
@@ -74,4 +76,31 @@ bi_half *bi_store_swap(void) {
     atomic_store(&bi.cur, c);
     atomic_fetch_add(&bi.n.collect_timeouts, 1);
     return NULL;
+}
+
+/* Resident bytes of one mapping (mincore), 0 when unknown. */
+static uint64_t resident(void *addr, size_t len) {
+    if (addr == NULL) return 0;
+    long page = sysconf(_SC_PAGESIZE);
+    if (page <= 0) return 0;
+    size_t pages = (len + (size_t)page - 1) / (size_t)page;
+    unsigned char *vec = malloc(pages);
+    if (vec == NULL) return 0;
+    uint64_t n = 0;
+    if (mincore(addr, len, vec) == 0)
+        for (size_t i = 0; i < pages; i++) n += vec[i] & 1u;
+    free(vec);
+    return n * (uint64_t)page;
+}
+
+uint64_t bi_store_resident(void) {
+    uint64_t n = 0;
+    for (int i = 0; i < 2; i++) {
+        bi_half *h = &bi.halves[i];
+        n += resident(h->samples, SAMPLES_BYTES) + resident(h->stacks, STACKS_BYTES) + resident(h->frames, FRAMES_BYTES);
+#ifdef ASPROF_WALKER
+        n += resident(h->codes, CODES_BYTES);
+#endif
+    }
+    return n;
 }

@@ -370,13 +370,14 @@ def test_stats_counters_move() -> None:
     ''')
     s0, s1, s2 = r["s0"], r["s1"], r["s2"]
     for key in ("signals", "samples", "lost", "chained", "no_python", "truncated", "handler_calls",
-                "handler_ns", "threads", "timers"):
+                "handler_ns", "threads", "timers", "memory_bytes"):
         assert key in s0, key
     assert s0["samples"] == 0 and s0["handler_calls"] == 0
     assert s1["samples"] >= 20 and s1["signals"] >= s1["samples"]
     assert s1["handler_calls"] >= s1["samples"] and s1["handler_ns"] > 0
     assert s1["threads"] >= 1 and s1["timers"] >= 1 and s1["wall_sent"] >= 1
     assert s2["collects"] == 1
+    assert s1["memory_bytes"] > 0  # the store's resident pages, given back after each collect
 
 
 def test_collect_format_is_self_contained() -> None:
