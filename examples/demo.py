@@ -51,8 +51,7 @@ def main() -> int:
     profiler = asprof.Profiler(reporter, reporting_interval=1.0,
                                options=asprof.ProfilerOptions(cpu_interval=0.01, wall_interval=0.1))
     until = time.monotonic() + seconds
-    with profiler.start() as running:
-        engine = running.engine
+    with profiler.start():
         helper = threading.Thread(target=work, args=(until,), name="worker")
         helper.start()
         work(until)
@@ -62,8 +61,6 @@ def main() -> int:
     print(f"{len(files)} profiles in {reporter.directory}:")
     for name in files:
         print(f"  {name}  {os.path.getsize(os.path.join(reporter.directory, name))} bytes")
-    why = " (async-profiler is not loaded here; `asprof doctor` says why)" if engine == "builtin" else ""
-    print(f"engine: {engine}{why}")
     return 0
 
 

@@ -136,7 +136,10 @@ class _Agent:
     def wait(self, timeout: Optional[float]) -> bool:
         if threading.current_thread() is self.thread:
             return False  # stop() called from a reporter: the loop ends after this report
-        return self.done.wait(timeout)
+        if not self.done.wait(timeout):
+            return False
+        self.thread.join(1.0)  # done is set as the thread's last step: a clean stop leaves no thread
+        return True
 
     # ---- the agent thread ----
     def _run(self) -> None:
