@@ -130,6 +130,14 @@ class _Names:
         return out
 
 
+def _native_name(symbol: str, library: str) -> str:
+    """A symbol as is; a program counter ``dladdr`` could not name (``0x...``) becomes one frame
+    per library, ``[libz.so.1]`` (``[unknown]`` without one), so that its samples add up."""
+    if not symbol.startswith("0x"):
+        return symbol
+    return f"[{library.rpartition('/')[2]}]" if library else "[unknown]"
+
+
 def _comm(tid: int) -> str:
     try:
         with open(f"/proc/self/task/{tid}/comm", encoding="utf-8", errors="replace") as f:
@@ -270,7 +278,7 @@ class BuiltinEngine(Engine):
         names._refresh()
         code_keys = [w.python_method(names.module(fn), qual or name) for name, qual, fn, _first in codes]
         first_lines = [first for _n, _q, _f, first in codes]
-        native_keys = [w.native_method(lib or "", sym) for sym, lib in natives]
+        native_keys = [w.native_method(lib or "", _native_name(sym, lib)) for sym, lib in natives]
         stack_keys = []
         for pairs in stacks:
             frames = []

@@ -459,13 +459,13 @@ class ChunkWriter:
                     rest += b"\x01\x00"  # samples = 1, timeSpan = 0
                 tail = tails[ck] = (bytes((len(rest) + 10, T_WALL_CLOCK_SAMPLE if kind else T_EXECUTION_SAMPLE)),
                                     rest)
-            if 0x2000000000000 <= t < 0x100000000000000:  # 8 bytes: CLOCK_MONOTONIC from 6.5 days up
-                hi = his.get(t >> 21)
+            if 0x200000 <= t < 0x100000000000000:  # LEB128(t) = its 3 low groups + LEB128(t >> 21)
+                h = t >> 21
+                hi = his.get(h)
                 if hi is None:
-                    h = t >> 21
-                    hi = his[h] = bytes((h & 0x7F | 0x80, (h >> 7) & 0x7F | 0x80, (h >> 14) & 0x7F | 0x80,
-                                         (h >> 21) & 0x7F | 0x80, h >> 28))
-                out += tail[0]
+                    hi = his[h] = varint(h)
+                out.append(5 + len(hi) + len(tail[1]))
+                out.append(tail[0][1])
                 out += bytes((t & 0x7F | 0x80, (t >> 7) & 0x7F | 0x80, (t >> 14) & 0x7F | 0x80))
                 out += hi
             else:
