@@ -33,16 +33,6 @@ def work(until: float) -> None:
         hashlib.sha256(data).digest()
 
 
-def recorded_by(path: str) -> str:
-    """The engine a profile names in its settings (jdk.ActiveSetting "engine")."""
-    import asprof.jfr
-
-    engine = asprof.jfr.open(path).setting("engine")
-    if engine == "builtin":
-        return "builtin (asprof's own sampler)"
-    return f"async-profiler ({engine})"
-
-
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 5.0
@@ -51,13 +41,14 @@ def main() -> int:
     profiler = asprof.Profiler(reporter, reporting_interval=1.0,
                                options=asprof.ProfilerOptions(cpu_interval=0.01, wall_interval=0.1))
     until = time.monotonic() + seconds
-    with profiler.start():
+    with profiler.start() as running:
+        engine = running.engine  # "async-profiler" or "builtin" (asprof's own sampler)
         helper = threading.Thread(target=work, args=(until,), name="worker")
         helper.start()
         work(until)
         helper.join()
     files = sorted(os.listdir(reporter.directory))
-    print(f"engine: {recorded_by(os.path.join(reporter.directory, files[0])) if files else 'none'}")
+    print(f"engine: {engine}" + (" (asprof's own sampler; `asprof doctor` says why)" if engine == "builtin" else ""))
     print(f"{len(files)} profiles in {reporter.directory}:")
     for name in files:
         print(f"  {name}  {os.path.getsize(os.path.join(reporter.directory, name))} bytes")
