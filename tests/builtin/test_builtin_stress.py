@@ -468,3 +468,33 @@ def test_mutually_chaining_foreign_handler_no_loop(chain_lib: Path) -> None:
     assert r["rc"] == 0
     assert r["hits"] == 1  # its own signal reached it exactly once
     assert r["ours"] > 0  # and ours kept sampling
+
+
+def test_concurrent_start_calls_one_wins_nothing_leaks() -> None:
+    r = stress('''
+        ev = threading.Event()
+        idle = [threading.Thread(target=ev.wait) for _ in range(20)]
+        for t in idle:
+            t.start()
+        res = []
+        go = threading.Barrier(3)
+        def starter():
+            go.wait()
+            try:
+                res.append(b.start(1_000_000, 10_000_000))
+            except RuntimeError:
+                res.append("already running")
+        ts = [threading.Thread(target=starter) for _ in range(3)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        samplers_running = sampler_threads()
+        b.stop()
+        emit({"res": sorted(res), "samplers_running": samplers_running, "samplers": sampler_threads(),
+              "posix_timers": posix_timers(), "running": b.running()})
+        ev.set()
+    ''')
+    assert r["res"].count("already running") == 2, r["res"]  # start() is not run twice at once
+    assert r["samplers_running"] == 1
+    assert r["samplers"] == 0 and r["posix_timers"] == 0 and r["running"] is False  # stop() leaves nothing armed
