@@ -25,7 +25,8 @@ logger = logging.getLogger("asprof")
 
 DEFAULT_STOP_TIMEOUT = 30.0
 EXIT_TIMEOUT = 10.0
-_OWN_THREADS = ("asprof-agent", "async-profiler", "asprof-pyframes", "asprof-sampler")
+_OWN_THREADS = ("asprof-agent", "async-profiler", "asprof-pyframes", "asprof-sampler",
+                "asprof-collect")
 
 _state_lock = threading.Lock()
 _active: Optional["_Agent"] = None  # async-profiler is process-global: one at a time
@@ -59,6 +60,16 @@ def _name_os_thread(name: str) -> None:
         set_thread_name(name)
     except ImportError:  # a pure-Python engine in tests
         pass
+
+
+def _wait_task_gone(native_id: Optional[int], limit: float = 0.5) -> None:
+    """Python threads are detached: join() returns before the kernel task has exited. Wait
+    (bounded) until /proc no longer lists it, so that nothing of ours is left when stop() returns."""
+    if native_id is None:
+        return
+    deadline = time.monotonic() + limit
+    while os.path.exists(f"/proc/self/task/{native_id}") and time.monotonic() < deadline:
+        time.sleep(0.001)
 
 
 def _own_cpu_seconds() -> float:
@@ -139,6 +150,7 @@ class _Agent:
         if not self.done.wait(timeout):
             return False
         self.thread.join(1.0)  # done is set as the thread's last step: a clean stop leaves no thread
+        _wait_task_gone(self.thread.native_id)
         return True
 
     # ---- the agent thread ----

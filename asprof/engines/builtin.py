@@ -24,6 +24,7 @@ from asprof.engines.base import Engine, TickResult
 from asprof.errors import ProfilerError
 
 if TYPE_CHECKING:
+    from asprof.jfrio.writer import ChunkWriter
     from asprof.options import ProfilerOptions
 
 __all__ = ["BuiltinEngine", "available", "unavailable_reason", "unsupported_options", "NAME"]
@@ -32,6 +33,8 @@ logger = logging.getLogger("asprof")
 
 NAME = "builtin"
 _MAX_FRAMES = 128
+#: Seconds between two takes of the C module's samples within a report (its buffers are fixed).
+COLLECT_EVERY = 5.0
 
 
 def unavailable_reason() -> Optional[str]:
@@ -148,7 +151,12 @@ def _comm(tid: int) -> str:
 
 class BuiltinEngine(Engine):
     """The built-in engine. ``explicit``: the user asked for it (unsupported options are an
-    error) rather than ``auto`` picking it (they are left out, with one log line)."""
+    error) rather than ``auto`` picking it (they are left out, with one log line).
+
+    Between ticks a collector thread (``asprof-collect``) takes what the C module recorded every
+    :data:`COLLECT_EVERY` seconds and adds it to the report being built, so the module's fixed
+    buffers never fill up within a long reporting interval; a tick adds the rest and finishes
+    the report."""
 
     name = NAME
 
@@ -168,14 +176,17 @@ class BuiltinEngine(Engine):
             logger.info("the built-in engine leaves out: %s", "; ".join(bad))
         self._cpu_ns = options.cpu_interval_ns
         self._wall_ns = 0 if options.wall_interval is None else max(1, round(options.wall_interval * 1e9))
-        self._lock = threading.Lock()  # ticks, stop and fork
+        self._lock = threading.Lock()  # collects, ticks, stop and fork
         self._names = _Names()
         self._running = False
         self._orphan = False  # this object belongs to the parent of a forked child
         self.cpu_mode = "off"
-        self._chunk_start: Tuple[int, int] = (0, 0)  # (ns since the epoch, CLOCK_MONOTONIC ns)
+        self._writer: Optional["ChunkWriter"] = None  # the report being built
+        self._lost = 0  # samples lost in the report being built
         self._lost_total = 0
         self._last_size = 0
+        self._wake = threading.Event()
+        self._collector: Optional[threading.Thread] = None
 
     # -- Engine -------------------------------------------------------------------------
 
@@ -188,12 +199,14 @@ class BuiltinEngine(Engine):
             pair = clock_pair()
             try:
                 self.cpu_mode = self._mod.start(self._cpu_ns, self._wall_ns, _MAX_FRAMES, "auto")
-            except RuntimeError as e:
+            except (RuntimeError, OSError, ValueError) as e:
                 raise ProfilerError(f"the built-in engine could not start: {e}") from e
-            except OSError as e:
-                raise ProfilerError(f"the built-in engine could not start: {e}") from e
-            self._chunk_start = pair
+            self._writer = self._new_writer(pair)
+            self._lost = 0
             self._running = True
+            self._wake.clear()
+            self._collector = threading.Thread(target=self._collect_loop, name="asprof-collect", daemon=True)
+            self._collector.start()
         logger.debug("built-in engine started: cpu %s every %d ns, wall every %d ns",
                      self.cpu_mode, self._cpu_ns, self._wall_ns)
 
@@ -201,7 +214,7 @@ class BuiltinEngine(Engine):
         with self._lock:
             if not self._running or self._orphan:
                 return TickResult(None)
-            return TickResult(self._report())
+            return TickResult(self._report(restart=True))
 
     def stop(self) -> Optional[bytes]:
         with self._lock:
@@ -209,7 +222,9 @@ class BuiltinEngine(Engine):
                 return None
             self._running = False
             self._mod.stop()
-            return self._report()
+            data = self._report(restart=False)
+        self._join_collector()
+        return data
 
     def close(self) -> None:
         try:
@@ -217,6 +232,8 @@ class BuiltinEngine(Engine):
                 if self._running and not self._orphan:
                     self._running = False
                     self._mod.stop()
+                self._writer = None
+            self._join_collector()
         except Exception:  # noqa: BLE001 - must not raise
             logger.debug("stopping the built-in engine failed", exc_info=True)
 
@@ -228,52 +245,80 @@ class BuiltinEngine(Engine):
         self._lock.release()
 
     def after_fork_in_child(self) -> None:
-        self._orphan = True  # the child's agent starts its own engine
+        self._orphan = True  # the child's agent starts its own engine; no collector thread here
         self._lock = threading.Lock()
+        self._writer = None
 
     def memory_bytes(self) -> Optional[int]:
         try:
             held = int(self._mod.stats().get("memory_bytes", 0))
         except Exception:  # noqa: BLE001
             held = 0
-        return held + self._last_size
+        w = self._writer
+        return held + self._last_size + (w.size_estimate() if w is not None else 0)
 
-    # -- the report ---------------------------------------------------------------------
+    # -- collecting -----------------------------------------------------------------------
 
-    def _report(self) -> Optional[bytes]:
-        """Collects the batch and writes it as one chunk (lock held)."""
+    def _collect_loop(self) -> None:
+        _name_thread("asprof-collect")
+        while not self._wake.wait(COLLECT_EVERY):
+            try:
+                with self._lock:
+                    if not self._running or self._orphan or self._writer is None:
+                        return
+                    self._add(self._writer, self._mod.collect())
+            except Exception:  # noqa: BLE001 - the next collect or tick tries again
+                logger.debug("collecting the built-in engine's samples failed", exc_info=True)
+
+    def _join_collector(self) -> None:
+        self._wake.set()
+        t, self._collector = self._collector, None
+        if t is not None and t is not threading.current_thread():
+            t.join(5.0)
+
+    def _report(self, restart: bool) -> Optional[bytes]:
+        """Adds what is left, finishes the report and (``restart``) opens the next (lock held)."""
         from asprof.jfrio.writer import clock_pair
 
+        w = self._writer
         end = clock_pair()
-        codes, natives, stacks, samples, lost = self._mod.collect()
-        start, self._chunk_start = self._chunk_start, end
+        batch = self._mod.collect()
+        self._writer = self._new_writer(end) if restart else None
+        if w is None:
+            return None
+        self._add(w, batch)
+        lost, self._lost = self._lost, 0
         if lost:
             self._lost_total += lost
             logger.warning("the built-in engine lost %d samples since the last report (its buffers were full)", lost)
-        data = self.write_chunk(start, end, codes, natives, stacks, samples, lost)
+        data = self._finish(w, end, lost)
         self._last_size = len(data)
         return data
 
     def write_chunk(self, start: Tuple[int, int], end: Tuple[int, int],
                     codes: Sequence[Tuple[str, str, str, int]], natives: Sequence[Tuple[str, str]],
                     stacks: Sequence[Tuple[int, ...]], samples: bytes, lost: int) -> bytes:
-        """One self-contained JFR chunk for a batch of :func:`_builtin.collect` (public for tests)."""
-        from asprof.jfrio.writer import FRAME_NATIVE, FRAME_PYTHON, ChunkWriter
+        """One self-contained JFR chunk for one batch of ``_builtin.collect()`` (for tests)."""
+        w = self._new_writer(start)
+        self._add(w, (list(codes), list(natives), list(stacks), samples, 0))
+        return self._finish(w, end, lost)
 
-        version = getattr(sys.modules.get("asprof"), "__version__", "unknown")  # not imported: a cycle
+    def _new_writer(self, start: Tuple[int, int]) -> "ChunkWriter":
+        from asprof.jfrio.writer import ChunkWriter
+
         w = ChunkWriter(start[0], start[1])
         w.recording_info("asprof")
         w.system_info()
-        rec, ex = "jdk.ActiveRecording", "jdk.ExecutionSample"
-        for owner, key, value in (
-            (rec, "version", f"asprof {version}"), (rec, "engine", NAME), (rec, "cpuMode", self.cpu_mode),
-            (rec, "cstack", "no"), (rec, "clock", "monotonic"), (rec, "event", "cpu"),
-            (rec, "pythonFrames", "true" if self._mod.python_frames else "false"),
-            (rec, "lostSamples", str(lost)),
-            (ex, "enabled", "true"), (ex, "interval", str(self._cpu_ns)), (ex, "alluser", "true"),
-            (ex, "wall", str(self._wall_ns)),
-        ):
-            w.setting(owner, key, value)
+        return w
+
+    def _add(self, w: "ChunkWriter", batch: Tuple[Sequence[Tuple[str, str, str, int]], Sequence[Tuple[str, str]],
+                                               Sequence[Tuple[int, ...]], bytes, int]) -> None:
+        """Adds a batch of ``_builtin.collect()`` to ``w`` (ids are local to the batch) and names
+        its threads now, while they still run."""
+        from asprof.jfrio.writer import FRAME_NATIVE, FRAME_PYTHON
+
+        codes, natives, stacks, samples, lost = batch
+        self._lost += lost
         names = self._names
         names._refresh()
         code_keys = [w.python_method(names.module(fn), qual or name) for name, qual, fn, _first in codes]
@@ -290,7 +335,40 @@ class BuiltinEngine(Engine):
                     frames.append((native_keys[-ref - 1], 0, FRAME_NATIVE))
             stack_keys.append(w.stack(frames, truncated=len(frames) >= _MAX_FRAMES))
         w.samples_from(samples, stack_keys)
-        threads = names.threads()
-        for tid in w.thread_ids:
-            w.thread(tid, threads.get(tid) or _comm(tid) or f"[tid={tid}]")
+        unnamed = w.unnamed_threads()
+        if unnamed:
+            threads = names.threads()
+            for tid in unnamed:
+                w.thread(tid, threads.get(tid) or _comm(tid) or f"[tid={tid}]")
+
+    def _finish(self, w: "ChunkWriter", end: Tuple[int, int], lost: int) -> bytes:
+        version = getattr(sys.modules.get("asprof"), "__version__", "unknown")  # not imported: a cycle
+        rec, ex = "jdk.ActiveRecording", "jdk.ExecutionSample"
+        for owner, key, value in (
+            (rec, "version", f"asprof {version}"), (rec, "engine", NAME), (rec, "cpuMode", self.cpu_mode),
+            (rec, "cstack", "no"), (rec, "clock", "monotonic"), (rec, "event", "cpu"),
+            (rec, "pythonFrames", "true" if self._mod.python_frames else "false"),
+            (rec, "lostSamples", str(lost)),
+            (ex, "enabled", "true"), (ex, "interval", str(self._cpu_ns)), (ex, "alluser", "true"),
+            (ex, "wall", str(self._wall_ns)),
+        ):
+            w.setting(owner, key, value)
         return w.finish(end_ticks=end[1])
+
+
+def _name_thread(name: str) -> None:
+    """The OS name of the calling thread (what /proc shows and the overhead guard counts)."""
+    try:
+        from asprof._native import set_thread_name
+
+        set_thread_name(name)
+        return
+    except Exception:  # noqa: BLE001 - not built: prctl through ctypes
+        pass
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except Exception:  # noqa: BLE001 - a name is a nicety
+        pass

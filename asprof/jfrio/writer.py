@@ -374,6 +374,15 @@ class ChunkWriter:
         """The threads events refer to (named or not yet)."""
         return sorted(self._thread_refs)
 
+    def unnamed_threads(self) -> List[int]:
+        """The threads events refer to that :meth:`thread` has not named yet."""
+        return sorted(t for t in self._thread_refs if t not in self._threads)
+
+    def size_estimate(self) -> int:
+        """Bytes held so far (events and pools; roughly what :meth:`finish` will return)."""
+        return len(self._events) + sum(len(r) for r in self._stack_rows) + 32 * len(self._method_rows) \
+            + sum(len(s) + 8 for s in self._symbols) + 64 * len(self._threads)
+
     # -- events ----------------------------------------------------------------------------
 
     def event(self, type_name: str, *values: object) -> None:

@@ -298,3 +298,36 @@ def test_auto_on_this_machine(monkeypatch: pytest.MonkeyPatch, caplog: pytest.Lo
     else:
         assert isinstance(eng, BuiltinEngine)
         assert sum("engine: built-in" in m for m in _infos(caplog)) == 1
+
+
+COLLECTOR = """
+import sys, time
+import asprof.engines.builtin as b
+import asprof.jfr
+from asprof.options import ProfilerOptions
+b.COLLECT_EVERY = 0.05
+eng = b.BuiltinEngine(ProfilerOptions(cpu_interval=0.002, wall_interval=0.01))
+eng.start()
+t = time.monotonic() + 0.6
+while time.monotonic() < t:
+    sum(i * i for i in range(1000))
+collects = eng._mod.stats()["collects"]
+data = eng.tick().recording
+last = eng.stop()
+eng.close()
+rec = asprof.jfr.open(data)
+print(collects, rec.counts["profiler.WallClockSample"][0], rec.setting("lostSamples"),
+      asprof.jfr.open(last).counts["jdk.ExecutionSample"][0] >= 0)
+"""
+
+
+@needs_builtin
+def test_samples_are_taken_between_ticks_into_the_same_report() -> None:
+    """The collector thread empties the C module's fixed buffers every COLLECT_EVERY seconds;
+    everything it took lands in the tick's one report."""
+    r = subprocess.run([sys.executable, "-c", COLLECTOR], capture_output=True, text=True, timeout=120,
+                       env=child_env())
+    assert r.returncode == 0, r.stderr
+    collects, wall, lost, ok = r.stdout.split()
+    assert int(collects) >= 3, r.stdout  # several takes before the tick
+    assert int(wall) >= 20 and lost == "0" and ok == "True", r.stdout  # 0.6 s of 10 ms wall samples in one report
