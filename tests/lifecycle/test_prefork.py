@@ -33,11 +33,18 @@ INTERVAL = "500ms"
 FILE_NAME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d-\d\d-\d\dZ_(\d+)(?:-\d+)?\.jfr$")
 
 
-@pytest.fixture(params=["stub", "real"])
+@pytest.fixture(params=["stub", "real", "builtin"])
 def lib(request: pytest.FixtureRequest) -> Iterator[Dict[str, str]]:
-    """The ASPROF_LIB setting for the scenario: the stand-in, or the real library (found by the loader)."""
+    """The engine setting for the scenario: the stand-in, the real library (found by the loader),
+    or the built-in engine (ASPROF_ENGINE=builtin, issue #11; its reports are real JFR)."""
     if request.param == "stub":
         yield {"ASPROF_LIB": str(request.getfixturevalue("stub_lib")), "KIND": "stub"}
+    elif request.param == "builtin":
+        from asprof.engines.builtin import unavailable_reason
+
+        if unavailable_reason() is not None:
+            pytest.skip(f"the built-in engine is unavailable: {unavailable_reason()}")
+        yield {"ASPROF_ENGINE": "builtin", "KIND": "builtin"}
     else:
         if REAL_LIB is None:
             pytest.skip("async-profiler is not installed")
