@@ -44,6 +44,10 @@ static inline uint64_t pf_mono_ns(void) {
 #define BI_FRAME_CAP (1u << 20)                 /* frames of those stacks per half */
 #define BI_STACK_PROBES 64
 #define BI_NO_STACK 0xFFFFFFu                   /* sample without Python frames */
+#define BI_PERF_FD_MAX 65536                    /* perf event fds above are not used */
+
+/* Bit fd set: fd is one of our perf task-clock events (timers.c). */
+extern _Atomic uint64_t bi_perf_fds[BI_PERF_FD_MAX / 64];
 
 typedef struct {
     uint64_t time;       /* CLOCK_MONOTONIC ns */
@@ -82,7 +86,7 @@ typedef struct {
 typedef struct {
     _Atomic uint64_t signals, samples, lost, chained, no_python, truncated, handler_calls,
         handler_ns, inert, no_guard, masked, unknown_code, foreign_kernel, handler_reinstalled,
-        wall_sent, wall_failed, timer_failed, collects, collect_timeouts;
+        wall_sent, wall_failed, timer_failed, collects, collect_timeouts, perf_rearmed, chain_loops;
 } bi_counters;
 
 extern struct bi_state {
@@ -112,8 +116,9 @@ void bi_handler_atfork_child(void);   /* forget the cached thread id */         
 void bi_handler(int sig, siginfo_t *info, void *ucontext);
 
 /* timers.c */
-/* cpu_mode: 0 auto, 1 thread, 2 process. Returns NULL or an error message (errno kept). *mode_out:
-   "thread-cputime" | "itimer" | "off". */
+/* cpu_mode: 0 auto (perf, else timers, else itimer), 1 thread (CPU-clock timers), 2 process
+   (ITIMER_PROF), 3 perf. Returns NULL or an error message (errno kept). *mode_out:
+   "perf-task-clock" | "thread-cputime" | "itimer" | "off". */
 const char *bi_sampler_start(uint64_t cpu_ns, uint64_t wall_ns, int cpu_mode, const char **mode_out);
 void bi_sampler_stop(void);
 int bi_sampler_running(void);

@@ -14,7 +14,9 @@
 #include "builtin.h"
 
 #include <errno.h>
+#include <linux/perf_event.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/syscall.h>
 #include <ucontext.h>
 #include <unistd.h>
@@ -43,13 +45,33 @@ static _Atomic(void *) prev_fn;
 static _Atomic int prev_flags;
 static struct sigaction prev_sa;
 
+/* Set while this thread runs the previous handler: a handler that chains back to ours (it was
+   installed after us, and ours went back in front) must not start a loop. */
+static __thread int in_prev __attribute__((tls_model("initial-exec")));
+
 /* async-signal-safe: runs in the handler. */
 static void call_prev(int sig, siginfo_t *info, void *uc) {
     void *fn = atomic_load_explicit(&prev_fn, memory_order_acquire);
     int flags = atomic_load_explicit(&prev_flags, memory_order_relaxed);
     if (fn == (void *)SIG_DFL || fn == (void *)SIG_IGN || fn == NULL || fn == (void *)bi_handler) return;
+    if (in_prev) {
+        /* we were called by the previous handler for a signal neither owns: it ends here */
+        atomic_fetch_add_explicit(&bi.n.chain_loops, 1, memory_order_relaxed);
+        return;
+    }
+    in_prev = 1;
     if (flags & SA_SIGINFO) ((void (*)(int, siginfo_t *, void *))fn)(sig, info, uc);
     else ((void (*)(int))fn)(sig);
+    in_prev = 0;
+}
+
+/* async-signal-safe: runs in the handler. */
+static inline int our_perf_fd(const siginfo_t *info) {
+    if (info->si_code != POLL_HUP && info->si_code != POLL_IN) return -1;
+    int fd = info->si_fd;
+    if (fd < 0 || fd >= BI_PERF_FD_MAX) return -1;
+    uint64_t word = atomic_load_explicit(&bi_perf_fds[fd >> 6], memory_order_acquire);
+    return (word >> (fd & 63)) & 1u ? fd : -1;
 }
 
 /* async-signal-safe: runs in the handler. */
@@ -167,8 +189,11 @@ void bi_handler(int sig, siginfo_t *info, void *ucontext) {
     int saved_errno = errno;
     uint64_t t0 = pf_mono_ns();
     unsigned kind, state, extra = 0;
+    int perf_fd = -1;
     uint64_t v = info != NULL ? (uint64_t)(uintptr_t)info->si_value.sival_ptr : 0;
-    if (info != NULL && info->si_code == SI_TIMER && v == (BI_MAGIC | BI_VAL_CPU)) {
+    if (info != NULL && (perf_fd = our_perf_fd(info)) >= 0) {
+        kind = 0; state = 0;  /* one perf task-clock period of this thread's CPU */
+    } else if (info != NULL && info->si_code == SI_TIMER && v == (BI_MAGIC | BI_VAL_CPU)) {
         kind = 0; state = 0;
         /* Thread CPU-clock timers expire on scheduler ticks: at intervals shorter than a tick,
            one signal stands for 1 + si_overrun intervals (collect repeats the record). */
@@ -231,6 +256,8 @@ void bi_handler(int sig, siginfo_t *info, void *ucontext) {
     atomic_fetch_sub(&hf->pins, 1);  /* seq_cst: the record is complete before the unpin */
     atomic_fetch_add_explicit(&bi.n.samples, 1, memory_order_relaxed);
 out:
+    /* the event stopped at its overflow (limit 1): the next period starts now */
+    if (perf_fd >= 0) ioctl(perf_fd, PERF_EVENT_IOC_REFRESH, 1);
     atomic_fetch_add_explicit(&bi.n.handler_ns, pf_mono_ns() - t0, memory_order_relaxed);
     atomic_fetch_add_explicit(&bi.n.handler_calls, 1, memory_order_relaxed);
     errno = saved_errno;

@@ -16,6 +16,7 @@
 #include <pthread.h>
 #include <stdio.h>
 #include <string.h>
+#include <stdlib.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -75,8 +76,9 @@ static PyObject *bi_start(PyObject *self, PyObject *args, PyObject *kw) {
     if (strcmp(mode, "auto") == 0) cpu_mode = 0;
     else if (strcmp(mode, "thread") == 0) cpu_mode = 1;
     else if (strcmp(mode, "process") == 0) cpu_mode = 2;
+    else if (strcmp(mode, "perf") == 0) cpu_mode = 3;
     else {
-        PyErr_Format(PyExc_ValueError, "cpu_mode must be 'auto', 'thread' or 'process', not %R",
+        PyErr_Format(PyExc_ValueError, "cpu_mode must be 'auto', 'perf', 'thread' or 'process', not %R",
                      PyTuple_Size(args) > 3 ? PyTuple_GET_ITEM(args, 3) : Py_None);
         return NULL;
     }
@@ -282,12 +284,67 @@ done:
     return id;
 }
 
+/* Timer overruns, spread evenly over each thread's CPU samples.
+ *
+ * A thread CPU-clock timer is checked on scheduler ticks: at intervals below a tick, one signal
+ * stands for 1 + si_overrun intervals. Crediting that weight to the stack the signal found
+ * biases the profile (the CPU time behind an overrun was spent before, in whatever ran then,
+ * e.g. the bursts between GIL waits). Each signal is an unbiased sample, so the batch keeps
+ * every signal's stack and gives each thread's samples, in turn, copies adding up to the
+ * thread's total weight: counts stay CPU time / interval per thread, shares stay unbiased. */
+typedef struct {
+    uint32_t tid, raw, seen;
+    uint64_t weight;
+} spread_entry;
+
+typedef struct {
+    spread_entry *tab;
+    uint32_t cap;   /* power of two, or 0: no spreading (each signal keeps its own weight) */
+} spread;
+
+static spread_entry *spread_find(spread *sp, uint32_t tid) {
+    uint32_t i = (tid * 2654435761u) & (sp->cap - 1);
+    for (uint32_t p = 0; p < sp->cap; p++, i = (i + 1) & (sp->cap - 1)) {
+        if (sp->tab[i].tid == tid) return &sp->tab[i];
+        if (sp->tab[i].tid == 0) {
+            sp->tab[i].tid = tid;
+            return &sp->tab[i];
+        }
+    }
+    return NULL;
+}
+
+static void spread_init(spread *sp, bi_half *h, uint32_t n) {
+    sp->cap = 1024;
+    sp->tab = PyMem_Calloc(sp->cap, sizeof(spread_entry));
+    if (sp->tab == NULL) { sp->cap = 0; return; }
+    for (uint32_t i = 0; i < n; i++) {
+        bi_sample *s = &h->samples[i];
+        if (s->packed == 0xFFFFFFFFu || s->tid == 0 || ((s->packed >> 24) & 1u) != 0) continue;
+        spread_entry *e = spread_find(sp, s->tid);
+        if (e == NULL) { PyMem_Free(sp->tab); sp->tab = NULL; sp->cap = 0; return; }  /* too many threads */
+        e->raw++;
+        e->weight += 1u + (s->packed >> 27);
+    }
+}
+
+/* Copies of the next CPU sample of tid: floor((k+1) W / R) - floor(k W / R) for its k-th sample. */
+static unsigned spread_copies(spread *sp, uint32_t tid, unsigned own) {
+    if (sp->cap == 0) return own;
+    spread_entry *e = spread_find(sp, tid);
+    if (e == NULL || e->raw == 0) return own;
+    uint64_t k = e->seen++;
+    return (unsigned)((k + 1) * e->weight / e->raw - k * e->weight / e->raw);
+}
+
 static void put_u32(unsigned char *p, uint32_t v) { for (int i = 0; i < 4; i++) p[i] = (unsigned char)(v >> (8 * i)); }
 static void put_u64(unsigned char *p, uint64_t v) { for (int i = 0; i < 8; i++) p[i] = (unsigned char)(v >> (8 * i)); }
 
 static PyObject *drain(bi_half *h, uint64_t lost) {
     batch b;
     memset(&b, 0, sizeof(b));
+    spread sp;
+    memset(&sp, 0, sizeof(sp));
     b.unknown_code = -1;
     PyObject *samples = NULL, *result = NULL;
     uint32_t n = h != NULL ? atomic_load(&h->nsamples) : 0;
@@ -306,6 +363,7 @@ static PyObject *drain(bi_half *h, uint64_t lost) {
     }
 #endif
     unsigned char *w = (unsigned char *)PyBytes_AS_STRING(samples);
+    spread_init(&sp, h, n);
     uint32_t kept = 0;
     for (uint32_t i = 0; i < n; i++) {
         bi_sample *s = &h->samples[i];
@@ -316,7 +374,7 @@ static PyObject *drain(bi_half *h, uint64_t lost) {
         if (s->pc != 0 && (nat = native_id(&b, s->pc)) < 0) goto out;
         long sid = final_stack(&b, h, nat, idx);
         if (sid < 0) goto out;
-        unsigned copies = 1u + (s->packed >> 27);
+        unsigned copies = kind == 0 ? spread_copies(&sp, s->tid, 1u + (s->packed >> 27)) : 1u;
         if ((size_t)(kept + copies) * 20 > (size_t)PyBytes_GET_SIZE(samples)) {
             /* room for the overrun copies: grow the output */
             Py_ssize_t want = (Py_ssize_t)(kept + copies + (n - i)) * 20 * 2;
@@ -337,6 +395,7 @@ static PyObject *drain(bi_half *h, uint64_t lost) {
     if ((Py_ssize_t)kept * 20 != PyBytes_GET_SIZE(samples) && _PyBytes_Resize(&samples, (Py_ssize_t)kept * 20) != 0) { samples = NULL; goto out; }
     result = Py_BuildValue("(OOOOK)", b.codes, b.natives, b.stacks, samples, (unsigned long long)lost);
 out:
+    PyMem_Free(sp.tab);
     if (b.py_pairs != NULL) {
         for (uint32_t i = 0; i < BI_STACK_CAP; i++) Py_XDECREF(b.py_pairs[i]);
         PyMem_Free(b.py_pairs);
@@ -384,7 +443,8 @@ static PyObject *bi_stats(PyObject *self, PyObject *noargs) {
 #define C(name) put(d, #name, atomic_load(&bi.n.name))
     int rc = C(signals) | C(samples) | C(lost) | C(chained) | C(no_python) | C(truncated) | C(handler_calls) |
              C(handler_ns) | C(inert) | C(no_guard) | C(masked) | C(unknown_code) | C(handler_reinstalled) |
-             C(wall_sent) | C(wall_failed) | C(timer_failed) | C(collects) | C(collect_timeouts);
+             C(wall_sent) | C(wall_failed) | C(timer_failed) | C(collects) | C(collect_timeouts) |
+             C(perf_rearmed) | C(chain_loops);
 #undef C
     rc |= put(d, "memory_bytes", (unsigned long long)bi_store_resident());
     rc |= put(d, "threads", (unsigned long long)bi_sampler_threads());

@@ -18,6 +18,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/perf_event.h>
+#include <poll.h>
+#include <sys/ioctl.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <sys/time.h>
@@ -36,10 +39,21 @@
 
 typedef struct {
     int tid;
-    int has_timer;
+    int has_timer;    /* a CPU source exists: a timer (mode 1) or a perf event (mode 2) */
     int seen;
     timer_t timer;
+    int perf_fd;
+    uint64_t perf_count, perf_cpu;  /* at the previous rescan: the event's count, the thread's CPU ns */
 } thread_t;
+
+/* perf task-clock events of ours, by fd (the handler recognises its signals by si_fd). */
+_Atomic uint64_t bi_perf_fds[BI_PERF_FD_MAX / 64];
+
+static void perf_fd_mark(int fd, int on) {
+    uint64_t bit = 1ull << (fd & 63);
+    if (on) atomic_fetch_or(&bi_perf_fds[fd >> 6], bit);
+    else atomic_fetch_and(&bi_perf_fds[fd >> 6], ~bit);
+}
 
 static struct {
     pthread_mutex_t lock;
@@ -48,7 +62,8 @@ static struct {
     int running;      /* a sampler thread exists (joinable) */
     int stop;
     int self_tid;     /* the sampler's tid */
-    int cpu_thread;   /* per-thread timers in use */
+    int cpu_thread;   /* per-thread CPU sources in use: 1 CPU-clock timers, 2 perf task-clock events */
+    int perf_exclude_kernel;
     int itimer;       /* ITIMER_PROF in use */
     uint64_t cpu_ns, wall_ns;
     pid_t pid;
@@ -89,11 +104,93 @@ static int create_timer(thread_t *t) {
     return 0;
 }
 
-static void drop_thread(int i) {
-    if (S.threads[i].has_timer) {
-        timer_delete(S.threads[i].timer);
-        atomic_fetch_sub(&S.n_timers, 1);
+/* A perf task-clock event on thread t's CPU time: its overflow (every cpu_ns of the thread's
+   CPU, an hrtimer while it runs, so not bound to scheduler ticks) disables it (event limit 1)
+   and sends SIGPROF to the thread (F_SETSIG, F_SETOWN_EX); the handler re-arms it. */
+static int create_perf(thread_t *t) {
+    struct perf_event_attr attr;
+    memset(&attr, 0, sizeof(attr));
+    attr.type = PERF_TYPE_SOFTWARE;
+    attr.size = sizeof(attr);
+    attr.config = PERF_COUNT_SW_TASK_CLOCK;
+    attr.sample_period = S.cpu_ns;
+    attr.disabled = 1;
+    attr.exclude_kernel = (unsigned)S.perf_exclude_kernel;
+    attr.exclude_hv = 1;
+    int fd = (int)syscall(SYS_perf_event_open, &attr, t->tid, -1, -1, PERF_FLAG_FD_CLOEXEC);
+    if (fd < 0 && (errno == EACCES || errno == EPERM) && !S.perf_exclude_kernel) {
+        S.perf_exclude_kernel = 1;  /* perf_event_paranoid >= 2: our own user-space time only */
+        attr.exclude_kernel = 1;
+        fd = (int)syscall(SYS_perf_event_open, &attr, t->tid, -1, -1, PERF_FLAG_FD_CLOEXEC);
     }
+    if (fd < 0) return -1;
+    if (fd >= BI_PERF_FD_MAX) {
+        close(fd);
+        errno = EMFILE;
+        return -1;
+    }
+    struct f_owner_ex owner = {F_OWNER_TID, t->tid};
+    if (fcntl(fd, F_SETOWN_EX, &owner) != 0 || fcntl(fd, F_SETSIG, SIGPROF) != 0 ||
+        fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_ASYNC) != 0) {
+        int e = errno;
+        close(fd);
+        errno = e;
+        return -1;
+    }
+    perf_fd_mark(fd, 1);
+    if (ioctl(fd, PERF_EVENT_IOC_RESET, 0) != 0 || ioctl(fd, PERF_EVENT_IOC_REFRESH, 1) != 0) {
+        int e = errno;
+        perf_fd_mark(fd, 0);
+        close(fd);
+        errno = e;
+        return -1;
+    }
+    t->perf_fd = fd;
+    t->perf_count = 0;
+    t->perf_cpu = 0;
+    t->has_timer = 1;
+    atomic_fetch_add(&S.n_timers, 1);
+    return 0;
+}
+
+static uint64_t thread_cpu_ns(int tid) {
+    struct timespec ts;
+    if (clock_gettime(thread_cpu_clock(tid), &ts) != 0) return 0;
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* 0 when the thread's perf event still works; -1 when its thread ended (POLLHUP). A stalled
+   event (its SIGPROF merged with another pending SIGPROF, so the handler never re-armed it:
+   the count stands still while the thread burns CPU) is re-armed. */
+static int check_perf(thread_t *t) {
+    struct pollfd p = {t->perf_fd, POLLIN, 0};
+    if (poll(&p, 1, 0) > 0 && (p.revents & (POLLHUP | POLLERR | POLLNVAL))) return -1;
+    uint64_t count = 0, cpu = thread_cpu_ns(t->tid);
+    if (read(t->perf_fd, &count, sizeof(count)) != (ssize_t)sizeof(count)) return 0;
+    if (t->perf_cpu != 0 && count == t->perf_count && cpu > t->perf_cpu + 3 * S.cpu_ns) {
+        ioctl(t->perf_fd, PERF_EVENT_IOC_REFRESH, 1);
+        atomic_fetch_add(&bi.n.perf_rearmed, 1);
+    }
+    t->perf_count = count;
+    t->perf_cpu = cpu;
+    return 0;
+}
+
+static void drop_source(thread_t *t) {
+    if (!t->has_timer) return;
+    if (t->perf_fd >= 0) {
+        perf_fd_mark(t->perf_fd, 0);
+        close(t->perf_fd);
+        t->perf_fd = -1;
+    } else {
+        timer_delete(t->timer);
+    }
+    t->has_timer = 0;
+    atomic_fetch_sub(&S.n_timers, 1);
+}
+
+static void drop_thread(int i) {
+    drop_source(&S.threads[i]);
     S.threads[i] = S.threads[--S.nthreads];
 }
 
@@ -115,21 +212,21 @@ static int scan(int strict) {
             if (S.nthreads >= MAX_THREADS) continue;
             memset(&S.threads[i], 0, sizeof(thread_t));
             S.threads[i].tid = tid;
+            S.threads[i].perf_fd = -1;
             S.nthreads++;
         }
         thread_t *t = &S.threads[i];
         t->seen = 1;
-        if (t->has_timer) {
+        if (t->has_timer && t->perf_fd >= 0) {
+            if (check_perf(t) != 0) drop_source(t);  /* the tid belongs to a new thread now */
+        } else if (t->has_timer) {
             /* A timer whose thread ended reads as disarmed (an expired live one reads 1 ns): the
                tid now belongs to a new thread, which needs its own timer. */
             struct itimerspec cur;
-            if (timer_gettime(t->timer, &cur) != 0 || (cur.it_value.tv_sec == 0 && cur.it_value.tv_nsec == 0)) {
-                timer_delete(t->timer);
-                t->has_timer = 0;
-                atomic_fetch_sub(&S.n_timers, 1);
-            }
+            if (timer_gettime(t->timer, &cur) != 0 || (cur.it_value.tv_sec == 0 && cur.it_value.tv_nsec == 0))
+                drop_source(t);
         }
-        if (S.cpu_thread && !t->has_timer && create_timer(t) != 0) {
+        if (S.cpu_thread && !t->has_timer && (S.cpu_thread == 2 ? create_perf(t) : create_timer(t)) != 0) {
             int e = errno;
             char path[64];
             snprintf(path, sizeof(path), "/proc/self/task/%d", tid);
@@ -267,7 +364,19 @@ const char *bi_sampler_start(uint64_t cpu_ns, uint64_t wall_ns, int cpu_mode, co
     *mode_out = "off";
     const char *err = NULL;
     if (cpu_ns != 0) {
-        if (cpu_mode != 2) {
+        if (cpu_mode == 0 || cpu_mode == 3) {
+            S.cpu_thread = 2;
+            S.perf_exclude_kernel = 0;
+            if (scan(1) == 0) {
+                *mode_out = "perf-task-clock";
+            } else {
+                int e = errno;
+                delete_all();
+                errno = e;
+                if (cpu_mode == 3) { err = "cannot open per-thread perf task-clock events (perf_event_open)"; goto fail; }
+            }
+        }
+        if (!S.cpu_thread && (cpu_mode == 0 || cpu_mode == 1)) {
             S.cpu_thread = 1;
             if (scan(1) == 0) {
                 *mode_out = "thread-cputime";
@@ -355,6 +464,12 @@ void bi_atfork_child(void) {
     pthread_mutex_t m = PTHREAD_MUTEX_INITIALIZER;
     memcpy(&S.lock, &m, sizeof(m));
     S.cond_ready = 0;  /* the condition variable is made again at the next start */
+    for (int i = 0; i < S.nthreads; i++)
+        if (S.threads[i].perf_fd >= 0) {
+            /* the parent's events (the open file descriptions are shared: closing ours only) */
+            perf_fd_mark(S.threads[i].perf_fd, 0);
+            close(S.threads[i].perf_fd);
+        }
     if (S.task_dir >= 0) {
         close(S.task_dir);  /* the parent's task directory */
         S.task_dir = -1;

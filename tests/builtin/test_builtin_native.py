@@ -120,7 +120,7 @@ def test_busy_thread_functions_names_and_lines() -> None:
         code = hot_leaf.__code__
         emit({"mode": mode, "samples": samples, "first": code.co_firstlineno, "n_lines": 5})
     ''')
-    assert r["mode"] in ("thread-cputime", "itimer")
+    assert r["mode"] in ("perf-task-clock", "thread-cputime", "itimer")
     first, last = r["first"], r["first"] + r["n_lines"] - 1
     hot = [s for s in r["samples"] if any(f[1] == "hot_leaf" for f in s["frames"])]
     assert len(hot) >= 20
@@ -224,7 +224,7 @@ def test_foreign_sigprof_handler_is_chained() -> None:
         signal.setitimer(signal.ITIMER_PROF, 0, 0)
         emit({"mode": mode, "hits": hits[0], "ours": len(ours), "chained": stats["chained"]})
     ''')
-    assert r["mode"] == "thread-cputime"  # ITIMER_PROF is someone else's: never clobbered
+    assert r["mode"] in ("perf-task-clock", "thread-cputime")  # ITIMER_PROF is someone else's: never clobbered
     assert r["hits"] >= 20
     assert r["ours"] >= 20
     assert r["chained"] >= r["hits"]
@@ -344,7 +344,7 @@ def test_forked_child_starts_afresh() -> None:
     assert child["running_after_fork"] is False
     assert child["sampler_after_fork"] == 0
     assert child["inherited"] == 0  # the parent's samples are not the child's
-    assert child["mode"] == "thread-cputime"
+    assert child["mode"] in ("perf-task-clock", "thread-cputime")
     assert child["n"] >= 10 and child["tids"] == [child["pid"]]
     assert "child_work" in child["names"]
     assert r["parent_running"] is True and r["parent_n"] > 0
@@ -514,3 +514,33 @@ def test_max_frames_keeps_the_leaf_side() -> None:
     assert r["depths"] and max(r["depths"]) <= 5
     assert r["truncated"] >= 1
     assert all(names[-1] == "deep" for names in r["names"] if len(names) == 5)  # the root side is cut
+
+
+@needs_frames
+@pytest.mark.parametrize("cpu_mode, expected", [("thread", "thread-cputime"), ("perf", "perf-task-clock")])
+def test_per_thread_cpu_modes(cpu_mode: str, expected: str) -> None:
+    r = run(f'''
+        try:
+            mode = b.start(1_000_000, 0, cpu_mode={cpu_mode!r})
+        except OSError as e:
+            emit({{"unavailable": str(e)}})
+            sys.exit(0)
+        ev = threading.Event()
+        def mode_worker():
+            spin_until(ev)
+        t = threading.Thread(target=mode_worker)
+        t.start()
+        got = []
+        t0 = time.monotonic()
+        while len(got) < 20 and time.monotonic() - t0 < 30:
+            time.sleep(0.1)
+            got += [s for s in decode(b.collect()) if s["tid"] == t.native_id]
+        ev.set(); t.join(); b.stop()
+        emit({{"mode": mode, "n": len(got), "names": sorted({{f[1] for s in got for f in s["frames"] if f[0] == "py"}}),
+               "timers": b.stats()["timers"]}})
+    ''')
+    if "unavailable" in r:
+        pytest.skip(f"{cpu_mode} mode unavailable here: {r['unavailable']}")
+    assert r["mode"] == expected
+    assert r["n"] >= 20 and "mode_worker" in r["names"]
+    assert r["timers"] == 0  # every per-thread source gone after stop()
