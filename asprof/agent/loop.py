@@ -158,7 +158,7 @@ class _Agent:
         try:
             _name_os_thread("asprof-agent")
             deadline = time.monotonic() + self.interval
-            cpu_mark = (_own_cpu_seconds(), time.monotonic()) if self.config.max_cpu_percent else None
+            cpu_mark = (self._cpu_seconds(), time.monotonic()) if self.config.max_cpu_percent else None
             while True:
                 with self.cond:
                     while not self.stop_requested:
@@ -194,6 +194,14 @@ class _Agent:
             return True
         return False
 
+    def _cpu_seconds(self) -> float:
+        """The profiler's CPU time: its threads', and its engine's on other threads."""
+        try:
+            elsewhere = float(self.engine.cpu_seconds_elsewhere())
+        except Exception:  # noqa: BLE001 - an engine (or a fake) without it
+            elsewhere = 0.0
+        return _own_cpu_seconds() + elsewhere
+
     def _guard(self, mark: Any) -> Any:
         """Stops profiling when the agent's own CPU or memory passes its limit."""
         cfg = self.config
@@ -204,7 +212,7 @@ class _Agent:
                              used / 1048576, cfg.max_memory_mb)
                 return False
         if mark and cfg.max_cpu_percent is not None:
-            cpu, now = _own_cpu_seconds(), time.monotonic()
+            cpu, now = self._cpu_seconds(), time.monotonic()
             elapsed = now - mark[1]
             if elapsed > 0:
                 percent = 100.0 * (cpu - mark[0]) / elapsed

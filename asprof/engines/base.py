@@ -69,3 +69,9 @@ class Engine:
     def memory_bytes(self) -> Optional[int]:
         """Memory the engine holds (async-profiler's buffers and the recording), if known."""
         return None
+
+    def cpu_seconds_elsewhere(self) -> float:
+        """CPU time the engine spent on threads that are not its own (a signal handler running
+        on the application's threads), cumulative; the overhead guard adds it to its own
+        threads' time. 0 when none or unknown."""
+        return 0.0

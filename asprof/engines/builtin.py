@@ -257,6 +257,13 @@ class BuiltinEngine(Engine):
         w = self._writer
         return held + self._last_size + (w.size_estimate() if w is not None else 0)
 
+    def cpu_seconds_elsewhere(self) -> float:
+        """The signal handler's time on the application's threads (the C module measures it)."""
+        try:
+            return int(self._mod.stats().get("handler_ns", 0)) / 1e9
+        except Exception:  # noqa: BLE001
+            return 0.0
+
     # -- collecting -----------------------------------------------------------------------
 
     def _collect_loop(self) -> None:
