@@ -135,7 +135,7 @@ VARIABLES: Tuple[Variable, ...] = (
     Variable("ASPROF_ENGINE", "`auto`",
              "What samples: `auto` (async-profiler when it loads, else the built-in engine, with one log "
              "line), `async-profiler` (an error when it is missing) or `builtin` (asprof's own sampler: "
-             "CPU and wall-clock samples with Python stacks, no native memory).", None),
+             "CPU and wall-clock samples with Python stacks, no native memory).", "--engine"),
     Variable("ASPROF_LIB", "bundled, then the linker's search",
              "Path of `libasyncProfiler.so` (must exist).", "--lib"),
     Variable("ASPROF_LOG_LEVEL", "`warning`",
