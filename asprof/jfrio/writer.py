@@ -188,11 +188,16 @@ def clock_pair() -> Tuple[int, int]:
     return time.time_ns(), time.monotonic_ns()
 
 
+_SMALL = [bytes((i,)) for i in range(128)]
+
+
 def varint(v: int) -> bytes:
     """JFR's compressed integer: LEB128 of the 64-bit two's complement, 9th byte whole."""
+    if 0 <= v < 0x80:
+        return _SMALL[v]
+    if 0 <= v < 0x4000:
+        return bytes(((v & 0x7F) | 0x80, v >> 7))
     v &= 0xFFFFFFFFFFFFFFFF
-    if v < 0x80:
-        return bytes((v,))
     out = bytearray()
     for _ in range(8):
         if v < 0x80:
@@ -204,7 +209,6 @@ def varint(v: int) -> bytes:
     return bytes(out)
 
 
-_SMALL = [bytes((i,)) for i in range(128)]
 
 
 def _put_string(out: bytearray, s: Optional[str]) -> None:
