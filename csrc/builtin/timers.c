@@ -22,6 +22,7 @@
 #include <poll.h>
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/time.h>
 #include <time.h>
@@ -43,6 +44,7 @@ typedef struct {
     int seen;
     timer_t timer;
     int perf_fd;
+    uint64_t perf_ino;                /* the event's inode: the fd is still ours (not closed by the app and reused) */
     uint64_t perf_count, perf_cpu;  /* at the previous rescan: the event's count, the thread's CPU ns */
 } thread_t;
 
@@ -145,12 +147,21 @@ static int create_perf(thread_t *t) {
         errno = e;
         return -1;
     }
+    struct stat st;
+    t->perf_ino = fstat(fd, &st) == 0 ? (uint64_t)st.st_ino : 0;
     t->perf_fd = fd;
     t->perf_count = 0;
     t->perf_cpu = 0;
     t->has_timer = 1;
     atomic_fetch_add(&S.n_timers, 1);
     return 0;
+}
+
+/* Whether t->perf_fd is still the event we opened (someone may have closed it, e.g. a
+   daemon's closerange, and the number been reused for one of their files). */
+static int perf_fd_is_ours(const thread_t *t) {
+    struct stat st;
+    return fstat(t->perf_fd, &st) == 0 && (uint64_t)st.st_ino == t->perf_ino;
 }
 
 static uint64_t thread_cpu_ns(int tid) {
@@ -163,6 +174,7 @@ static uint64_t thread_cpu_ns(int tid) {
    event (its SIGPROF merged with another pending SIGPROF, so the handler never re-armed it:
    the count stands still while the thread burns CPU) is re-armed. */
 static int check_perf(thread_t *t) {
+    if (!perf_fd_is_ours(t)) return -1;
     struct pollfd p = {t->perf_fd, POLLIN, 0};
     if (poll(&p, 1, 0) > 0 && (p.revents & (POLLHUP | POLLERR | POLLNVAL))) return -1;
     uint64_t count = 0, cpu = thread_cpu_ns(t->tid);
@@ -180,7 +192,7 @@ static void drop_source(thread_t *t) {
     if (!t->has_timer) return;
     if (t->perf_fd >= 0) {
         perf_fd_mark(t->perf_fd, 0);
-        close(t->perf_fd);
+        if (perf_fd_is_ours(t)) close(t->perf_fd);  /* never someone else's file */
         t->perf_fd = -1;
     } else {
         timer_delete(t->timer);

@@ -544,3 +544,39 @@ def test_per_thread_cpu_modes(cpu_mode: str, expected: str) -> None:
     assert r["mode"] == expected
     assert r["n"] >= 20 and "mode_worker" in r["names"]
     assert r["timers"] == 0  # every per-thread source gone after stop()
+
+
+def test_perf_fds_closed_by_the_application_are_never_closed_again() -> None:
+    r = run('''
+        try:
+            b.start(1_000_000, 0, cpu_mode="perf")
+        except OSError as e:
+            emit({"unavailable": str(e)})
+            sys.exit(0)
+        def link(fd):
+            try:
+                return os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                return ""
+        perf = [int(fd) for fd in os.listdir("/proc/self/fd") if link(fd) == "anon_inode:[perf_event]"]
+        for fd in perf:
+            os.close(fd)  # as a daemon's closerange would
+        mine = [os.open("/dev/null", os.O_RDONLY) for _ in perf]  # likely the same numbers
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 0.4:  # a few rescans
+            pass
+        b.stop()
+        still_open = []
+        for fd in mine:
+            try:
+                os.fstat(fd)
+                still_open.append(fd)
+            except OSError:
+                pass
+        emit({"perf": perf, "mine": mine, "still_open": still_open, "timers": b.stats()["timers"]})
+    ''')
+    if "unavailable" in r:
+        pytest.skip(f"perf mode unavailable here: {r['unavailable']}")
+    assert r["perf"]
+    assert r["still_open"] == r["mine"]
+    assert r["timers"] == 0
