@@ -27,6 +27,19 @@ def posix_timers():
     except OSError:
         return 0
 
+def perf_fds():
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[perf_event]"
+        except OSError:
+            pass
+    return n
+
+def leftovers():
+    """Timers, perf events and sampler threads of the engine still alive in this process."""
+    return {"posix_timers": posix_timers(), "perf_fds": perf_fds(), "samplers": sampler_threads()}
+
 def rss_kb():
     with open("/proc/self/status") as f:
         for ln in f:
@@ -79,14 +92,13 @@ def test_threads_starting_and_exiting_while_sampling() -> None:
         got += decode(b.collect())
         emit({"mode": mode, "n": len(got), "foreign_tids": sorted({s["tid"] for s in got} - tids),
               "sampled_tids": len({s["tid"] for s in got}), "timers_after": b.stats()["timers"],
-              "posix_timers_after": posix_timers(), "samplers_after": sampler_threads(),
-              "timer_failed": stats["timer_failed"]})
+              "left": leftovers()})
     ''')
     assert r["n"] > 0
     assert r["foreign_tids"] == []  # every sample belongs to an application thread (never the sampler's)
     assert r["sampled_tids"] >= 2  # short-lived threads are sampled, not only the main one
-    assert r["timers_after"] == 0 and r["posix_timers_after"] == 0  # no timer outlives stop()
-    assert r["samplers_after"] == 0
+    assert r["timers_after"] == 0
+    assert r["left"] == {"posix_timers": 0, "perf_fds": 0, "samplers": 0}  # nothing outlives stop()
 
 
 def test_fork_while_sampling_children_start_afresh() -> None:
@@ -108,7 +120,7 @@ def test_fork_while_sampling_children_start_afresh() -> None:
                 rc = 0
                 try:
                     me = threading.get_native_id()
-                    if b.running() or sampler_threads() or b.stats()["timers"] or posix_timers():
+                    if b.running() or b.stats()["timers"] or any(leftovers().values()):
                         rc = 10
                     elif len(b.collect()[3]) != 0:
                         rc = 11  # the parent's samples are not the child's
@@ -126,7 +138,7 @@ def test_fork_while_sampling_children_start_afresh() -> None:
                             rc = 12
                         elif {s["tid"] for s in got} != {me}:
                             rc = 13
-                        elif posix_timers() or sampler_threads():
+                        elif any(leftovers().values()):
                             rc = 14
                 except BaseException:
                     rc = 15
@@ -174,14 +186,13 @@ def test_start_stop_cycles_under_load() -> None:
             t.join()
         st = b.stats()
         emit({"modes": sorted(modes), "records": len(records), "samples": st["samples"], "lost": lost,
-              "stats_lost": st["lost"], "samplers": sampler_threads(), "posix_timers": posix_timers(),
-              "running": b.running()})
+              "stats_lost": st["lost"], "left": leftovers(), "running": b.running()})
     ''')
     assert r["records"] > 0
     # nothing recorded is silently lost: every sample the handler stored was handed out once
     assert r["records"] == r["samples"]
     assert r["lost"] == r["stats_lost"]
-    assert r["samplers"] == 0 and r["posix_timers"] == 0 and r["running"] is False
+    assert r["left"] == {"posix_timers": 0, "perf_fds": 0, "samplers": 0} and r["running"] is False
 
 
 def test_collect_from_another_thread_hands_out_every_sample() -> None:
@@ -491,10 +502,10 @@ def test_concurrent_start_calls_one_wins_nothing_leaks() -> None:
             t.join()
         samplers_running = sampler_threads()
         b.stop()
-        emit({"res": sorted(res), "samplers_running": samplers_running, "samplers": sampler_threads(),
-              "posix_timers": posix_timers(), "running": b.running()})
+        emit({"res": sorted(res), "samplers_running": samplers_running, "left": leftovers(), "running": b.running()})
         ev.set()
     ''')
     assert r["res"].count("already running") == 2, r["res"]  # start() is not run twice at once
     assert r["samplers_running"] == 1
-    assert r["samplers"] == 0 and r["posix_timers"] == 0 and r["running"] is False  # stop() leaves nothing armed
+    assert r["left"] == {"posix_timers": 0, "perf_fds": 0, "samplers": 0}  # stop() leaves nothing armed
+    assert r["running"] is False
