@@ -25,6 +25,7 @@
 #endif
 
 static int started;            /* between a successful start() and stop() */
+static int starting;           /* a start() is in progress (GIL released while the sampler starts) */
 static int collecting;         /* a collect() is in progress (GIL released while swapping) */
 static uint64_t lost_reported; /* bi.n.lost at the previous collect */
 
@@ -35,6 +36,7 @@ static void atfork_child(void) {
     bi_atfork_child();
     bi_handler_atfork_child();
     started = 0;
+    starting = 0;
     collecting = 0;
     for (int i = 0; i < 2; i++) {
         atomic_store(&bi.halves[i].pins, 0);  /* no other thread exists here */
@@ -52,7 +54,7 @@ static PyObject *bi_start(PyObject *self, PyObject *args, PyObject *kw) {
     const char *mode = "auto";
     if (!PyArg_ParseTupleAndKeywords(args, kw, "LL|is:start", kwlist, &cpu_ns, &wall_ns, &max_frames, &mode))
         return NULL;
-    if (started) {
+    if (started || starting) {
         PyErr_SetString(PyExc_RuntimeError, "the built-in engine is already running");
         return NULL;
     }
@@ -103,9 +105,11 @@ static PyObject *bi_start(PyObject *self, PyObject *args, PyObject *kw) {
     atomic_store(&bi.enabled, 1);
     const char *mode_out = "off";
     const char *err;
+    starting = 1;  /* under the GIL: a second start() now fails instead of starting twice */
     Py_BEGIN_ALLOW_THREADS
     err = bi_sampler_start((uint64_t)cpu_ns, (uint64_t)wall_ns, cpu_mode, &mode_out);
     Py_END_ALLOW_THREADS
+    starting = 0;
     if (err != NULL) {
         int e = errno;
         atomic_store(&bi.enabled, 0);
@@ -468,7 +472,7 @@ static PyObject *bi_bench(PyObject *self, PyObject *arg) {
         PyErr_Format(PyExc_ValueError, "n must be in 1..%ld", (long)BI_SAMPLE_CAP / 5);
         return NULL;
     }
-    if (started || collecting) {
+    if (started || starting || collecting) {
         PyErr_SetString(PyExc_RuntimeError, "_bench() needs the engine stopped");
         return NULL;
     }
