@@ -509,3 +509,34 @@ def test_concurrent_start_calls_one_wins_nothing_leaks() -> None:
     assert r["samplers_running"] == 1
     assert r["left"] == {"posix_timers": 0, "perf_fds": 0, "samplers": 0}  # stop() leaves nothing armed
     assert r["running"] is False
+
+
+def test_file_descriptors_left_to_the_application() -> None:
+    """Per-thread perf events cost one descriptor each: threads started after start() must not
+    use up the process's RLIMIT_NOFILE (the application's open() would fail)."""
+    r = stress('''
+        import resource
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+        ev = threading.Event()
+        mode = b.start(10_000_000, 0)
+        ts = [threading.Thread(target=ev.wait) for _ in range(300)]
+        for t in ts:
+            t.start()
+        time.sleep(0.5)  # a few rescans of the thread list
+        files = []
+        err = None
+        try:
+            for _ in range(100):
+                files.append(open(os.devnull))
+        except OSError as e:
+            err = repr(e)
+        for f in files:
+            f.close()
+        b.stop()
+        ev.set()
+        for t in ts:
+            t.join()
+        emit({"mode": mode, "opened": len(files), "err": err, "left": leftovers()})
+    ''')
+    assert r["err"] is None and r["opened"] == 100, r
+    assert r["left"] == {"posix_timers": 0, "perf_fds": 0, "samplers": 0}
