@@ -341,10 +341,13 @@ class BuiltinEngine(Engine):
                 else:
                     frames.append((native_keys[-ref - 1], 0, FRAME_NATIVE))
             stack_keys.append(w.stack(frames, truncated=len(frames) >= _MAX_FRAMES))
-        w.samples_from(samples, stack_keys)
+        threads = names.threads()
+        # the profiler's own Python threads (asprof-agent, asprof-collect, reporters' asprof-*) are
+        # not the application's: left out, as the C sampler leaves out asprof-sampler
+        own = {tid for tid, name in threads.items() if name.startswith("asprof-")}
+        w.samples_from(samples, stack_keys, own)
         unnamed = w.unnamed_threads()
         if unnamed:
-            threads = names.threads()
             for tid in unnamed:
                 w.thread(tid, threads.get(tid) or _comm(tid) or f"[tid={tid}]")
 

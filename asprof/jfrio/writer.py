@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import struct
 import time
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Collection, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 __all__ = [
     "ChunkWriter", "Field", "SAMPLE", "FRAME_PYTHON", "FRAME_NATIVE", "STATE_DEFAULT", "STATE_RUNNABLE",
@@ -276,7 +276,6 @@ class ChunkWriter:
         self._thread_refs: set[int] = set()
         self._strings: Dict[str, int] = {}
         self._user_event_types: Dict[int, str] = {}
-        self._tails: Dict[int, Tuple[bytes, bytes]] = {}
         self._time_his: Dict[int, bytes] = {}
         self.samples = 0
         self.last_ticks = start_ticks
@@ -445,12 +444,15 @@ class ChunkWriter:
         n = os.cpu_count() or 1
         self.event("jdk.CPUInformation", self.start_ticks, u.machine, _cpu_description(), 1, n, n)
 
-    def samples_from(self, packed: Union[bytes, bytearray, memoryview], stack_keys: Sequence[int]) -> int:
+    def samples_from(self, packed: Union[bytes, bytearray, memoryview], stack_keys: Sequence[int],
+                     skip_tids: Collection[int] = ()) -> int:
         """The fast path: the engine's packed :data:`SAMPLE` records as jdk.ExecutionSample (kind 0,
         state ``STATE_DEFAULT`` whatever the record says) and profiler.WallClockSample (kind 1, samples=1, timeSpan=0) events.
-        ``stack_keys[i]`` is the StackTrace key of the batch's stack id ``i``. Returns the number of events written.
+        ``stack_keys[i]`` is the StackTrace key of the batch's stack id ``i`` (ids are local to one
+        call: several batches may go into one chunk). Samples of ``skip_tids`` are left out.
+        Returns the number of events written.
         Raises ValueError on a record whose stack id is out of range or whose kind is unknown."""
-        tails = self._tails
+        tails: Dict[int, Tuple[bytes, ...]] = {}  # () for a skipped thread
         his = self._time_his
         refs = self._thread_refs
         out = self._events
@@ -461,6 +463,9 @@ class ChunkWriter:
             ck = (sid << 40) | (tid << 8) | (kind << 4) | state
             tail = tails.get(ck)
             if tail is None:
+                if tid in skip_tids:
+                    tails[ck] = ()
+                    continue
                 if kind > KIND_WALL or state > STATE_SLEEPING:
                     raise ValueError(f"sample record: kind {kind}, state {state}")
                 if sid >= len(stack_keys):
@@ -472,6 +477,8 @@ class ChunkWriter:
                     rest += b"\x01\x00"  # samples = 1, timeSpan = 0
                 tail = tails[ck] = (bytes((len(rest) + 10, T_WALL_CLOCK_SAMPLE if kind else T_EXECUTION_SAMPLE)),
                                     rest)
+            elif not tail:
+                continue
             if 0x200000 <= t < 0x100000000000000:  # LEB128(t) = its 3 low groups + LEB128(t >> 21)
                 h = t >> 21
                 hi = his.get(h)

@@ -317,6 +317,8 @@ data = eng.tick().recording
 last = eng.stop()
 eng.close()
 rec = asprof.jfr.open(data)
+own = [t.os_name for t in rec.threads if (t.os_name or "").startswith("asprof-")]
+assert not own, own  # the profiler's own threads are not the application's
 print(collects, rec.counts["profiler.WallClockSample"][0], rec.setting("lostSamples"),
       asprof.jfr.open(last).counts["jdk.ExecutionSample"][0] >= 0 and 0 < elsewhere < 0.6)
 """

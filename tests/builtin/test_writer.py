@@ -147,3 +147,18 @@ def test_async_profiler_converter_reads_the_chunk(tmp_path: Path) -> None:
     cpu = jfrconv_collapsed(p, "--cpu")
     assert f"__main__.<module>;examples.demo.work;examples.demo.fib;examples.demo.fib {want['fib']}" in cpu
     assert f"__main__.<module>;examples.demo.work;deflate {want['deflate']}" in cpu
+
+
+def test_batches_with_their_own_ids_in_one_chunk_and_skipped_threads() -> None:
+    """Stack ids are local to each samples_from call (the engine adds a batch every few
+    seconds to the same report); samples of skip_tids are left out."""
+    w = ChunkWriter(*clock_pair())
+    a = w.stack([(w.python_method("m", "a"), 1, FRAME_PYTHON)])
+    b = w.stack([(w.python_method("m", "b"), 2, FRAME_PYTHON)])
+    t0 = w.start_ticks
+    # batch 1: id 0 -> a; batch 2: id 0 -> b
+    assert w.samples_from(SAMPLE.pack(t0 + 1, MAIN_TID, 0, KIND_CPU, 0, 0) * 3, [a]) == 3
+    recs = SAMPLE.pack(t0 + 2, MAIN_TID, 0, KIND_CPU, 0, 0) * 2 + SAMPLE.pack(t0 + 3, WORKER_TID, 0, KIND_CPU, 0, 0)
+    assert w.samples_from(recs, [b], skip_tids={WORKER_TID}) == 2
+    cpu = _collapsed(asprof.jfr.open(w.finish()), "cpu")
+    assert cpu == {"m.a": 3, "m.b": 2}
