@@ -540,3 +540,35 @@ def test_file_descriptors_left_to_the_application() -> None:
     ''')
     assert r["err"] is None and r["opened"] == 100, r
     assert r["left"] == {"posix_timers": 0, "perf_fds": 0, "samplers": 0}
+
+
+def test_descriptors_reused_by_the_application_are_left_alone() -> None:
+    """An application that closes every descriptor while running (python-daemon's DaemonContext
+    does) and opens its own files, which get the engine's old numbers: stop() and the thread
+    rescans must not close or touch them."""
+    r = stress('''
+        ev = threading.Event()
+        ts = [threading.Thread(target=ev.wait) for _ in range(5)]
+        for t in ts:
+            t.start()
+        mode = b.start(1_000_000, 10_000_000)
+        time.sleep(0.2)
+        os.closerange(3, 4096)
+        app = [os.open(os.devnull, os.O_RDONLY) for _ in range(16)]
+        end = time.monotonic() + 0.3
+        while time.monotonic() < end:
+            pass
+        ev.set()
+        for t in ts:
+            t.join()
+        time.sleep(0.3)  # rescans find the threads gone
+        b.stop()
+        closed = []
+        for fd in app:
+            try:
+                os.fstat(fd)
+            except OSError:
+                closed.append(fd)
+        emit({"mode": mode, "closed": closed})
+    ''')
+    assert r["closed"] == [], f"the engine closed the application's descriptors {r['closed']} ({r['mode']})"
