@@ -124,6 +124,8 @@ void bi_sampler_stop(void);
 int bi_sampler_running(void);
 int bi_sampler_threads(void);
 int bi_sampler_timers(void);
+int bi_sampler_perf_events(void);  /* per-thread perf events open now */
+int bi_sampler_excluded(void);    /* threads named "asprof-..." left out */
 void bi_atfork_child(void);
 
 #endif

@@ -453,6 +453,8 @@ static PyObject *bi_stats(PyObject *self, PyObject *noargs) {
     rc |= put(d, "memory_bytes", (unsigned long long)bi_store_resident());
     rc |= put(d, "threads", (unsigned long long)bi_sampler_threads());
     rc |= put(d, "timers", (unsigned long long)bi_sampler_timers());
+    rc |= put(d, "excluded_threads", (unsigned long long)bi_sampler_excluded());
+    rc |= put(d, "perf_events", (unsigned long long)bi_sampler_perf_events());
 #ifdef ASPROF_WALKER
     rc |= put(d, "faults_recovered", pf_safeload_faults());
 #else

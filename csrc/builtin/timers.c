@@ -22,6 +22,7 @@
 #include <poll.h>
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/time.h>
@@ -42,6 +43,8 @@ typedef struct {
     int tid;
     int has_timer;    /* a CPU source exists: a timer (mode 1) or a perf event (mode 2) */
     int seen;
+    int excluded;     /* one of the agent's own threads (comm "asprof-..."): never sampled */
+    int comm_checks;  /* scans that looked at its name (threads name themselves as they start) */
     timer_t timer;
     int perf_fd;
     uint64_t perf_ino;                /* the event's inode: the fd is still ours (not closed by the app and reused) */
@@ -66,6 +69,8 @@ static struct {
     int self_tid;     /* the sampler's tid */
     int cpu_thread;   /* per-thread CPU sources in use: 1 CPU-clock timers, 2 perf task-clock events */
     int perf_exclude_kernel;
+    int perf_budget;  /* perf event fds we may hold: a quarter of RLIMIT_NOFILE (the rest is the application's) */
+    int n_perf;
     int itimer;       /* ITIMER_PROF in use */
     uint64_t cpu_ns, wall_ns;
     pid_t pid;
@@ -73,7 +78,7 @@ static struct {
     int task_dir;     /* /proc/self/task of this process while the sampler runs, else -1 */
     thread_t threads[MAX_THREADS];
     int nthreads;
-    _Atomic int n_threads_seen, n_timers;
+    _Atomic int n_threads_seen, n_timers, n_excluded;
 } S = {.lock = PTHREAD_MUTEX_INITIALIZER, .task_dir = -1};
 
 static clockid_t thread_cpu_clock(int tid) {
@@ -149,6 +154,7 @@ static int create_perf(thread_t *t) {
     }
     struct stat st;
     t->perf_ino = fstat(fd, &st) == 0 ? (uint64_t)st.st_ino : 0;
+    S.n_perf++;
     t->perf_fd = fd;
     t->perf_count = 0;
     t->perf_cpu = 0;
@@ -194,6 +200,7 @@ static void drop_source(thread_t *t) {
         perf_fd_mark(t->perf_fd, 0);
         if (perf_fd_is_ours(t)) close(t->perf_fd);  /* never someone else's file */
         t->perf_fd = -1;
+        S.n_perf--;
     } else {
         timer_delete(t->timer);
     }
@@ -203,8 +210,11 @@ static void drop_source(thread_t *t) {
 
 static void drop_thread(int i) {
     drop_source(&S.threads[i]);
+    if (S.threads[i].excluded) atomic_fetch_sub(&S.n_excluded, 1);
     S.threads[i] = S.threads[--S.nthreads];
 }
+
+static int own_thread(int tid);
 
 /* Rescans /proc/self/task. With per-thread timers, a thread whose timer cannot be made makes
    the scan fail (-1, errno) when `strict`; otherwise it is counted and retried next scan. */
@@ -229,6 +239,15 @@ static int scan(int strict) {
         }
         thread_t *t = &S.threads[i];
         t->seen = 1;
+        if (!t->excluded && t->comm_checks < 3) {
+            t->comm_checks++;
+            if (own_thread(tid)) {
+                t->excluded = 1;
+                drop_source(t);
+                atomic_fetch_add(&S.n_excluded, 1);
+            }
+        }
+        if (t->excluded) continue;
         if (t->has_timer && t->perf_fd >= 0) {
             if (check_perf(t) != 0) drop_source(t);  /* the tid belongs to a new thread now */
         } else if (t->has_timer) {
@@ -238,7 +257,9 @@ static int scan(int strict) {
             if (timer_gettime(t->timer, &cur) != 0 || (cur.it_value.tv_sec == 0 && cur.it_value.tv_nsec == 0))
                 drop_source(t);
         }
-        if (S.cpu_thread && !t->has_timer && (S.cpu_thread == 2 ? create_perf(t) : create_timer(t)) != 0) {
+        /* perf events while the descriptor budget lasts, CPU-clock timers for the threads beyond */
+        if (S.cpu_thread && !t->has_timer &&
+            ((S.cpu_thread == 2 && S.n_perf < S.perf_budget) ? create_perf(t) : create_timer(t)) != 0) {
             int e = errno;
             char path[64];
             snprintf(path, sizeof(path), "/proc/self/task/%d", tid);
@@ -255,6 +276,24 @@ static int scan(int strict) {
     atomic_store(&S.n_threads_seen, S.nthreads);
     errno = e;
     return rc;
+}
+
+/* Whether thread tid is named "asprof-..." (the agent's own threads: asprof-agent,
+   asprof-collect, ...). */
+static int own_thread(int tid) {
+    char path[64], buf[32];
+    int fd;
+    if (S.task_dir >= 0) {
+        snprintf(path, sizeof(path), "%d/comm", tid);
+        fd = openat(S.task_dir, path, O_RDONLY | O_CLOEXEC);
+    } else {
+        snprintf(path, sizeof(path), "/proc/self/task/%d/comm", tid);
+        fd = open(path, O_RDONLY | O_CLOEXEC);
+    }
+    if (fd < 0) return 0;
+    ssize_t n = read(fd, buf, sizeof(buf) - 1);
+    close(fd);
+    return n >= 7 && memcmp(buf, "asprof-", 7) == 0;
 }
 
 /* 1 running / runnable, 2 sleeping (any other state), 0 unknown. */
@@ -283,6 +322,7 @@ static void send_wall(void) {
     pid_t pid = S.pid;
     uid_t uid = getuid();
     for (int i = 0; i < S.nthreads; i++) {
+        if (S.threads[i].excluded) continue;
         int tid = S.threads[i].tid;
         unsigned state = thread_state(tid);
         if (state == 0) continue;  /* gone */
@@ -379,6 +419,11 @@ const char *bi_sampler_start(uint64_t cpu_ns, uint64_t wall_ns, int cpu_mode, co
         if (cpu_mode == 0 || cpu_mode == 3) {
             S.cpu_thread = 2;
             S.perf_exclude_kernel = 0;
+            struct rlimit rl;
+            S.perf_budget = 1024;
+            if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY && rl.rlim_cur / 4 < 1024)
+                S.perf_budget = (int)(rl.rlim_cur / 4);
+            S.n_perf = 0;
             if (scan(1) == 0) {
                 *mode_out = "perf-task-clock";
             } else {
@@ -469,6 +514,8 @@ void bi_sampler_stop(void) {
 int bi_sampler_running(void) { return S.running; }
 int bi_sampler_threads(void) { return atomic_load(&S.n_threads_seen); }
 int bi_sampler_timers(void) { return atomic_load(&S.n_timers); }
+int bi_sampler_excluded(void) { return atomic_load(&S.n_excluded); }
+int bi_sampler_perf_events(void) { return S.n_perf; }
 
 /* In a forked child: no sampler thread, no per-thread timer, no itimer (none is inherited); the
    lock may have been held by the parent's sampler. Only async-signal-safe work. */
@@ -493,4 +540,6 @@ void bi_atfork_child(void) {
     S.itimer = 0;
     atomic_store(&S.n_threads_seen, 0);
     atomic_store(&S.n_timers, 0);
+    atomic_store(&S.n_excluded, 0);
+    S.n_perf = 0;
 }
