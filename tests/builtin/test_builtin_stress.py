@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any, Dict
@@ -572,3 +573,29 @@ def test_descriptors_reused_by_the_application_are_left_alone() -> None:
         emit({"mode": mode, "closed": closed})
     ''')
     assert r["closed"] == [], f"the engine closed the application's descriptors {r['closed']} ({r['mode']})"
+
+
+EXIT_WITHOUT_STOP = """
+import sys, threading, time
+from asprof.engines import _builtin as b
+def spin():
+    x = 0
+    while True:
+        x += 1
+def deep(n):
+    return deep(n - 1) if n else spin()
+for i in range(4):
+    threading.Thread(target=deep, args=(i * 20,), daemon=True).start()
+b.start(200_000, 200_000, 128, sys.argv[1])
+time.sleep(0.2)
+sys.exit(0)  # no stop(): finalization with daemon threads running and signals arriving
+"""
+
+
+@pytest.mark.parametrize("cpu_mode", ["auto", "process"])
+def test_exit_without_stop_while_sampling(cpu_mode: str) -> None:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2]) + os.pathsep + env.get("PYTHONPATH", "")
+    codes = [subprocess.run([sys.executable, "-c", EXIT_WITHOUT_STOP, cpu_mode], env=env, capture_output=True,
+                            timeout=60).returncode for _ in range(4)]
+    assert codes == [0] * 4  # never a crash or "Profiling timer expired" at exit
