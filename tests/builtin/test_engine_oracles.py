@@ -316,6 +316,7 @@ elsewhere = eng.cpu_seconds_elsewhere()  # the handler's time on this thread, fo
 data = eng.tick().recording
 last = eng.stop()
 eng.close()
+open(sys.argv[1], "wb").write(data)
 rec = asprof.jfr.open(data)
 own = [t.os_name for t in rec.threads if (t.os_name or "").startswith("asprof-")]
 assert not own, own  # the profiler's own threads are not the application's
@@ -325,12 +326,16 @@ print(collects, rec.counts["profiler.WallClockSample"][0], rec.setting("lostSamp
 
 
 @needs_builtin
-def test_samples_are_taken_between_ticks_into_the_same_report() -> None:
+def test_samples_are_taken_between_ticks_into_the_same_report(tmp_path: Path) -> None:
     """The collector thread empties the C module's fixed buffers every COLLECT_EVERY seconds;
     everything it took lands in the tick's one report."""
-    r = subprocess.run([sys.executable, "-c", COLLECTOR], capture_output=True, text=True, timeout=120,
+    report = tmp_path / "report.jfr"
+    r = subprocess.run([sys.executable, "-c", COLLECTOR, str(report)], capture_output=True, text=True, timeout=120,
                        env=child_env())
     assert r.returncode == 0, r.stderr
     collects, wall, lost, ok = r.stdout.split()
     assert int(collects) >= 3, r.stdout  # several takes before the tick
     assert int(wall) >= 20 and lost == "0" and ok == "True", r.stdout  # 0.6 s of 10 ms wall samples in one report
+    assert check_jfr(report)["chunks"] == 1  # the JDK's jfr summary where installed
+    if JFRCONV is not None:
+        assert jfrconv_collapsed(report, "--wall").strip()
