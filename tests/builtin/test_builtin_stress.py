@@ -599,3 +599,45 @@ def test_exit_without_stop_while_sampling(cpu_mode: str) -> None:
     codes = [subprocess.run([sys.executable, "-c", EXIT_WITHOUT_STOP, cpu_mode], env=env, capture_output=True,
                             timeout=60).returncode for _ in range(4)]
     assert codes == [0] * 4  # never a crash or "Profiling timer expired" at exit
+
+
+def test_a_failed_collect_loses_nothing_silently() -> None:
+    """collect() that fails (MemoryError here, from a tight RLIMIT_AS) must leave its samples for
+    the next collect() or count them as lost: handed out + lost == stored + lost, always."""
+    r = stress('''
+        import resource
+        def vmsize():
+            with open("/proc/self/status") as f:
+                for ln in f:
+                    if ln.startswith("VmSize:"):
+                        return int(ln.split()[1]) * 1024
+            return 0
+        stop_ev = threading.Event()
+        ts = [threading.Thread(target=busy, args=(stop_ev,)) for _ in range(2)]
+        for t in ts:
+            t.start()
+        b.start(1_000_000, 1_000_000)
+        time.sleep(0.5)
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        records, lost, failed = set(), 0, 0
+        resource.setrlimit(resource.RLIMIT_AS, (vmsize(), hard))
+        try:
+            batch = b.collect()
+        except MemoryError:
+            failed = 1
+        finally:
+            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+        if not failed:
+            records |= distinct(decode(batch))
+            lost += batch[4]
+        stop_ev.set()
+        for t in ts:
+            t.join()
+        b.stop()
+        batch = b.collect()
+        records |= distinct(decode(batch))
+        lost += batch[4]
+        st = b.stats()
+        emit({"failed": failed, "out": len(records) + lost, "stored": st["samples"] + st["lost"]})
+    ''')
+    assert r["out"] == r["stored"], r
