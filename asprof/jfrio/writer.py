@@ -276,7 +276,6 @@ class ChunkWriter:
         self._thread_refs: set[int] = set()
         self._strings: Dict[str, int] = {}
         self._user_event_types: Dict[int, str] = {}
-        self._time_his: Dict[int, bytes] = {}
         self.samples = 0
         self.last_ticks = start_ticks
 
@@ -453,7 +452,7 @@ class ChunkWriter:
         Returns the number of events written.
         Raises ValueError on a record whose stack id is out of range or whose kind is unknown."""
         tails: Dict[int, Tuple[bytes, ...]] = {}  # () for a skipped thread
-        his = self._time_his
+        last_h, last_hi = -1, b""  # samples come nearly in time order: one entry is enough
         refs = self._thread_refs
         out = self._events
         small = _SMALL
@@ -481,9 +480,11 @@ class ChunkWriter:
                 continue
             if 0x200000 <= t < 0x100000000000000:  # LEB128(t) = its 3 low groups + LEB128(t >> 21)
                 h = t >> 21
-                hi = his.get(h)
-                if hi is None:
-                    hi = his[h] = varint(h)
+                if h == last_h:
+                    hi = last_hi
+                else:
+                    hi = last_hi = varint(h)
+                    last_h = h
                 out.append(5 + len(hi) + len(tail[1]))
                 out.append(tail[0][1])
                 out += bytes((t & 0x7F | 0x80, (t >> 7) & 0x7F | 0x80, (t >> 14) & 0x7F | 0x80))
