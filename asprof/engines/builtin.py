@@ -35,6 +35,7 @@ NAME = "builtin"
 _MAX_FRAMES = 128
 #: Seconds between two takes of the C module's samples within a report (its buffers are fixed).
 COLLECT_EVERY = 5.0
+_KNOWN_THREADS = 4096
 
 
 def unavailable_reason() -> Optional[str]:
@@ -75,6 +76,7 @@ class _Names:
         self._by_file: Dict[str, str] = {}
         self._cache: Dict[str, str] = {}
         self._roots: List[str] = []
+        self._known: Dict[int, str] = {}
 
     def _refresh(self) -> None:
         mods = sys.modules
@@ -123,13 +125,20 @@ class _Names:
             parts.pop()
         return ".".join(parts) or filename
 
-    @staticmethod
-    def threads() -> Dict[int, str]:
-        out: Dict[int, str] = {}
+    def threads(self) -> Dict[int, str]:
+        """Thread id -> name: the threads alive now, then those seen before (a thread that ended
+        after its last sample keeps its name in the report; at most :data:`_KNOWN_THREADS`)."""
+        now: Dict[int, str] = {}
         for t in threading.enumerate():
             nid = getattr(t, "native_id", None)
             if nid is not None:
-                out[nid] = t.name
+                now[nid] = t.name
+        known = self._known
+        known.update(now)
+        while len(known) > _KNOWN_THREADS:
+            del known[next(iter(known))]
+        out = dict(known)
+        out.update(now)
         return out
 
 

@@ -339,3 +339,33 @@ def test_samples_are_taken_between_ticks_into_the_same_report(tmp_path: Path) ->
     assert check_jfr(report)["chunks"] == 1  # the JDK's jfr summary where installed
     if JFRCONV is not None:
         assert jfrconv_collapsed(report, "--wall").strip()
+
+
+ENDED = """
+import sys, threading, time
+import asprof.engines.builtin as b
+import asprof.jfr
+from asprof.options import ProfilerOptions
+eng = b.BuiltinEngine(ProfilerOptions(cpu_interval=0.002, wall_interval=0.01))
+eng.start()
+def burn():
+    t = time.monotonic() + 0.4
+    while time.monotonic() < t:
+        sum(i * i for i in range(1000))
+th = threading.Thread(target=burn, name="short-lived")
+th.start()
+time.sleep(0.2)
+eng.tick()  # the thread is seen alive here; it samples on into the next report, then ends
+th.join()
+time.sleep(0.1)
+rec = asprof.jfr.open(eng.stop())
+eng.close()
+print(sorted(t.os_name for t in rec.threads))
+"""
+
+
+@needs_builtin
+def test_a_thread_that_ended_before_the_report_keeps_its_name() -> None:
+    r = subprocess.run([sys.executable, "-c", ENDED], capture_output=True, text=True, timeout=120, env=child_env())
+    assert r.returncode == 0, r.stderr
+    assert "'short-lived'" in r.stdout and "[tid=" not in r.stdout, r.stdout
