@@ -62,7 +62,7 @@ def _native_mem(value: object) -> Optional[int]:
 
 @dataclass(frozen=True)
 class ProfilerOptions:
-    """What async-profiler records.
+    """What the engine records (async-profiler, or the built-in engine: ``engine``).
 
     - ``cpu_interval``: seconds of CPU time between CPU samples (default 0.1).
     - ``wall_interval``: seconds between wall-clock samples of each thread

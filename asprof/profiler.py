@@ -1,7 +1,8 @@
 """The public entry points: :class:`Profiler` (a configuration), :class:`RunningProfiler`
 (the handle of a running one), :func:`start_profiling` and :func:`stop_profiling`.
 
-``Profiler(...).start()`` starts the engine (async-profiler) and the ``asprof-agent``
+``Profiler(...).start()`` starts the engine (async-profiler, or the built-in engine where it
+does not load: ``ProfilerOptions(engine=...)``, :mod:`asprof.engines.choice`) and the ``asprof-agent``
 daemon thread (:mod:`asprof.agent`). Every ``reporting_interval`` the thread rotates the
 recording and hands the finished JFR to the reporter. Application threads never wait for a
 tick. ``stop()`` makes a final tick, waits (bounded) for the last report and returns; a new
@@ -200,10 +201,14 @@ class Profiler:
                        self.max_cpu_percent, self.max_memory_mb, factory)
 
     def start(self) -> RunningProfiler:
-        """Starts async-profiler and the agent thread.
+        """Starts the engine (``options.engine``: async-profiler, else the built-in one) and the
+        agent thread.
 
         Raises :class:`~asprof.errors.LibraryNotFoundError`, :class:`ProfilerError`
-        (async-profiler refused to start) or :class:`ProfilerAlreadyRunningError`.
+        (the engine refused to start) or :class:`ProfilerAlreadyRunningError`;
+        ``LibraryNotFoundError`` only when async-profiler was asked for (``engine="async-profiler"``
+        or a ``library_path``/``ASPROF_LIB``) and does not load; ``ValueError`` for an invalid
+        ``ASPROF_ENGINE``.
         With ``ASPROF_ENABLED=0`` in the environment, or the kill-switch file
         present, nothing starts: one log line, and a handle that is not running.
         """
