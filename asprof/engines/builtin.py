@@ -282,9 +282,9 @@ class BuiltinEngine(Engine):
                 with self._lock:
                     if not self._running or self._orphan or self._writer is None:
                         return
-                    self._add(self._writer, self._mod.collect())
+                    self._add_or_log(self._writer, self._mod.collect())
             except Exception:  # noqa: BLE001 - the next collect or tick tries again
-                logger.debug("collecting the built-in engine's samples failed", exc_info=True)
+                logger.error("collecting the built-in engine's samples failed", exc_info=True)
 
     def _join_collector(self) -> None:
         self._wake.set()
@@ -302,12 +302,16 @@ class BuiltinEngine(Engine):
         self._writer = self._new_writer(end) if restart else None
         if w is None:
             return None
-        self._add(w, batch)
+        self._add_or_log(w, batch)
         lost, self._lost = self._lost, 0
         if lost:
             self._lost_total += lost
             logger.warning("the built-in engine lost %d samples since the last report (its buffers were full)", lost)
-        data = self._finish(w, end, lost)
+        try:
+            data = self._finish(w, end, lost)
+        except Exception as e:  # noqa: BLE001 - a bad report must not stop profiling
+            logger.error("the built-in engine could not write its report (%d samples lost): %r", w.samples, e)
+            return None
         self._last_size = len(data)
         return data
 
@@ -318,6 +322,17 @@ class BuiltinEngine(Engine):
         w = self._new_writer(start)
         self._add(w, (list(codes), list(natives), list(stacks), samples, 0))
         return self._finish(w, end, lost)
+
+    def _add_or_log(self, w: "ChunkWriter", batch: Tuple[Sequence[Tuple[str, str, str, int]],
+                                                       Sequence[Tuple[str, str]], Sequence[Tuple[int, ...]],
+                                                       bytes, int]) -> None:
+        """:meth:`_add`; a batch that cannot be written is counted and said, never silently lost."""
+        try:
+            self._add(w, batch)
+        except Exception as e:  # noqa: BLE001 - one bad batch must not stop profiling
+            n = len(batch[3]) // 20
+            self._lost += n
+            logger.error("the built-in engine could not write a batch of %d samples (counted as lost): %r", n, e)
 
     def _new_writer(self, start: Tuple[int, int]) -> "ChunkWriter":
         from asprof.jfrio.writer import ChunkWriter

@@ -369,3 +369,18 @@ def test_a_thread_that_ended_before_the_report_keeps_its_name() -> None:
     r = subprocess.run([sys.executable, "-c", ENDED], capture_output=True, text=True, timeout=120, env=child_env())
     assert r.returncode == 0, r.stderr
     assert "'short-lived'" in r.stdout and "[tid=" not in r.stdout, r.stdout
+
+
+@needs_builtin
+def test_a_batch_that_cannot_be_written_is_counted_and_said(caplog: pytest.LogCaptureFixture) -> None:
+    eng = BuiltinEngine(ProfilerOptions())
+    start = clock_pair()
+    w = eng._new_writer(start)
+    bad = SAMPLE.pack(start[1] + 1, os.getpid(), 5, KIND_CPU, 0, 0) * 4  # stack 5 of a batch with none
+    caplog.set_level(logging.ERROR, logger="asprof")
+    eng._add_or_log(w, ([], [], [], bad, 0))
+    eng.close()
+    assert eng._lost == 4
+    assert any("could not write a batch of 4 samples" in r.getMessage() for r in caplog.records)
+    rec = asprof.jfr.open(eng._finish(w, start, eng._lost))
+    assert rec.setting("lostSamples") == "4"
