@@ -71,8 +71,7 @@ def test_an_invalid_engine_is_a_value_error_naming_the_option() -> None:
 
 
 def test_an_invalid_asprof_engine_is_an_error_naming_the_variable() -> None:
-    from asprof.autostart.config import EnvConfig
-    from asprof.autostart.config import ConfigError
+    from asprof.autostart.config import ConfigError, EnvConfig
 
     with pytest.raises(ConfigError, match="ASPROF_ENGINE"):
         EnvConfig.from_environ({"ASPROF_ENGINE": "jvm"})
