@@ -95,14 +95,21 @@ def _first_line(e: BaseException) -> str:
 class EngineFactory:
     """Makes the profiler's engine; the first choice sticks (a forked child makes the same kind)."""
 
-    __slots__ = ("options", "library_path", "chosen")
+    __slots__ = ("options", "library_path", "chosen", "explicit")
 
     def __init__(self, options: "ProfilerOptions", library_path: Optional[str]) -> None:
         self.options = options
         self.library_path = library_path
         self.chosen: Optional[str] = None
+        self.explicit = True  # False when auto chose
 
     def __call__(self) -> "Engine":
+        if self.chosen == BUILTIN and not self.explicit:
+            from asprof.engines import builtin  # auto chose it before: same leniency, no second INFO line
+
+            return builtin.BuiltinEngine(self.options, explicit=False)
+        if self.chosen is None:
+            self.explicit = requested_engine(self.options)[0] != "auto"
         eng = make_engine(self.options, self.library_path, self.chosen)
         if self.chosen is None:
             self.chosen = BUILTIN if getattr(eng, "name", None) == BUILTIN else ASYNC_PROFILER
