@@ -210,12 +210,18 @@ class BuiltinEngine(Engine):
                 self.cpu_mode = self._mod.start(self._cpu_ns, self._wall_ns, _MAX_FRAMES, "auto")
             except (RuntimeError, OSError, ValueError) as e:
                 raise ProfilerError(f"the built-in engine could not start: {e}") from e
-            self._writer = self._new_writer(pair)
-            self._lost = 0
-            self._running = True
-            self._wake.clear()
-            self._collector = threading.Thread(target=self._collect_loop, name="asprof-collect", daemon=True)
-            self._collector.start()
+            try:
+                self._writer = self._new_writer(pair)
+                self._lost = 0
+                self._wake.clear()
+                self._collector = threading.Thread(target=self._collect_loop, name="asprof-collect", daemon=True)
+                self._running = True
+                self._collector.start()
+            except Exception as e:  # e.g. no thread can be started: leave nothing running
+                self._running = False
+                self._collector = None
+                self._mod.stop()
+                raise ProfilerError(f"the built-in engine could not start: {e}") from e
         logger.debug("built-in engine started: cpu %s every %d ns, wall every %d ns",
                      self.cpu_mode, self._cpu_ns, self._wall_ns)
 
