@@ -45,6 +45,19 @@ static inline uint64_t pf_mono_ns(void) {
 #define BI_STACK_PROBES 64
 #define BI_NO_STACK 0xFFFFFFu                   /* sample without Python frames */
 #define BI_PERF_FD_MAX 65536                    /* perf event fds above are not used */
+#define BI_MAX_THREADS 8192                     /* threads followed by the sampler */
+#define BI_IDLE_NS 100000ull                    /* CPU time a thread may use between wall ticks and still be idle */
+
+/* A thread's last wall sample, written by its handler, read by the sampler: while the thread
+   stays idle (its CPU time does not move), the sampler records that sample again instead of
+   signalling the thread (no wake-up, no handler, no EINTR). gen is odd while being written. */
+typedef struct {
+    _Atomic uint32_t gen;
+    uint32_t epoch;      /* of the half the stack index belongs to; 0 = none */
+    uint32_t stack;
+    uint64_t pc;
+} bi_wall_last;
+extern bi_wall_last bi_wall_lasts[BI_MAX_THREADS];
 
 /* Bit fd set: fd is one of our perf task-clock events (timers.c). */
 extern _Atomic uint64_t bi_perf_fds[BI_PERF_FD_MAX / 64];
@@ -71,6 +84,7 @@ typedef struct {
 
 typedef struct {
     _Atomic int pins;                  /* handlers using this half now */
+    _Atomic uint32_t epoch;            /* set when the half becomes the current one (never 0) */
     _Atomic uint32_t nsamples;         /* reserved slots (may exceed BI_SAMPLE_CAP: lost) */
     _Atomic uint32_t nstacks;
     _Atomic uint32_t frames_used;
@@ -86,7 +100,7 @@ typedef struct {
 typedef struct {
     _Atomic uint64_t signals, samples, lost, chained, no_python, truncated, handler_calls,
         handler_ns, inert, no_guard, masked, unknown_code, foreign_kernel, handler_reinstalled,
-        wall_sent, wall_failed, timer_failed, collects, collect_timeouts, perf_rearmed, chain_loops;
+        wall_sent, wall_failed, timer_failed, collects, collect_timeouts, perf_rearmed, chain_loops, wall_repeated;
 } bi_counters;
 
 extern struct bi_state {
@@ -104,10 +118,18 @@ int bi_store_init(void);                 /* maps the halves (once); 0 or -1 */
 void bi_store_reset(bi_half *h);         /* no handler may use it */
 /* Swaps the halves and waits for handlers to leave the old one: returns it, or NULL (timeout). */
 bi_half *bi_store_swap(void);
+/* Waits (up to ~1 s) until no handler writes to the store; call after clearing bi.enabled. */
+void bi_store_quiesce(void);
+/* A fresh non-zero epoch for a half about to become current. */
+uint32_t bi_store_new_epoch(void);
 /* Bytes of the store resident in memory now (mincore over its mappings). */
 uint64_t bi_store_resident(void);
 
 /* handler.c */
+/* Appends a sample from outside a handler (the sampler's repeated wall samples), into the
+   current half only if its epoch is `epoch`. 0, or -1 (not that half any more, or full). */
+int bi_store_append(uint64_t time, uint32_t tid, uint32_t stack, uint64_t pc, unsigned kind, unsigned state,
+                    uint32_t epoch);
 int bi_handler_install(void);            /* 0 or -1 (errno) */
 int bi_handler_is_installed(void);
 void bi_handler_restore(void);

@@ -189,7 +189,7 @@ void bi_handler(int sig, siginfo_t *info, void *ucontext) {
     int saved_errno = errno;
     uint64_t t0 = pf_mono_ns();
     unsigned kind, state, extra = 0;
-    int perf_fd = -1;
+    int perf_fd = -1, wall_slot = -1;
     uint64_t v = info != NULL ? (uint64_t)(uintptr_t)info->si_value.sival_ptr : 0;
     if (info != NULL && (perf_fd = our_perf_fd(info)) >= 0) {
         kind = 0; state = 0;  /* one perf task-clock period of this thread's CPU */
@@ -198,8 +198,10 @@ void bi_handler(int sig, siginfo_t *info, void *ucontext) {
         /* Thread CPU-clock timers expire on scheduler ticks: at intervals shorter than a tick,
            one signal stands for 1 + si_overrun intervals (collect repeats the record). */
         extra = info->si_overrun > 0 ? (info->si_overrun > 31 ? 31u : (unsigned)info->si_overrun) : 0u;
-    } else if (info != NULL && info->si_code == SI_QUEUE && (v & ~(uint64_t)0xFF) == (BI_MAGIC | BI_VAL_WALL)) {
+    } else if (info != NULL && info->si_code == SI_QUEUE && (v & BI_MAGIC_MASK) == BI_MAGIC &&
+               (v & 0xF00u) == BI_VAL_WALL) {
         kind = 1; state = (unsigned)(v & 3u);
+        wall_slot = (int)((v >> 12) & 0xFFFFFu);
     } else if (info != NULL && info->si_code == SI_KERNEL && atomic_load_explicit(&bi.itimer_mode, memory_order_relaxed)) {
         kind = 0; state = 0;
     } else {
@@ -229,6 +231,13 @@ void bi_handler(int sig, siginfo_t *info, void *ucontext) {
             goto out;
         }
     }
+    if (!atomic_load(&bi.enabled)) {
+        /* stop() came in between: it waits for pinned handlers, so this one writes nothing */
+        atomic_fetch_sub(&hf->pins, 1);
+        atomic_fetch_add_explicit(&bi.n.inert, 1, memory_order_relaxed);
+        errno = saved_errno;
+        return;
+    }
     uint32_t slot = atomic_fetch_add_explicit(&hf->nsamples, 1, memory_order_relaxed);
     if (slot >= BI_SAMPLE_CAP) {
         atomic_fetch_sub(&hf->pins, 1);
@@ -253,6 +262,15 @@ void bi_handler(int sig, siginfo_t *info, void *ucontext) {
     s->pc = signal_pc(ucontext);
     s->tid = my_tid();
     s->packed = (stack & 0xFFFFFFu) | (kind << 24) | (state << 25) | (extra << 27);
+    if (wall_slot >= 0 && wall_slot < BI_MAX_THREADS) {
+        /* what the sampler repeats while this thread stays idle */
+        bi_wall_last *w = &bi_wall_lasts[wall_slot];
+        atomic_fetch_add(&w->gen, 1);
+        w->epoch = atomic_load(&hf->epoch);
+        w->stack = stack;
+        w->pc = s->pc;
+        atomic_fetch_add(&w->gen, 1);
+    }
     atomic_fetch_sub(&hf->pins, 1);  /* seq_cst: the record is complete before the unpin */
     atomic_fetch_add_explicit(&bi.n.samples, 1, memory_order_relaxed);
 out:
@@ -286,4 +304,32 @@ int bi_handler_install(void) {
 
 void bi_handler_restore(void) {
     if (bi_handler_is_installed()) sigaction(SIGPROF, &prev_sa, NULL);
+}
+
+/* Not in a handler: the sampler thread (which never takes SIGPROF). Same protocol as the
+   handler's: pin the current half, re-check, reserve a slot. */
+int bi_store_append(uint64_t time, uint32_t tid, uint32_t stack, uint64_t pc, unsigned kind, unsigned state,
+                    uint32_t epoch) {
+    if (!atomic_load(&bi.enabled)) return -1;
+    int c = atomic_load(&bi.cur);
+    bi_half *hf = &bi.halves[c];
+    atomic_fetch_add(&hf->pins, 1);
+    if (atomic_load(&bi.cur) != c || atomic_load(&hf->epoch) != epoch || !atomic_load(&bi.enabled)) {
+        atomic_fetch_sub(&hf->pins, 1);
+        return -1;
+    }
+    uint32_t slot = atomic_fetch_add(&hf->nsamples, 1);
+    if (slot >= BI_SAMPLE_CAP) {
+        atomic_fetch_sub(&hf->pins, 1);
+        atomic_fetch_add(&bi.n.lost, 1);
+        return 0;  /* counted as lost: nothing to retry */
+    }
+    bi_sample *s = &hf->samples[slot];
+    s->time = time;
+    s->pc = pc;
+    s->tid = tid;
+    s->packed = (stack & 0xFFFFFFu) | (kind << 24) | (state << 25);
+    atomic_fetch_sub(&hf->pins, 1);
+    atomic_fetch_add(&bi.n.samples, 1);
+    return 0;
 }

@@ -93,6 +93,7 @@ static PyObject *bi_start(PyObject *self, PyObject *args, PyObject *kw) {
     /* (a collect() running in another thread resets the half it drains itself) */
     for (int i = 0; i < 2; i++)
         if (!collecting || i == atomic_load(&bi.cur)) bi_store_reset(&bi.halves[i]);
+    atomic_store(&bi.halves[atomic_load(&bi.cur)].epoch, bi_store_new_epoch());
     lost_reported = atomic_load(&bi.n.lost);
 #ifdef ASPROF_WALKER
     atomic_store(&bi.guard_ok, pf_safeload_install() == 0 && pf_safeload_active());
@@ -129,6 +130,9 @@ static PyObject *bi_stop(PyObject *self, PyObject *noargs) {
     /* Signals still in flight find the handler inert; it stays installed (a pending SIGPROF
        must never meet SIG_DFL, which would end the process). */
     atomic_store(&bi.enabled, 0);
+    Py_BEGIN_ALLOW_THREADS
+    bi_store_quiesce();  /* what stop() returns after is all in the store: collect() gets all of it */
+    Py_END_ALLOW_THREADS
     started = 0;
     Py_RETURN_NONE;
 }
@@ -141,7 +145,7 @@ static PyObject *bi_running(PyObject *self, PyObject *noargs) {
 
 typedef struct {
     PyObject *codes, *natives, *stacks;
-    PyObject *pc_map, *native_map, *stack_map, *combo_map;
+    PyObject *pc_map, *native_map, *stack_map, *combo_map, *code_dedup;
     PyObject **py_pairs;        /* per stack index: list of (code id, line) ints, or NULL */
     int32_t *code_map;
     long unknown_code;
@@ -183,9 +187,20 @@ static PyObject *python_pairs(batch *b, bi_half *h, uint32_t idx) {
                 PyObject *file = decode(t->arena + c->fn_off, c->fn_len, "");
                 PyObject *tup = (name && qual && file) ? Py_BuildValue("(OOOi)", name, qual, file, (int)c->firstlineno) : NULL;
                 Py_XDECREF(name); Py_XDECREF(qual); Py_XDECREF(file);
-                if (tup == NULL || PyList_Append(b->codes, tup) != 0) { Py_XDECREF(tup); Py_DECREF(out); return NULL; }
+                if (tup == NULL) { Py_DECREF(out); return NULL; }
+                PyObject *known = PyDict_GetItemWithError(b->code_dedup, tup);  /* the same code in both halves */
+                if (known != NULL) {
+                    b->code_map[f->idx] = (int32_t)PyLong_AsLong(known);
+                } else {
+                    PyObject *v = PyLong_FromSsize_t(PyList_GET_SIZE(b->codes));
+                    if (PyErr_Occurred() || v == NULL || PyDict_SetItem(b->code_dedup, tup, v) != 0 ||
+                        PyList_Append(b->codes, tup) != 0) {
+                        Py_XDECREF(v); Py_DECREF(tup); Py_DECREF(out); return NULL;
+                    }
+                    Py_DECREF(v);
+                    b->code_map[f->idx] = (int32_t)(PyList_GET_SIZE(b->codes) - 1);
+                }
                 Py_DECREF(tup);
-                b->code_map[f->idx] = (int32_t)(PyList_GET_SIZE(b->codes) - 1);
             }
             id = b->code_map[f->idx];
             if (c->lt_len >= 0) {
@@ -344,69 +359,92 @@ static unsigned spread_copies(spread *sp, uint32_t tid, unsigned own) {
 static void put_u32(unsigned char *p, uint32_t v) { for (int i = 0; i < 4; i++) p[i] = (unsigned char)(v >> (8 * i)); }
 static void put_u64(unsigned char *p, uint64_t v) { for (int i = 0; i < 8; i++) p[i] = (unsigned char)(v >> (8 * i)); }
 
-static PyObject *drain(bi_half *h, uint64_t lost) {
-    batch b;
-    memset(&b, 0, sizeof(b));
+/* The samples of half h appended to *samples (records, at *kept). 0, or -1 with an exception. */
+static int drain_half(batch *b, bi_half *h, PyObject **samples, uint32_t *kept) {
+    int rc = -1;
     spread sp;
     memset(&sp, 0, sizeof(sp));
-    b.unknown_code = -1;
-    PyObject *samples = NULL, *result = NULL;
-    uint32_t n = h != NULL ? atomic_load(&h->nsamples) : 0;
+    uint32_t n = atomic_load(&h->nsamples);
     if (n > BI_SAMPLE_CAP) n = BI_SAMPLE_CAP;
-    b.codes = PyList_New(0); b.natives = PyList_New(0); b.stacks = PyList_New(0);
-    b.pc_map = PyDict_New(); b.native_map = PyDict_New(); b.stack_map = PyDict_New(); b.combo_map = PyDict_New();
-    samples = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)n * 20);
-    if (!b.codes || !b.natives || !b.stacks || !b.pc_map || !b.native_map || !b.stack_map || !b.combo_map || !samples)
-        goto out;
+    if (n == 0) return 0;
+    /* per half: its stack and code indices */
+    Py_XSETREF(b->combo_map, PyDict_New());
+    if (b->combo_map == NULL) return -1;
 #ifdef ASPROF_WALKER
-    if (n > 0) {
-        b.py_pairs = PyMem_Calloc(BI_STACK_CAP, sizeof(PyObject *));
-        b.code_map = PyMem_Malloc(PF_CODE_CAP * sizeof(int32_t));
-        if (b.py_pairs == NULL || b.code_map == NULL) { PyErr_NoMemory(); goto out; }
-        memset(b.code_map, 0xFF, PF_CODE_CAP * sizeof(int32_t));
-    }
+    b->py_pairs = PyMem_Calloc(BI_STACK_CAP, sizeof(PyObject *));
+    b->code_map = PyMem_Malloc(PF_CODE_CAP * sizeof(int32_t));
+    if (b->py_pairs == NULL || b->code_map == NULL) { PyErr_NoMemory(); goto out; }
+    memset(b->code_map, 0xFF, PF_CODE_CAP * sizeof(int32_t));
 #endif
-    unsigned char *w = (unsigned char *)PyBytes_AS_STRING(samples);
+    if ((size_t)PyBytes_GET_SIZE(*samples) < ((size_t)*kept + n) * 20 &&
+        _PyBytes_Resize(samples, (Py_ssize_t)(*kept + n) * 20) != 0) goto out;
+    unsigned char *w = (unsigned char *)PyBytes_AS_STRING(*samples);
     spread_init(&sp, h, n);
-    uint32_t kept = 0;
     for (uint32_t i = 0; i < n; i++) {
         bi_sample *s = &h->samples[i];
         if (s->packed == 0xFFFFFFFFu || s->tid == 0) continue;  /* lost in the handler */
         uint32_t idx = s->packed & 0xFFFFFFu;
         unsigned kind = (s->packed >> 24) & 1u, state = (s->packed >> 25) & 3u;
         long nat = -1;
-        if (s->pc != 0 && (nat = native_id(&b, s->pc)) < 0) goto out;
-        long sid = final_stack(&b, h, nat, idx);
+        if (s->pc != 0 && (nat = native_id(b, s->pc)) < 0) goto out;
+        long sid = final_stack(b, h, nat, idx);
         if (sid < 0) goto out;
         unsigned copies = kind == 0 ? spread_copies(&sp, s->tid, 1u + (s->packed >> 27)) : 1u;
-        if ((size_t)(kept + copies) * 20 > (size_t)PyBytes_GET_SIZE(samples)) {
+        if ((size_t)(*kept + copies) * 20 > (size_t)PyBytes_GET_SIZE(*samples)) {
             /* room for the overrun copies: grow the output */
-            Py_ssize_t want = (Py_ssize_t)(kept + copies + (n - i)) * 20 * 2;
-            if (_PyBytes_Resize(&samples, want) != 0) { samples = NULL; goto out; }
-            w = (unsigned char *)PyBytes_AS_STRING(samples);
+            Py_ssize_t want = (Py_ssize_t)(*kept + copies + (n - i)) * 20 * 2;
+            if (_PyBytes_Resize(samples, want) != 0) goto out;
+            w = (unsigned char *)PyBytes_AS_STRING(*samples);
         }
         for (unsigned k = 0; k < copies; k++) {
-            unsigned char *r = w + (size_t)kept * 20;
+            unsigned char *r = w + (size_t)*kept * 20;
             put_u64(r, s->time);
             put_u32(r + 8, s->tid);
             put_u32(r + 12, (uint32_t)sid);
             r[16] = (unsigned char)kind;
             r[17] = (unsigned char)state;
             r[18] = r[19] = 0;
-            kept++;
+            (*kept)++;
         }
     }
-    if ((Py_ssize_t)kept * 20 != PyBytes_GET_SIZE(samples) && _PyBytes_Resize(&samples, (Py_ssize_t)kept * 20) != 0) { samples = NULL; goto out; }
-    result = Py_BuildValue("(OOOOK)", b.codes, b.natives, b.stacks, samples, (unsigned long long)lost);
+    rc = 0;
 out:
     PyMem_Free(sp.tab);
-    if (b.py_pairs != NULL) {
-        for (uint32_t i = 0; i < BI_STACK_CAP; i++) Py_XDECREF(b.py_pairs[i]);
-        PyMem_Free(b.py_pairs);
+    if (b->py_pairs != NULL) {
+        for (uint32_t i = 0; i < BI_STACK_CAP; i++) Py_XDECREF(b->py_pairs[i]);
+        PyMem_Free(b->py_pairs);
+        b->py_pairs = NULL;
     }
-    PyMem_Free(b.code_map);
+    PyMem_Free(b->code_map);
+    b->code_map = NULL;
+    return rc;
+}
+
+/* One batch of the halves given (either may be NULL), self-contained. */
+static PyObject *drain(bi_half *h1, bi_half *h2, uint64_t lost) {
+    batch b;
+    memset(&b, 0, sizeof(b));
+    b.unknown_code = -1;
+    PyObject *samples = NULL, *result = NULL;
+    b.codes = PyList_New(0); b.natives = PyList_New(0); b.stacks = PyList_New(0);
+    b.pc_map = PyDict_New(); b.native_map = PyDict_New(); b.stack_map = PyDict_New(); b.code_dedup = PyDict_New();
+    uint64_t n1 = h1 != NULL ? atomic_load(&h1->nsamples) : 0, n2 = h2 != NULL ? atomic_load(&h2->nsamples) : 0;
+    if (n1 > BI_SAMPLE_CAP) n1 = BI_SAMPLE_CAP;
+    if (n2 > BI_SAMPLE_CAP) n2 = BI_SAMPLE_CAP;
+    /* never the shared empty bytes object: it is resized below */
+    samples = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(n1 + n2 + 1) * 20);
+    if (!b.codes || !b.natives || !b.stacks || !b.pc_map || !b.native_map || !b.stack_map || !b.code_dedup || !samples)
+        goto out;
+    uint32_t kept = 0;
+    if (h1 != NULL && drain_half(&b, h1, &samples, &kept) != 0) goto out;
+    if (h2 != NULL && drain_half(&b, h2, &samples, &kept) != 0) goto out;
+    if ((Py_ssize_t)kept * 20 != PyBytes_GET_SIZE(samples) && _PyBytes_Resize(&samples, (Py_ssize_t)kept * 20) != 0)
+        goto out;
+    result = Py_BuildValue("(OOOOK)", b.codes, b.natives, b.stacks, samples, (unsigned long long)lost);
+out:
     Py_XDECREF(b.codes); Py_XDECREF(b.natives); Py_XDECREF(b.stacks);
     Py_XDECREF(b.pc_map); Py_XDECREF(b.native_map); Py_XDECREF(b.stack_map); Py_XDECREF(b.combo_map);
+    Py_XDECREF(b.code_dedup);
     Py_XDECREF(samples);
     return result;
 }
@@ -416,17 +454,27 @@ static PyObject *bi_collect(PyObject *self, PyObject *noargs) {
         PyErr_SetString(PyExc_RuntimeError, "collect() is already running in another thread");
         return NULL;
     }
-    if (bi.halves[0].samples == NULL) return drain(NULL, 0);  /* never started */
+    if (bi.halves[0].samples == NULL) return drain(NULL, NULL, 0);  /* never started */
     collecting = 1;
     bi_half *h;
     Py_BEGIN_ALLOW_THREADS
     h = bi_store_swap();
     Py_END_ALLOW_THREADS
     uint64_t lost_now = atomic_load(&bi.n.lost);
-    uint64_t lost = lost_now - lost_reported;
-    lost_reported = lost_now;
     atomic_fetch_add(&bi.n.collects, 1);
-    PyObject *r = drain(h, lost);
+    PyObject *r = drain(h, NULL, lost_now - lost_reported);
+    if (r != NULL) {
+        lost_reported = lost_now;
+    } else if (h != NULL) {
+        /* Could not hand them out (MemoryError): they are counted as lost, never silently gone
+           (the next collect() reports them; "samples" counts what was handed out or is held). */
+        uint32_t n = atomic_load(&h->nsamples), held = 0;
+        if (n > BI_SAMPLE_CAP) n = BI_SAMPLE_CAP;
+        for (uint32_t i = 0; i < n; i++)
+            held += h->samples[i].packed != 0xFFFFFFFFu && h->samples[i].tid != 0;
+        atomic_fetch_add(&bi.n.lost, held);
+        atomic_fetch_sub(&bi.n.samples, held);
+    }
     if (h != NULL) bi_store_reset(h);
     collecting = 0;
     return r;
@@ -448,7 +496,7 @@ static PyObject *bi_stats(PyObject *self, PyObject *noargs) {
     int rc = C(signals) | C(samples) | C(lost) | C(chained) | C(no_python) | C(truncated) | C(handler_calls) |
              C(handler_ns) | C(inert) | C(no_guard) | C(masked) | C(unknown_code) | C(handler_reinstalled) |
              C(wall_sent) | C(wall_failed) | C(timer_failed) | C(collects) | C(collect_timeouts) |
-             C(perf_rearmed) | C(chain_loops);
+             C(perf_rearmed) | C(chain_loops) | C(wall_repeated);
 #undef C
     rc |= put(d, "memory_bytes", (unsigned long long)bi_store_resident());
     rc |= put(d, "threads", (unsigned long long)bi_sampler_threads());

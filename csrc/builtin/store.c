@@ -15,6 +15,8 @@
 #include <time.h>
 
 struct bi_state bi;
+bi_wall_last bi_wall_lasts[BI_MAX_THREADS];
+static _Atomic uint32_t epochs;
 
 static void *map_anon(size_t n) {
     void *p = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
@@ -62,9 +64,15 @@ void bi_store_reset(bi_half *h) {
     atomic_store(&h->lost, 0);
 }
 
+uint32_t bi_store_new_epoch(void) {
+    uint32_t e = atomic_fetch_add(&epochs, 1) + 1;
+    return e ? e : atomic_fetch_add(&epochs, 1) + 1;
+}
+
 bi_half *bi_store_swap(void) {
     int c = atomic_load(&bi.cur);
     bi_half *old = &bi.halves[c];
+    atomic_store(&bi.halves[1 - c].epoch, bi_store_new_epoch());  /* before any handler can pin it */
     atomic_store(&bi.cur, 1 - c);  /* seq_cst: pairs with the handler's pin, then re-check */
     /* Handlers are bounded (a few microseconds); wait up to ~2 s for stragglers. */
     for (int i = 0; i < 40000; i++) {
@@ -103,4 +111,13 @@ uint64_t bi_store_resident(void) {
 #endif
     }
     return n;
+}
+
+void bi_store_quiesce(void) {
+    /* after bi.enabled = 0 (seq_cst): a handler that pins from now on sees it and writes nothing */
+    for (int i = 0; i < 20000; i++) {
+        if (atomic_load(&bi.halves[0].pins) == 0 && atomic_load(&bi.halves[1].pins) == 0) return;
+        struct timespec ts = {0, 50000};
+        nanosleep(&ts, NULL);
+    }
 }

@@ -36,7 +36,7 @@
 #define SIGEV_THREAD_ID 4
 #endif
 
-#define MAX_THREADS 8192
+#define MAX_THREADS BI_MAX_THREADS
 #define SCAN_NS 100000000ull
 
 typedef struct {
@@ -49,6 +49,7 @@ typedef struct {
     int perf_fd;
     uint64_t perf_ino;                /* the event's inode: the fd is still ours (not closed by the app and reused) */
     uint64_t perf_count, perf_cpu;  /* at the previous rescan: the event's count, the thread's CPU ns */
+    uint64_t wall_cpu;                /* the thread's CPU ns at the previous wall tick (0 = none yet) */
 } thread_t;
 
 /* perf task-clock events of ours, by fd (the handler recognises its signals by si_fd). */
@@ -76,6 +77,7 @@ static struct {
     pid_t pid;
     int cond_ready;
     int task_dir;     /* /proc/self/task of this process while the sampler runs, else -1 */
+    uint64_t task_dir_ino, task_dir_dev;
     thread_t threads[MAX_THREADS];
     int nthreads;
     _Atomic int n_threads_seen, n_timers, n_excluded;
@@ -211,7 +213,10 @@ static void drop_source(thread_t *t) {
 static void drop_thread(int i) {
     drop_source(&S.threads[i]);
     if (S.threads[i].excluded) atomic_fetch_sub(&S.n_excluded, 1);
-    S.threads[i] = S.threads[--S.nthreads];
+    /* slots stay where they are (their index travels in wall signals): this one is free now */
+    S.threads[i].tid = 0;
+    S.threads[i].excluded = 0;
+    while (S.nthreads > 0 && S.threads[S.nthreads - 1].tid == 0) S.nthreads--;
 }
 
 static int own_thread(int tid);
@@ -229,13 +234,21 @@ static int scan(int strict) {
         int tid = atoi(de->d_name);
         if (tid <= 0 || tid == S.self_tid) continue;
         int i;
-        for (i = 0; i < S.nthreads; i++) if (S.threads[i].tid == tid) break;
+        int free_slot = -1;
+        for (i = 0; i < S.nthreads; i++) {
+            if (S.threads[i].tid == tid) break;
+            if (S.threads[i].tid == 0 && free_slot < 0) free_slot = i;
+        }
         if (i == S.nthreads) {
-            if (S.nthreads >= MAX_THREADS) continue;
+            if (free_slot >= 0) i = free_slot;
+            else if (S.nthreads >= MAX_THREADS) continue;
+            else S.nthreads++;
             memset(&S.threads[i], 0, sizeof(thread_t));
             S.threads[i].tid = tid;
             S.threads[i].perf_fd = -1;
-            S.nthreads++;
+            atomic_fetch_add(&bi_wall_lasts[i].gen, 1);
+            bi_wall_lasts[i].epoch = 0;  /* nothing to repeat for the new thread */
+            atomic_fetch_add(&bi_wall_lasts[i].gen, 1);
         }
         thread_t *t = &S.threads[i];
         t->seen = 1;
@@ -272,8 +285,10 @@ static int scan(int strict) {
     int e = errno;
     closedir(d);
     if (rc == 0)
-        for (int i = S.nthreads - 1; i >= 0; i--) if (!S.threads[i].seen) drop_thread(i);
-    atomic_store(&S.n_threads_seen, S.nthreads);
+        for (int i = S.nthreads - 1; i >= 0; i--) if (S.threads[i].tid != 0 && !S.threads[i].seen) drop_thread(i);
+    int live = 0;
+    for (int i = 0; i < S.nthreads; i++) live += S.threads[i].tid != 0;
+    atomic_store(&S.n_threads_seen, live);
     errno = e;
     return rc;
 }
@@ -321,9 +336,28 @@ static unsigned thread_state(int tid) {
 static void send_wall(void) {
     pid_t pid = S.pid;
     uid_t uid = getuid();
+    uint64_t now = pf_mono_ns();
     for (int i = 0; i < S.nthreads; i++) {
-        if (S.threads[i].excluded) continue;
-        int tid = S.threads[i].tid;
+        thread_t *t = &S.threads[i];
+        if (t->excluded || t->tid == 0) continue;
+        int tid = t->tid;
+        uint64_t cpu = thread_cpu_ns(tid);
+        if (cpu == 0) continue;  /* gone */
+        if (t->wall_cpu != 0 && cpu - t->wall_cpu < BI_IDLE_NS) {
+            /* Idle since the last tick (what it used is our handler's and the way back to its
+               wait): it is where it was, sleeping. Repeat its last wall sample. */
+            bi_wall_last *w = &bi_wall_lasts[i];
+            uint32_t g1 = atomic_load(&w->gen);
+            uint32_t epoch = w->epoch, stack = w->stack;
+            uint64_t pc = w->pc;
+            if (!(g1 & 1u) && atomic_load(&w->gen) == g1 && epoch != 0 &&
+                bi_store_append(now, (uint32_t)tid, stack, pc, 1, 2, epoch) == 0) {
+                t->wall_cpu = cpu;
+                atomic_fetch_add_explicit(&bi.n.wall_repeated, 1, memory_order_relaxed);
+                continue;
+            }
+        }
+        t->wall_cpu = cpu;
         unsigned state = thread_state(tid);
         if (state == 0) continue;  /* gone */
         siginfo_t si;
@@ -332,7 +366,7 @@ static void send_wall(void) {
         si.si_code = SI_QUEUE;
         si.si_pid = pid;
         si.si_uid = uid;
-        si.si_value.sival_ptr = (void *)(uintptr_t)(BI_MAGIC | BI_VAL_WALL | state);
+        si.si_value.sival_ptr = (void *)(uintptr_t)(BI_MAGIC | BI_VAL_WALL | state | ((uint64_t)i << 12));
         if (syscall(SYS_rt_tgsigqueueinfo, pid, tid, SIGPROF, &si) == 0)
             atomic_fetch_add_explicit(&bi.n.wall_sent, 1, memory_order_relaxed);
         else
@@ -340,7 +374,33 @@ static void send_wall(void) {
     }
 }
 
+static void open_task_dir(void) {
+    S.task_dir = open("/proc/self/task", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    struct stat st;
+    if (S.task_dir >= 0 && fstat(S.task_dir, &st) == 0) {
+        S.task_dir_ino = (uint64_t)st.st_ino;
+        S.task_dir_dev = (uint64_t)st.st_dev;
+    }
+}
+
+/* Whether S.task_dir is still our directory (the application may have closed every descriptor
+   and reused the number). */
+static int task_dir_ours(void) {
+    struct stat st;
+    return S.task_dir >= 0 && fstat(S.task_dir, &st) == 0 && (uint64_t)st.st_ino == S.task_dir_ino &&
+           (uint64_t)st.st_dev == S.task_dir_dev;
+}
+
+static void close_task_dir(void) {
+    if (task_dir_ours()) close(S.task_dir);  /* never someone else's file */
+    S.task_dir = -1;
+}
+
 static void keep_in_front(void) {
+    if (S.task_dir >= 0 && !task_dir_ours()) {
+        S.task_dir = -1;  /* closed by the application: forget the number, open ours again */
+        open_task_dir();
+    }
     if (!bi_handler_is_installed()) {
         /* Someone replaced our handler: get in front again, chaining theirs. */
         if (bi_handler_install() == 0) atomic_fetch_add(&bi.n.handler_reinstalled, 1);
@@ -385,7 +445,8 @@ static void *sampler_main(void *arg) {
 }
 
 static void delete_all(void) {
-    while (S.nthreads > 0) drop_thread(S.nthreads - 1);
+    for (int i = S.nthreads - 1; i >= 0; i--) if (S.threads[i].tid != 0) drop_thread(i);
+    S.nthreads = 0;
     atomic_store(&S.n_threads_seen, 0);
     if (S.itimer) {
         struct itimerval zero;
@@ -482,7 +543,7 @@ const char *bi_sampler_start(uint64_t cpu_ns, uint64_t wall_ns, int cpu_mode, co
         goto fail;
     }
     pthread_setname_np(S.th, "asprof-sampler");  /* named before start() returns */
-    if (S.task_dir < 0) S.task_dir = open("/proc/self/task", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (S.task_dir < 0) open_task_dir();
     S.running = 1;
     pthread_mutex_unlock(&S.lock);
     return NULL;
@@ -504,10 +565,7 @@ void bi_sampler_stop(void) {
     pthread_mutex_lock(&S.lock);
     S.running = 0;
     delete_all();
-    if (S.task_dir >= 0) {
-        close(S.task_dir);
-        S.task_dir = -1;
-    }
+    close_task_dir();
     pthread_mutex_unlock(&S.lock);
 }
 
@@ -524,15 +582,12 @@ void bi_atfork_child(void) {
     memcpy(&S.lock, &m, sizeof(m));
     S.cond_ready = 0;  /* the condition variable is made again at the next start */
     for (int i = 0; i < S.nthreads; i++)
-        if (S.threads[i].perf_fd >= 0) {
+        if (S.threads[i].tid != 0 && S.threads[i].perf_fd >= 0) {
             /* the parent's events (the open file descriptions are shared: closing ours only) */
             perf_fd_mark(S.threads[i].perf_fd, 0);
             close(S.threads[i].perf_fd);
         }
-    if (S.task_dir >= 0) {
-        close(S.task_dir);  /* the parent's task directory */
-        S.task_dir = -1;
-    }
+    close_task_dir();  /* the parent's task directory */
     S.running = 0;
     S.stop = 0;
     S.nthreads = 0;
