@@ -613,3 +613,34 @@ def test_agent_threads_named_asprof_are_never_sampled() -> None:
     assert r["app"] >= 20
     assert r["own"] == 0
     assert r["excluded"] >= 1
+
+
+@needs_frames
+def test_idle_threads_are_not_woken_for_every_wall_sample() -> None:
+    r = run('''
+        ev = threading.Event()
+        def idle_waiter():
+            ev.wait()
+        ts = [threading.Thread(target=idle_waiter) for _ in range(20)]
+        for t in ts:
+            t.start()
+        b.start(0, 5_000_000)
+        got = []
+        t0 = time.monotonic()
+        while len(got) < 20 * 40 and time.monotonic() - t0 < 30:
+            time.sleep(0.1)
+            got += decode(b.collect())
+        st = b.stats()
+        b.stop(); ev.set()
+        for t in ts:
+            t.join()
+        ids = {t.native_id for t in ts}
+        mine = [s for s in got if s["tid"] in ids]
+        emit({"n": len(mine), "states": sorted({s["state"] for s in mine}),
+              "with_frames": sum(1 for s in mine if any(f[1] == "idle_waiter" for f in s["frames"])),
+              "sent": st["wall_sent"], "repeated": st["wall_repeated"]})
+    ''')
+    assert r["n"] >= 20 * 20
+    assert r["states"] == [2]
+    assert r["with_frames"] == r["n"]  # a repeated sample carries the thread's stack like a signalled one
+    assert r["repeated"] > r["sent"]  # most idle ticks cost no signal
