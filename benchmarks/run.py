@@ -757,6 +757,8 @@ def section_engines(ctx: "Ctx") -> None:
     try:
         probe_engines(ctx, sink)
         configs, skipped = engine_configs(ctx)
+        if ctx.configs:  # --configs: a subset (the baselines always run)
+            configs = [c for c in configs if c.name in ctx.configs or c.profiler == "none"]
         units = ctx.units
         print(f"{ctx.rounds} rounds x {len(configs)} configurations, shuffled per round, each a fresh process doing "
               f"{units} work units on each of 2 busy threads (~{ctx.seconds:g} s unprofiled) + 1 sleeping thread "
@@ -960,6 +962,7 @@ class Ctx:
         self.pyspy = ""  # the py-spy executable, when found
         self.pyroscope = False  # pyroscope-io importable in the children
         self.builtin_c = "not probed"  # '' when the built-in engine's C module runs here, else why not
+        self.configs = [x.strip() for x in a.configs.split(",") if x.strip()]  # engines: a subset of names
         self.builtin_py = "not probed"  # '' when ProfilerOptions(engine="builtin") runs here, else why not
 
 
@@ -985,6 +988,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--json", default="", help="also write every raw result to this file")
     p.add_argument("--bench-venv", default=os.environ.get("ASPROF_BENCH_VENV", "/work/benchvenv"),
                    help="a venv with py-spy and pyroscope-io for the engines section (see README)")
+    p.add_argument("--configs", default="", help="engines section: only these configurations (e.g. "
+                   "builtin-def,builtin-1k,aprof-1k; the baselines always run)")
     p.add_argument("--pyspy", default="", help="the py-spy executable (default: the bench venv's, else PATH)")
     a = p.parse_args(argv)
 
