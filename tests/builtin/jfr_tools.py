@@ -4,7 +4,10 @@ from __future__ import annotations
 import shutil
 import subprocess
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional
+
+if TYPE_CHECKING:
+    import asprof.jfr
 
 ROOT = Path(__file__).resolve().parents[2]
 _JVM = Path("/usr/lib/jvm")
@@ -42,3 +45,14 @@ def jfrconv_collapsed(path: Path, kind: str = "--cpu") -> str:
     out = subprocess.run([*JFRCONV, kind, str(path), str(out_path)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, f"jfrconv {kind} {path.name}: {out.stderr or out.stdout}"
     return out_path.read_text()
+
+
+def asprof_collapsed(rec: "asprof.jfr.Recording", kind: str) -> Dict[str, int]:
+    """asprof's own reading of ``rec``: collapsed stack -> samples, for ``kind`` ("cpu", "wall")."""
+    import asprof.jfr
+
+    out: Dict[str, int] = {}
+    for line in asprof.jfr.to_collapsed(rec.samples(kind)).splitlines():
+        stack, _, n = line.rpartition(" ")
+        out[stack] = out.get(stack, 0) + int(n)
+    return out

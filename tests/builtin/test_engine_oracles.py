@@ -25,18 +25,10 @@ from asprof.jfrio.writer import KIND_CPU, KIND_WALL, SAMPLE, STATE_SLEEPING, clo
 from asprof.options import ProfilerOptions
 
 from conftest import check_jfr, child_env
-from jfr_tools import JFR_TOOL, JFRCONV, NO_JDK, NO_JFRCONV, ROOT, jfr, jfrconv_collapsed
+from jfr_tools import JFR_TOOL, JFRCONV, NO_JDK, NO_JFRCONV, ROOT, asprof_collapsed, jfr, jfrconv_collapsed
 
 UNAVAILABLE = unavailable_reason()
 needs_builtin = pytest.mark.skipif(UNAVAILABLE is not None, reason=f"built-in engine unavailable: {UNAVAILABLE}")
-
-
-def _collapsed(rec: asprof.jfr.Recording, kind: str) -> Dict[str, int]:
-    out: Dict[str, int] = {}
-    for line in asprof.jfr.to_collapsed(rec.samples(kind)).splitlines():
-        stack, _, n = line.rpartition(" ")
-        out[stack] = out.get(stack, 0) + int(n)
-    return out
 
 
 def test_module_names_from_filenames() -> None:
@@ -86,11 +78,11 @@ def test_a_batch_is_one_self_contained_chunk() -> None:
     data = eng.write_chunk(start, end, codes, natives, stacks, samples, lost=3)
     eng.close()
     rec = asprof.jfr.open(data)
-    cpu = _collapsed(rec, "cpu")
+    cpu = asprof_collapsed(rec, "cpu")
     # an unnamed program counter becomes "[unknown]" ("[libname]" with a library): samples add up
     assert cpu == {"jobs.Worker.run;demo.fib;demo.fib;deflate": 5, "jobs.Worker.run;[unknown]": 5} or \
         cpu == {"jobs.Worker.run;examples.demo.fib;examples.demo.fib;deflate": 5, "jobs.Worker.run;[unknown]": 5}
-    assert sum(_collapsed(rec, "wall").values()) == 1
+    assert sum(asprof_collapsed(rec, "wall").values()) == 1
     names = {t.os_thread_id: t.os_name for t in rec.threads}
     assert names[tid] == "MainThread" and names[999999] == "[tid=999999]"
     assert rec.setting("engine") == "builtin" and rec.setting("lostSamples") == "3"
@@ -113,7 +105,7 @@ def test_jfrconv_reads_every_report(tmp_path: Path) -> None:
     for f in sorted((tmp_path / "profiles").glob("*.jfr")):
         cpu = jfrconv_collapsed(f, "--cpu")
         total = sum(int(ln.rpartition(" ")[2]) for ln in cpu.splitlines())
-        assert total == sum(_collapsed(asprof.jfr.open(str(f)), "cpu").values()), f.name
+        assert total == sum(asprof_collapsed(asprof.jfr.open(str(f)), "cpu").values()), f.name
 
 
 FORK = """
@@ -152,7 +144,7 @@ def test_fork_child_profiles_itself_with_the_builtin_engine(tmp_path: Path) -> N
     for f in files:
         pid = int(re.search(r"_(\d+)(?:-\d+)?\.jfr$", f.name).group(1))  # type: ignore[union-attr]
         check_jfr(f)
-        by_pid[pid] = by_pid.get(pid, 0) + sum(_collapsed(asprof.jfr.open(str(f)), "cpu").values())
+        by_pid[pid] = by_pid.get(pid, 0) + sum(asprof_collapsed(asprof.jfr.open(str(f)), "cpu").values())
     assert by_pid.get(parent, 0) > 0 and by_pid.get(child, 0) > 0, (by_pid, r.stderr)
 
 

@@ -22,7 +22,7 @@ from asprof.jfrio.writer import (
     varint,
 )
 
-from jfr_tools import JFR_TOOL, JFRCONV, NO_JDK, NO_JFRCONV, jfr, jfrconv_collapsed
+from jfr_tools import JFR_TOOL, JFRCONV, NO_JDK, NO_JFRCONV, asprof_collapsed, jfr, jfrconv_collapsed
 
 MAIN_TID, WORKER_TID = 4242, 4243
 
@@ -63,14 +63,6 @@ def _write(tmp_path: Path, data: bytes, name: str = "w.jfr") -> Path:
     return p
 
 
-def _collapsed(rec: asprof.jfr.Recording, kind: str) -> Dict[str, int]:
-    out: Dict[str, int] = {}
-    for line in asprof.jfr.to_collapsed(rec.samples(kind)).splitlines():
-        stack, _, n = line.rpartition(" ")
-        out[stack] = out.get(stack, 0) + int(n)
-    return out
-
-
 def test_varint_matches_jfr_encoding() -> None:
     assert varint(0) == b"\x00" and varint(127) == b"\x7f" and varint(128) == b"\x80\x01"
     assert len(varint(-1)) == 9 and len(varint((1 << 56) - 1)) == 8
@@ -82,19 +74,19 @@ def test_round_trip_through_asprof_reader() -> None:
     threads = {t.os_thread_id: t.os_name for t in rec.threads}
     assert threads == {MAIN_TID: "MainThread", WORKER_TID: "worker"}
     assert rec.setting("engine") == "builtin" and rec.setting("interval") == "10000000"
-    cpu = _collapsed(rec, "cpu")
+    cpu = asprof_collapsed(rec, "cpu")
     assert sum(cpu.values()) == want["cpu"]
     assert cpu["__main__.<module>;examples.demo.work;examples.demo.fib;examples.demo.fib"] == want["fib"]
     assert cpu["__main__.<module>;examples.demo.work;deflate"] == want["deflate"]
-    assert sum(_collapsed(rec, "wall").values()) == want["wall"]
+    assert sum(asprof_collapsed(rec, "wall").values()) == want["wall"]
 
 
 def test_fast_path_handles_large_monotonic_clocks() -> None:
     """CLOCK_MONOTONIC past 6.5 days takes the 8-byte timestamp branch: same events."""
     data, want = _chunk(start_ticks=30 * 24 * 3600 * 10**9)
     rec = asprof.jfr.open(data)
-    assert sum(_collapsed(rec, "cpu").values()) == want["cpu"]
-    assert sum(_collapsed(rec, "wall").values()) == want["wall"]
+    assert sum(asprof_collapsed(rec, "cpu").values()) == want["cpu"]
+    assert sum(asprof_collapsed(rec, "wall").values()) == want["wall"]
 
 
 def test_bad_sample_records_are_refused() -> None:
@@ -160,5 +152,5 @@ def test_batches_with_their_own_ids_in_one_chunk_and_skipped_threads() -> None:
     assert w.samples_from(SAMPLE.pack(t0 + 1, MAIN_TID, 0, KIND_CPU, 0, 0) * 3, [a]) == 3
     recs = SAMPLE.pack(t0 + 2, MAIN_TID, 0, KIND_CPU, 0, 0) * 2 + SAMPLE.pack(t0 + 3, WORKER_TID, 0, KIND_CPU, 0, 0)
     assert w.samples_from(recs, [b], skip_tids={WORKER_TID}) == 2
-    cpu = _collapsed(asprof.jfr.open(w.finish()), "cpu")
+    cpu = asprof_collapsed(asprof.jfr.open(w.finish()), "cpu")
     assert cpu == {"m.a": 3, "m.b": 2}
