@@ -99,7 +99,7 @@ typedef struct {
 
 typedef struct {
     _Atomic uint64_t signals, samples, lost, chained, no_python, truncated, handler_calls,
-        handler_ns, inert, no_guard, masked, unknown_code, foreign_kernel, handler_reinstalled,
+        handler_ns, handler_slow, inert, no_guard, masked, unknown_code, foreign_kernel, handler_reinstalled,
         wall_sent, wall_failed, timer_failed, collects, collect_timeouts, perf_rearmed, chain_loops, wall_repeated;
 } bi_counters;
 

@@ -494,7 +494,7 @@ static PyObject *bi_stats(PyObject *self, PyObject *noargs) {
     if (d == NULL) return NULL;
 #define C(name) put(d, #name, atomic_load(&bi.n.name))
     int rc = C(signals) | C(samples) | C(lost) | C(chained) | C(no_python) | C(truncated) | C(handler_calls) |
-             C(handler_ns) | C(inert) | C(no_guard) | C(masked) | C(unknown_code) | C(handler_reinstalled) |
+             C(handler_ns) | C(handler_slow) | C(inert) | C(no_guard) | C(masked) | C(unknown_code) | C(handler_reinstalled) |
              C(wall_sent) | C(wall_failed) | C(timer_failed) | C(collects) | C(collect_timeouts) |
              C(perf_rearmed) | C(chain_loops) | C(wall_repeated);
 #undef C
