@@ -53,12 +53,21 @@ def stub_lib(stub_builds: Dict[str, Path], tmp_path: Path) -> Path:
     return target
 
 
+def library_loads(target: str) -> bool:
+    """Whether ``target`` (a path or a soname) really loads: a file that is there but is not a
+    library (an empty file mounted over it, a broken copy) means "not installed" to the tests.
+    Checked in a child interpreter, so the test process never loads async-profiler itself."""
+    r = subprocess.run([sys.executable, "-c", "import ctypes, sys; ctypes.CDLL(sys.argv[1])", target],
+                       capture_output=True, timeout=60)
+    return r.returncode == 0
+
+
 def _real_library() -> Optional[str]:
     env = os.environ.get("ASPROF_LIB")
     if env and os.path.exists(env) and "stub" not in env:
-        return env
+        return env if library_loads(env) else None
     found = ctypes.util.find_library("asyncProfiler")
-    return found
+    return found if found is not None and library_loads(found) else None
 
 
 REAL_LIB = _real_library()

@@ -76,9 +76,18 @@ def build_for(python):
 def library_path():
     for p in (os.environ.get("ASPROF_LIB"), os.path.join(ROOT, "asprof/lib/libasyncProfiler.so"),
               "/usr/local/lib/libasyncProfiler.so", "/usr/lib/libasyncProfiler.so"):
-        if p and os.path.exists(p):
+        if p and os.path.exists(p) and _is_elf(p):
             return p
     return None
+
+
+def _is_elf(path):
+    """A file mounted or copied over the library that is not one counts as absent."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"\x7fELF"
+    except OSError:
+        return False
 
 
 def run_child(python, scenario, out_dir, seconds, extra_env=None, timeout=None):

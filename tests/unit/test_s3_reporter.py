@@ -7,7 +7,6 @@ in order" is checked against what it really received, across restarts.
 """
 from __future__ import annotations
 
-import ctypes.util
 import io
 import json
 import logging
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
+
+from conftest import REAL_LIB
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from asprof.metadata import AgentMetadata, Ec2Metadata, FargateMetadata, NoMetadata, ReportMetadata  # noqa: E402
@@ -648,10 +649,7 @@ def test_last_profile_is_uploaded_at_interpreter_exit(s3: S3Server) -> None:
 
 
 def _real_library() -> Optional[str]:
-    env = os.environ.get("ASPROF_LIB")
-    if env and os.path.exists(env) and "stub" not in env:
-        return env
-    return ctypes.util.find_library("asyncProfiler")
+    return REAL_LIB
 
 
 def _profiler_api() -> Optional[str]:
