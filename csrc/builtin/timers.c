@@ -293,41 +293,37 @@ static int scan(int strict) {
     return rc;
 }
 
+/* Reads /proc/self/task/<tid>/<name> into buf (NUL-terminated); the byte count, or -1. Relative
+   to the kept /proc/self/task when we have it: no lookup of /proc/self/task per read. */
+static ssize_t read_task_file(int tid, const char *name, char *buf, size_t cap) {
+    char path[64];
+    int fd;
+    if (S.task_dir >= 0) {
+        snprintf(path, sizeof(path), "%d/%s", tid, name);
+        fd = openat(S.task_dir, path, O_RDONLY | O_CLOEXEC);
+    } else {
+        snprintf(path, sizeof(path), "/proc/self/task/%d/%s", tid, name);
+        fd = open(path, O_RDONLY | O_CLOEXEC);
+    }
+    if (fd < 0) return -1;
+    ssize_t n = read(fd, buf, cap - 1);
+    close(fd);
+    buf[n > 0 ? n : 0] = 0;
+    return n;
+}
+
 /* Whether thread tid is named "asprof-..." (the agent's own threads: asprof-agent,
    asprof-collect, ...). */
 static int own_thread(int tid) {
-    char path[64], buf[32];
-    int fd;
-    if (S.task_dir >= 0) {
-        snprintf(path, sizeof(path), "%d/comm", tid);
-        fd = openat(S.task_dir, path, O_RDONLY | O_CLOEXEC);
-    } else {
-        snprintf(path, sizeof(path), "/proc/self/task/%d/comm", tid);
-        fd = open(path, O_RDONLY | O_CLOEXEC);
-    }
-    if (fd < 0) return 0;
-    ssize_t n = read(fd, buf, sizeof(buf) - 1);
-    close(fd);
+    char buf[32];
+    ssize_t n = read_task_file(tid, "comm", buf, sizeof(buf));
     return n >= 7 && memcmp(buf, "asprof-", 7) == 0;
 }
 
 /* 1 running / runnable, 2 sleeping (any other state), 0 unknown. */
 static unsigned thread_state(int tid) {
-    char path[64], buf[512];
-    int fd;
-    if (S.task_dir >= 0) {
-        /* relative to the kept /proc/self/task: no lookup of /proc/self/task per read */
-        snprintf(path, sizeof(path), "%d/stat", tid);
-        fd = openat(S.task_dir, path, O_RDONLY | O_CLOEXEC);
-    } else {
-        snprintf(path, sizeof(path), "/proc/self/task/%d/stat", tid);
-        fd = open(path, O_RDONLY | O_CLOEXEC);
-    }
-    if (fd < 0) return 0;
-    ssize_t n = read(fd, buf, sizeof(buf) - 1);
-    close(fd);
-    if (n <= 0) return 0;
-    buf[n] = 0;
+    char buf[512];
+    if (read_task_file(tid, "stat", buf, sizeof(buf)) <= 0) return 0;
     char *p = strrchr(buf, ')');
     if (p == NULL || p[1] != ' ') return 0;
     return p[2] == 'R' ? 1u : 2u;
