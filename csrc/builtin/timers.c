@@ -178,14 +178,15 @@ static uint64_t thread_cpu_ns(int tid) {
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
-/* 0 when the thread's perf event still works; -1 when its thread ended (POLLHUP). A stalled
-   event (its SIGPROF merged with another pending SIGPROF, so the handler never re-armed it:
-   the count stands still while the thread burns CPU) is re-armed. */
+/* 0 when the thread's perf event still works; -1 when its thread ended and the tid now belongs
+   to a new thread (its CPU time went backwards, or cannot be read). Not poll(): a perf event
+   without a mapped ring buffer always polls as POLLHUP, which made every rescan drop and re-open
+   every thread's event. A stalled event (its SIGPROF merged with another pending SIGPROF, so the
+   handler never re-armed it: the count stands still while the thread burns CPU) is re-armed. */
 static int check_perf(thread_t *t) {
     if (!perf_fd_is_ours(t)) return -1;
-    struct pollfd p = {t->perf_fd, POLLIN, 0};
-    if (poll(&p, 1, 0) > 0 && (p.revents & (POLLHUP | POLLERR | POLLNVAL))) return -1;
     uint64_t count = 0, cpu = thread_cpu_ns(t->tid);
+    if (cpu == 0 || cpu < t->perf_cpu) return -1;
     if (read(t->perf_fd, &count, sizeof(count)) != (ssize_t)sizeof(count)) return 0;
     if (t->perf_cpu != 0 && count == t->perf_count && cpu > t->perf_cpu + 3 * S.cpu_ns) {
         ioctl(t->perf_fd, PERF_EVENT_IOC_REFRESH, 1);
