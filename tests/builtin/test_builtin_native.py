@@ -54,6 +54,20 @@ def decode(batch):
         out.append({"t": t, "tid": tid, "kind": kind, "state": state, "res": res, "frames": frames})
     return out
 
+def busy(seconds):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+def collect_until(n, step, keep=lambda s: True, limit=30):
+    """Runs step() and collects until n kept samples arrived (or limit seconds passed)."""
+    got = []
+    t0 = time.monotonic()
+    while len(got) < n and time.monotonic() - t0 < limit:
+        step()
+        got += [s for s in decode(b.collect()) if keep(s)]
+    return got
+
 def spin_until(ev):
     x = 0
     while not ev.is_set():
@@ -249,13 +263,7 @@ def test_itimer_already_in_use_is_a_clear_error() -> None:
 def test_process_mode_uses_itimer() -> None:
     r = run('''
         mode = b.start(2_000_000, 0, cpu_mode="process")
-        got = []
-        t0 = time.monotonic()
-        while len(got) < 10 and time.monotonic() - t0 < 30:
-            end = time.monotonic() + 0.1
-            while time.monotonic() < end:
-                pass
-            got += decode(b.collect())
+        got = collect_until(10, lambda: busy(0.1))
         b.stop()
         emit({"mode": mode, "n": len(got), "kinds": sorted({s["kind"] for s in got}),
               "itimer": signal.getitimer(signal.ITIMER_PROF)[0]})
@@ -475,13 +483,7 @@ def test_handler_installed_after_start_is_chained_and_ours_put_back() -> None:
         for _ in range(5):
             os.kill(os.getpid(), signal.SIGPROF)  # not ours: goes to the late handler
         time.sleep(0.05)  # lets the Python-level handler run
-        got = []
-        t0 = time.monotonic()
-        while len(got) < 10 and time.monotonic() - t0 < 30:
-            end = time.monotonic() + 0.1
-            while time.monotonic() < end:
-                pass
-            got += decode(b.collect())
+        got = collect_until(10, lambda: busy(0.1))
         b.stop()
         emit({"reinstalled": reinstalled, "forwarded": hits[0] - before, "ours": len(got)})
     ''')
@@ -501,11 +503,7 @@ def test_max_frames_keeps_the_leaf_side() -> None:
                 return 0
             return deep(n - 1)
         b.start(1_000_000, 0, max_frames=5)
-        got = []
-        t0 = time.monotonic()
-        while len(got) < 10 and time.monotonic() - t0 < 30:
-            deep(40)
-            got += [s for s in decode(b.collect()) if any(f[1] == "deep" for f in s["frames"])]
+        got = collect_until(10, lambda: deep(40), keep=lambda s: any(f[1] == "deep" for f in s["frames"]))
         stats = b.stats()
         b.stop()
         emit({"depths": [sum(1 for f in s["frames"] if f[0] == "py") for s in got],
@@ -625,11 +623,7 @@ def test_idle_threads_are_not_woken_for_every_wall_sample() -> None:
         for t in ts:
             t.start()
         b.start(0, 5_000_000)
-        got = []
-        t0 = time.monotonic()
-        while len(got) < 20 * 40 and time.monotonic() - t0 < 30:
-            time.sleep(0.1)
-            got += decode(b.collect())
+        got = collect_until(20 * 40, lambda: time.sleep(0.1))
         st = b.stats()
         b.stop(); ev.set()
         for t in ts:
