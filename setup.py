@@ -73,10 +73,24 @@ builtin_extensions = [
       and sys.platform.startswith("linux") and platform.machine() in ("x86_64", "aarch64")
       and glob.glob(os.path.join(HERE, "csrc/builtin/*.c"))) else []
 
+# Python allocation sampling and the live heap (issue #16; owner: csrc/alloc). Needs the frame
+# walker of csrc/pyframes (same condition as the built-in engine's walker).
+alloc_extensions = [
+    Extension(
+        "asprof.engines._alloc",
+        sources=sorted(glob.glob("csrc/alloc/*.c"))
+        + ["csrc/pyframes/safeload.c", "csrc/pyframes/walk.c", "csrc/pyframes/sigcapture.c"],
+        include_dirs=["csrc/alloc", "csrc/pyframes"],
+        libraries=["dl", "pthread", "m"],
+        extra_compile_args=CFLAGS,
+        define_macros=[("_GNU_SOURCE", "1")],
+    )
+] if _walker and glob.glob(os.path.join(HERE, "csrc/alloc/*.c")) else []
+
 setup(
     ext_modules=cythonize(
         [native_core, *jfr_extensions],
         language_level="3",
         compiler_directives={"embedsignature": True},
-    ) + pyframes_extensions + builtin_extensions,
+    ) + pyframes_extensions + builtin_extensions + alloc_extensions,
 )
