@@ -36,7 +36,7 @@ from typing import Callable, Collection, Dict, Iterable, List, Optional, Sequenc
 __all__ = [
     "ChunkWriter", "Field", "SAMPLE", "FRAME_PYTHON", "FRAME_NATIVE", "STATE_DEFAULT", "STATE_RUNNABLE",
     "STATE_SLEEPING", "KIND_CPU", "KIND_WALL", "T_EXECUTION_SAMPLE", "T_WALL_CLOCK_SAMPLE",
-    "T_ACTIVE_RECORDING", "T_ACTIVE_SETTING", "clock_pair", "varint",
+    "T_ACTIVE_RECORDING", "T_ACTIVE_SETTING", "T_ALLOCATION_SAMPLE", "T_LIVE_OBJECT", "clock_pair", "varint",
 ]
 
 #: One sample record of the built-in engine: time_ns, tid, stack, kind, state, reserved.
@@ -65,6 +65,8 @@ T_LOG_LEVEL, T_USER_EVENT_TYPE = 33, 34
 T_EXECUTION_SAMPLE, T_CPU_LOAD, T_ACTIVE_RECORDING, T_ACTIVE_SETTING = 101, 106, 107, 108
 T_OS_INFORMATION, T_CPU_INFORMATION, T_NATIVE_LIBRARY, T_LOG = 109, 110, 113, 116
 T_WALL_CLOCK_SAMPLE, T_MALLOC, T_FREE, T_NATIVE_LOCK, T_USER_EVENT = 119, 120, 121, 122, 124
+T_LIVE_OBJECT = 118  # async-profiler's profiler.LiveObject
+T_ALLOCATION_SAMPLE = 130  # jdk.ObjectAllocationSample (the JDK's type; async-profiler has no id for it)
 T_LABEL, T_CATEGORY, T_CONTENT_TYPE, T_TIMESTAMP, T_TIMESPAN, T_DATA_AMOUNT = 201, 202, 203, 204, 205, 206
 T_MEMORY_ADDRESS, T_UNSIGNED, T_PERCENTAGE = 207, 208, 209
 _FIRST_USER_TYPE = 400
@@ -169,6 +171,16 @@ _BUILTIN_TYPES: List[_TypeDef] = [
     ("profiler.UserEvent", T_USER_EVENT, "User-Defined Event", False, ("Profiler",), [
         _START, _EV_THREAD, ("type", T_USER_EVENT_TYPE, "User Event Type", F_CPOOL),
         ("data", T_STRING, "User Data", 0)]),
+    # issue #16: Python allocation samples and the live heap, in the fields jfrconv reads
+    # (JfrReader.readAllocationSample / readLiveObject: positional, no field may be added)
+    ("jdk.ObjectAllocationSample", T_ALLOCATION_SAMPLE, "Object Allocation Sample", False,
+     ("Java Application",), [
+        _START, _EV_THREAD, _STACK, ("objectClass", T_CLASS, "Object Class", F_CPOOL),
+        ("weight", T_LONG, "Sample Weight", F_BYTES)]),
+    ("profiler.LiveObject", T_LIVE_OBJECT, "Live Object", False, ("Java Application",), [
+        _START, _EV_THREAD, _STACK, ("objectClass", T_CLASS, "Object Class", F_CPOOL),
+        ("allocationSize", T_LONG, "Allocation Size", F_BYTES),
+        ("allocationTime", T_LONG, "Allocation Time", F_TIME_TICKS)]),
 ]
 _ANNOTATION_TYPES: List[Tuple[str, int, Optional[str], bool]] = [
     # (name, id, label, has a "value" field / dimension)
