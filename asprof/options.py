@@ -60,6 +60,32 @@ def _native_mem(value: object) -> Optional[int]:
     raise ValueError(f"native_mem must be a byte count or a size like '10m', got {value!r}")
 
 
+#: The Python allocation sampling interval ``python_alloc=True`` / ``ASPROF_PYTHON_ALLOC=on`` means.
+DEFAULT_PYTHON_ALLOC = 512 * 1024
+
+
+def _python_alloc(value: object) -> Optional[int]:  # issue #16
+    """None (off), or the mean number of bytes between two sampled Python allocations."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return DEFAULT_PYTHON_ALLOC
+    size: Optional[float] = None
+    if isinstance(value, int):
+        size = float(value)
+    elif isinstance(value, str):
+        t = value.strip().lower()
+        if t in ("off", "false", "no", "0"):
+            return None
+        if t in ("on", "true", "yes"):
+            return DEFAULT_PYTHON_ALLOC
+        size = None if any(c.isspace() for c in value) else parse_size(value)
+    if size is None or size != int(size) or not 1 <= size <= 1 << 40:
+        raise ValueError(f"python_alloc must be None, True, or a byte interval (1 byte to 1 TiB) "
+                         f"such as 524288 or '512k', got {value!r}")
+    return int(size)
+
+
 @dataclass(frozen=True)
 class ProfilerOptions:
     """What the engine records (async-profiler, or the built-in engine: ``engine``).
@@ -84,6 +110,10 @@ class ProfilerOptions:
       loads, else the built-in engine, with one log line), ``"async-profiler"`` or
       ``"builtin"`` (asprof's own sampler: CPU and wall-clock samples with Python stacks and
       the native leaf frame; no native memory). ``ASPROF_ENGINE`` applies when this is ``auto``.
+    - ``python_alloc``: sample Python allocations (issue #16; see docs/memory.md): about one
+      every that many bytes allocated (an int, or a string such as ``"512k"``; ``True`` means
+      512 KiB), each with its Python stack, and report the sampled objects still alive; ``None``
+      (default) turns it off. Works with both engines.
     """
 
     cpu_interval: float = DEFAULT_CPU_INTERVAL
@@ -94,6 +124,7 @@ class ProfilerOptions:
     force_native_mem: bool = False
     python_frames: bool = True  # issue #5
     engine: str = "auto"  # issue #11
+    python_alloc: Union[int, str, bool, None] = None  # issue #16
 
     def __post_init__(self) -> None:
         cpu = _interval("cpu_interval", self.cpu_interval)
@@ -115,6 +146,7 @@ class ProfilerOptions:
         object.__setattr__(self, "cpu_interval", cpu)
         object.__setattr__(self, "wall_interval", wall)
         object.__setattr__(self, "native_mem", mem)
+        object.__setattr__(self, "python_alloc", _python_alloc(self.python_alloc))  # issue #16
 
     @property
     def cpu_interval_ns(self) -> int:
