@@ -114,6 +114,12 @@ class ProfilerOptions:
       every that many bytes allocated (an int, or a string such as ``"512k"``; ``True`` means
       512 KiB), each with its Python stack, and report the sampled objects still alive; ``None``
       (default) turns it off. Works with both engines.
+    - ``asyncio_steps`` (issue #15): hook the standard asyncio event loop and record each step
+      (callback or task step) during which a sample was taken, for ``asprof longsteps``
+      (docs/labels.md). On by default.
+    - ``otel_span_ids`` (issue #15): while an OpenTelemetry span is active (``opentelemetry``
+      importable), ``asprof.labels`` blocks also label their samples with its ``trace_id`` and
+      ``span_id``. Off by default (one label set per span).
     """
 
     cpu_interval: float = DEFAULT_CPU_INTERVAL
@@ -124,6 +130,8 @@ class ProfilerOptions:
     force_native_mem: bool = False
     python_frames: bool = True  # issue #5
     engine: str = "auto"  # issue #11
+    asyncio_steps: bool = True  # issue #15
+    otel_span_ids: bool = False  # issue #15
     python_alloc: Union[int, str, bool, None] = None  # issue #16
 
     def __post_init__(self) -> None:
@@ -136,6 +144,9 @@ class ProfilerOptions:
             raise ValueError(f"force_native_mem must be True or False, got {self.force_native_mem!r}")
         if not isinstance(self.python_frames, bool):  # issue #5
             raise ValueError(f"python_frames must be True or False, got {self.python_frames!r}")
+        for flag in ("asyncio_steps", "otel_span_ids"):  # issue #15
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if not isinstance(self.engine, str) or self.engine not in ENGINE_NAMES:  # issue #11
             raise ValueError(f"engine must be one of {', '.join(ENGINE_NAMES)}, got {self.engine!r}")
         if self.engine == "builtin" and mem is not None:
