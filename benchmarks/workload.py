@@ -387,6 +387,8 @@ def _builtin_stats() -> Dict[str, int]:
 
 def mode_engine(a: argparse.Namespace) -> Dict[str, Any]:
     """One profiler (or none) around the workload; its cost in the process and outside it."""
+    if a.affinity >= 0:  # before any thread starts: every thread of the process inherits the one CPU
+        os.sched_setaffinity(0, {a.affinity})
     tmp = tempfile.mkdtemp(prefix="asprof-bench-", dir=a.tmp)
     workers = Workers(a.units)
     cpu_ns = round(a.cpu_interval * 1e9)
@@ -428,6 +430,10 @@ def mode_engine(a: argparse.Namespace) -> Dict[str, Any]:
     out["start_s"] = prof.spawn_s if isinstance(prof, _PySpy) else prof_t0 - t0  # (py-spy: the spawn alone)
     out["rss_started_kb"] = status_kb("VmRSS")
     time.sleep(0.2)  # let the profiler's threads settle (py-spy: attached; timers armed)
+    if a.sync:  # run.py's pairs: both processes of a pair start their timed window together
+        sys.stdout.write("ready\n")
+        sys.stdout.flush()
+        sys.stdin.readline()
 
     stats0 = _builtin_stats() if a.profiler.startswith("builtin") else {}
     ext0 = prof.cpu_ns() if isinstance(prof, _PySpy) else 0
@@ -611,6 +617,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--full-rotation", action="store_true",
                    help="every tick stops, swaps files and restarts async-profiler (as asprof did before "
                         "rotating with dump, and still does every 10 minutes)")
+    p.add_argument("--affinity", type=int, default=-1, help="engine mode: run every thread on this CPU")
+    p.add_argument("--sync", action="store_true",
+                   help="engine mode: print 'ready' and wait for a line on stdin before the timed window")
     p.add_argument("--load", choices=["mixed", "nogil"], default="mixed",
                    help="tick mode: the busy threads run the mixed workload or GIL-free hashing")
     a = p.parse_args(argv)
