@@ -454,7 +454,12 @@ class _Parser:
         return os.path.abspath(os.path.expanduser(value))
 
     def library(self) -> Optional[str]:
-        path = library_from_environment(self.given) if self.text("ASPROF_LIB") is not None else None
+        try:
+            path = library_from_environment(self.given) if self.text("ASPROF_LIB") is not None else None
+        except ValueError:
+            raise ConfigError("ASPROF_LIB", self.given["ASPROF_LIB"],
+                              "a relative path is refused (it would be looked up in each process's working "
+                              "directory): give the absolute path of libasyncProfiler.so") from None
         if path is None:
             return None
         if not os.path.isfile(path):

@@ -110,9 +110,19 @@ def disabled_by_environment(environ: Optional[Mapping[str, str]] = None) -> Opti
 
 
 def library_from_environment(environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
-    """``ASPROF_LIB`` as an absolute path, or None when unset or empty."""
+    """``ASPROF_LIB`` as an absolute path (``~`` expanded), or None when unset, empty or blank.
+
+    ValueError for a relative path: it would be resolved against each process's working
+    directory (another file in every directory a service runs in), so it is refused."""
     value = (os.environ if environ is None else environ).get("ASPROF_LIB", "").strip()
-    return os.path.abspath(os.path.expanduser(value)) if value else None
+    if not value:
+        return None
+    path = os.path.expanduser(value)
+    if not os.path.isabs(path):
+        raise ValueError(f"ASPROF_LIB must be an absolute path, not {value!r} (a relative path would be "
+                         "looked up in each process's working directory); give the full path of "
+                         "libasyncProfiler.so")
+    return os.path.normpath(path)
 
 
 #: The values of ``ProfilerOptions(engine=...)`` and ``ASPROF_ENGINE``.

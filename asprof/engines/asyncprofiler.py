@@ -32,6 +32,7 @@ _async_profiler_log = logging.getLogger("asprof.async-profiler")
 _async_profiler_log.addHandler(logging.NullHandler())
 
 SONAME = "libasyncProfiler.so"
+_SEARCHED = "dynamic linker search"
 # A full rotation (stop, swap, start) at least this often, and after a chunk whose constant
 # pool reached this size: it empties async-profiler's stack trace storage.
 FULL_ROTATION_AGE_S = 600.0
@@ -135,19 +136,27 @@ def _parse_version(text: str) -> Tuple[int, ...]:
 
 
 def _candidates(path: Optional[str]) -> List[Tuple[str, str]]:
-    """(label, what to dlopen) in discovery order."""
+    """(label, absolute path to dlopen) in discovery order.
+
+    Only absolute paths are ever given to dlopen: the linker's own search of a bare
+    soname would look in the working directory for an empty or relative entry of
+    ``LD_LIBRARY_PATH``, so that search is done here (``linker_search``). A relative
+    ``ASPROF_LIB`` is returned as given, for :func:`load_library` to refuse."""
     out: List[Tuple[str, str]] = []
     if path is not None:
         out.append(("library_path argument", os.path.abspath(os.fspath(path))))
         return out  # an explicit path is the only place looked at
-    env = library_from_environment()
+    try:
+        env = library_from_environment()
+    except ValueError:
+        return [("ASPROF_LIB", os.environ.get("ASPROF_LIB", "").strip())]
     if env is not None:
         out.append(("ASPROF_LIB", env))
         return out
     out.append(("bundled copy", _BUNDLED))
-    # A bare soname: the dynamic linker's own search (LD_LIBRARY_PATH, RUNPATH,
-    # ld.so.cache, system directories), never the current directory.
-    out.append(("dynamic linker search", SONAME))
+    from asprof.engines.linker_search import search  # only when nothing was named
+
+    out += [(_SEARCHED, p) for p in search(SONAME)]
     return out
 
 
@@ -155,26 +164,33 @@ def load_library(path: Optional[str] = None) -> Tuple["Library", LibraryInfo]:
     """Finds, loads and initialises async-profiler; returns (native handle, info).
 
     Discovery, first hit wins: ``path`` → ``$ASPROF_LIB`` → the copy bundled
-    in the package (``asprof/lib/``) → ``libasyncProfiler.so`` through the
-    dynamic linker's search. Raises :class:`LibraryNotFoundError` listing every
+    in the package (``asprof/lib/``) → ``libasyncProfiler.so`` where the
+    dynamic linker would look (absolute ``LD_LIBRARY_PATH`` entries, ``/etc/ld.so.cache``,
+    system directories; resolved here, never the working directory). Raises :class:`LibraryNotFoundError` listing every
     place tried, or :class:`UnsupportedVersionError`.
     """
     from asprof import _native
 
     tried: List[Tuple[str, str]] = []
     with _lock:
-        for label, target in _candidates(path):
+        candidates = _candidates(path)
+        for label, target in candidates:
             where = f"{label} ({target})"
-            if target != SONAME and not os.path.exists(target):
+            searched = label == _SEARCHED
+            if not os.path.isabs(target):
+                tried.append((where, "not an absolute path: refused (it would be looked up in the working "
+                                     "directory); give the full path of libasyncProfiler.so"))
+                continue
+            if not searched and not os.path.exists(target):
                 tried.append((where, "no such file"))
                 continue
             try:
                 lib = _native.Library.open(target)
             except OSError as e:
                 tried.append((where, str(e)))
-                if target != SONAME:
+                if not searched:
                     break  # the file is there but unusable: do not silently pick another one
-                continue
+                continue  # the linker would skip a wrong-class library too
             cached = _loaded.get(lib.path)
             if cached is not None:
                 return cached
@@ -199,6 +215,10 @@ def load_library(path: Optional[str] = None) -> Tuple["Library", LibraryInfo]:
                          ", ".join(sorted(caps)) or "no optional features")
             _loaded[lib.path] = (lib, info)
             return lib, info
+        if path is None and candidates and candidates[0][0] == "bundled copy" and \
+                not any(label == _SEARCHED for label, _ in candidates):
+            tried.append((f"{_SEARCHED} ({SONAME})", "not in LD_LIBRARY_PATH's absolute entries, "
+                          "/etc/ld.so.cache or the system directories (never the current directory)"))
     raise LibraryNotFoundError(tried)
 
 
@@ -266,6 +286,12 @@ class NativeEngine(Engine):
             from asprof.pyframes import attach_capture
 
             self._pyframes = attach_capture(self.info)
+        if self._pyframes is not None:  # issue #15: labels and asyncio steps ride on the capture
+            self._pyframes.enable_context(getattr(options, "asyncio_steps", True),
+                                          (options.wall_interval_ms or 1000) * 1_000_000)
+        elif getattr(options, "asyncio_steps", False):
+            logger.info("asprof: labels in samples and asyncio step events need the Python-frame capture "
+                        "(python_frames), which is off here")
 
     def start(self) -> None:
         logs: List[str] = []

@@ -61,7 +61,12 @@ def requested_engine(options: "ProfilerOptions") -> Tuple[str, str]:
 
 
 def _explicit_library(library_path: Optional[str]) -> bool:
-    return library_path is not None or library_from_environment() is not None
+    if library_path is not None:
+        return True
+    try:
+        return library_from_environment() is not None
+    except ValueError:  # a relative ASPROF_LIB: asked for, and refused with its reason
+        return True
 
 
 def make_engine(options: "ProfilerOptions", library_path: Optional[str] = None,

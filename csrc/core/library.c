@@ -87,6 +87,13 @@ static void copy_err(char *err, size_t errlen, const char *fmt, const char *a, c
 }
 
 asp_library *asp_library_open(const char *path, char *err, size_t errlen) {
+    /* Only an absolute path: a bare or relative name would let the dynamic linker search,
+     * and an empty LD_LIBRARY_PATH entry makes that search look in the working directory. */
+    if (path == NULL || path[0] != '/') {
+        copy_err(err, errlen, "not an absolute path: %s (refused, asprof loads libraries by absolute path only)",
+                 path, NULL);
+        return NULL;
+    }
     dlerror();
     /* RTLD_NODELETE as well: even a dlclose by someone else must not unload it. */
     void *handle = dlopen(path, RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE);
