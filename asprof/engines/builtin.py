@@ -18,7 +18,7 @@ import logging
 import os
 import sys
 import threading
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
 from asprof.engines.base import Engine, TickResult
 from asprof.errors import ProfilerError
@@ -196,6 +196,9 @@ class BuiltinEngine(Engine):
         self._last_size = 0
         self._wake = threading.Event()
         self._collector: Optional[threading.Thread] = None
+        #: issue #16: called with (writer, end) before each report is finished (the Python allocation
+        #: samples go into the same chunk); an error is logged and the report goes on without them.
+        self.report_hook: Optional[Callable[["ChunkWriter", Tuple[int, int]], None]] = None
 
     # -- Engine -------------------------------------------------------------------------
 
@@ -313,6 +316,12 @@ class BuiltinEngine(Engine):
         if lost:
             self._lost_total += lost
             logger.warning("the built-in engine lost %d samples since the last report (its buffers were full)", lost)
+        hook = self.report_hook
+        if hook is not None:
+            try:
+                hook(w, end)
+            except Exception:  # noqa: BLE001 - the CPU and wall samples are reported anyway
+                logger.error("adding the Python allocation samples to the report failed", exc_info=True)
         try:
             data = self._finish(w, end, lost)
         except Exception as e:  # noqa: BLE001 - a bad report must not stop profiling
