@@ -269,7 +269,12 @@ class ChunkWriter:
     ``start_ns``: the chunk's start in ns since the epoch; ``start_ticks``: the same instant in
     ticks. Keys returned by the interning methods are local to this chunk."""
 
-    def __init__(self, start_ns: int, start_ticks: int, ticks_per_second: int = 1_000_000_000) -> None:
+    def __init__(self, start_ns: int, start_ticks: int, ticks_per_second: int = 1_000_000_000,
+                 metadata_id: int = 0x7FFFFFFF) -> None:
+        # metadata_id: the JDK's reader re-uses the previous chunk's metadata, parsers and clock
+        # when a chunk's metadata id is the same as the previous chunk's: a chunk appended to
+        # another producer's (issue #16: the allocation chunk after async-profiler's) needs its own.
+        self.metadata_id = metadata_id
         self.start_ns = start_ns
         self.start_ticks = start_ticks
         self.ticks_per_second = ticks_per_second
@@ -618,7 +623,7 @@ class ChunkWriter:
         body = bytearray(varint(0))  # type 0 = metadata
         body += varint(self.start_ticks)
         body += varint(0)
-        body += varint(0x7FFFFFFF)
+        body += varint(self.metadata_id)
         body += varint(len(strings))
         for s in strings:
             _put_string(body, s)
