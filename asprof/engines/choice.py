@@ -112,13 +112,22 @@ class EngineFactory:
         if self.chosen == BUILTIN and not self.explicit:
             from asprof.engines import builtin  # auto chose it before: same leniency, no second INFO line
 
-            return builtin.BuiltinEngine(self.options, explicit=False)
+            return _with_alloc(builtin.BuiltinEngine(self.options, explicit=False), self.options)
         if self.chosen is None:
             self.explicit = requested_engine(self.options)[0] != "auto"
         eng = make_engine(self.options, self.library_path, self.chosen)
         if self.chosen is None:
             self.chosen = BUILTIN if getattr(eng, "name", None) == BUILTIN else ASYNC_PROFILER
+        return _with_alloc(eng, self.options)
+
+
+def _with_alloc(eng: "Engine", options: "ProfilerOptions") -> "Engine":
+    """Python allocation sampling around either engine (issue #16), when asked for."""
+    if getattr(options, "python_alloc", None) is None:
         return eng
+    from asprof.engines.alloc import wrap
+
+    return wrap(eng, options)
 
 
 def describe(options: "Optional[ProfilerOptions]" = None, library_path: Optional[str] = None) -> Tuple[str, str]:

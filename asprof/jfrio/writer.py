@@ -270,11 +270,13 @@ class ChunkWriter:
     ticks. Keys returned by the interning methods are local to this chunk."""
 
     def __init__(self, start_ns: int, start_ticks: int, ticks_per_second: int = 1_000_000_000,
-                 metadata_id: int = 0x7FFFFFFF) -> None:
-        # metadata_id: the JDK's reader re-uses the previous chunk's metadata, parsers and clock
-        # when a chunk's metadata id is the same as the previous chunk's: a chunk appended to
-        # another producer's (issue #16: the allocation chunk after async-profiler's) needs its own.
+                 metadata_id: int = 0x7FFFFFFF, key_base: int = 0) -> None:
+        # A chunk appended to another producer's (issue #16: the allocation chunk after
+        # async-profiler's) needs its own metadata_id (the JDK's reader re-uses the previous
+        # chunk's metadata, parsers and clock when the id is the same) and pool keys no other
+        # chunk of the file uses (key_base: the JDK's reader keeps constant pools across chunks).
         self.metadata_id = metadata_id
+        self.key_base = key_base
         self.start_ns = start_ns
         self.start_ticks = start_ticks
         self.ticks_per_second = ticks_per_second
@@ -326,13 +328,13 @@ class ChunkWriter:
     def symbol(self, s: str) -> int:
         k = self._symbols.get(s)
         if k is None:
-            k = self._symbols[s] = len(self._symbols) + 1
+            k = self._symbols[s] = len(self._symbols) + 1 + self.key_base
         return k
 
     def klass(self, name: str) -> int:
         k = self._classes.get(name)
         if k is None:
-            k = self._classes[name] = len(self._classes) + 1
+            k = self._classes[name] = len(self._classes) + 1 + self.key_base
             self.symbol(name)
         return k
 
@@ -341,7 +343,7 @@ class ChunkWriter:
         row = (self.klass(class_name), self.symbol(name), self.symbol(descriptor), modifiers)
         k = self._methods.get(row)
         if k is None:
-            k = self._methods[row] = len(self._method_rows) + 1
+            k = self._methods[row] = len(self._method_rows) + 1 + self.key_base
             self._method_rows.append(row)
         return k
 
@@ -359,7 +361,7 @@ class ChunkWriter:
         key = (truncated, fr)
         k = self._stacks.get(key)
         if k is None:
-            k = self._stacks[key] = len(self._stack_rows) + 1
+            k = self._stacks[key] = len(self._stack_rows) + 1 + self.key_base
             row = bytearray(varint(k))
             row.append(1 if truncated else 0)
             row += varint(len(fr))
@@ -381,7 +383,7 @@ class ChunkWriter:
         """A java.lang.String pool key."""
         k = self._strings.get(s)
         if k is None:
-            k = self._strings[s] = len(self._strings) + 1
+            k = self._strings[s] = len(self._strings) + 1 + self.key_base
         return k
 
     def user_event_type(self, key: int, name: str) -> int:
@@ -663,7 +665,7 @@ class ChunkWriter:
         pool(T_THREAD, trows)
         pool(T_STACK_TRACE, self._stack_rows)
         mrows = []
-        for k, (cls, mname, desc, mods) in enumerate(self._method_rows, 1):
+        for k, (cls, mname, desc, mods) in enumerate(self._method_rows, 1 + self.key_base):
             mrows.append(varint(k) + varint(cls) + varint(mname) + varint(desc) + varint(mods) + b"\x00")
         pool(T_METHOD, mrows)
         pool(T_CLASS, [varint(k) + b"\x00" + varint(self._symbols[name]) + b"\x00\x00"

@@ -35,6 +35,7 @@
 #include "sigcapture.h"
 
 #include <math.h>
+#include <signal.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -263,11 +264,24 @@ static int32_t stack_index(const al_frame *fr, int cnt, int truncated) {
     return AL_NO_STACK - 1;
 }
 
+/* Our fault guard (safeload.c) recovers a faulting read when it is the SIGSEGV handler, or
+   when the handler installed on top of it since passes foreign faults on (the built-in engine's
+   and asprof._pyframes' guards, async-profiler's and faulthandler's handlers all do). A default
+   or ignored disposition means ours is gone. The reads are of this thread's own frames while it
+   holds the GIL: a fault would take a bug in the walker. */
+static int guard_in_chain(void) {
+    if (pf_safeload_segv_active()) return 1;
+    struct sigaction cur;
+    if (sigaction(SIGSEGV, NULL, &cur) != 0) return 0;
+    return (cur.sa_flags & SA_SIGINFO) ? cur.sa_sigaction != NULL
+                                        : (cur.sa_handler != SIG_DFL && cur.sa_handler != SIG_IGN);
+}
+
 /* The Python stack of this thread (GIL held): its index, AL_NO_STACK, or AL_NO_STACK - 1 (no room). */
 static int32_t python_stack(void) {
     void *tstate = pf_this_thread_state();
     if (tstate == NULL) return AL_NO_STACK;
-    if (!guard_ok || !pf_safeload_segv_active()) {
+    if (!guard_ok || !guard_in_chain()) {
         guard_ok = 0;  /* collect() puts it back */
         atomic_fetch_add_explicit(&n.no_guard, 1, memory_order_relaxed);
         return AL_NO_STACK;
@@ -586,7 +600,7 @@ static PyObject *al_collect(PyObject *self, PyObject *noargs) {
     T.in_hook = saved;
     if (out == NULL) return NULL;
     reset_batch();
-    if (atomic_load(&enabled) && !guard_ok && pf_safeload_install() == 0) guard_ok = 1;
+    if (atomic_load(&enabled) && !guard_ok && pf_safeload_install() == 0) guard_ok = 1;  /* was removed */
     atomic_fetch_add(&n.collects, 1);
     uint64_t lost_now = atomic_load(&n.lost);
     PyObject *r = Py_BuildValue("(OOOK)", PyTuple_GET_ITEM(out, 0), PyTuple_GET_ITEM(out, 1), PyTuple_GET_ITEM(out, 2),
