@@ -64,7 +64,7 @@ builtin_extensions = [
         "asprof.engines._builtin",
         sources=sorted(glob.glob("csrc/builtin/*.c")) + (
             ["csrc/pyframes/safeload.c", "csrc/pyframes/walk.c", "csrc/pyframes/sigcapture.c"] if _walker else []),
-        include_dirs=["csrc/builtin", "csrc/pyframes"],
+        include_dirs=["csrc/builtin", "csrc/pyframes", "csrc/include"],
         libraries=["dl", "pthread", "rt"],
         extra_compile_args=CFLAGS,
         define_macros=[("_GNU_SOURCE", "1")] + ([("ASPROF_WALKER", "1")] if _walker else []),
@@ -72,6 +72,20 @@ builtin_extensions = [
 ] if (sys.implementation.name == "cpython" and sys.version_info[:2] >= (3, 9)
       and sys.platform.startswith("linux") and platform.machine() in ("x86_64", "aarch64")
       and glob.glob(os.path.join(HERE, "csrc/builtin/*.c"))) else []
+
+# Request labels and asyncio step events (issue #15; owner: csrc/context): the per-thread slot
+# the engines' signal handlers read. Every CPython 3.9+ on Linux.
+context_extensions = [
+    Extension(
+        "asprof.context._ctx",
+        sources=["csrc/context/context.c"],
+        include_dirs=["csrc/include"],
+        libraries=["pthread"],
+        extra_compile_args=CFLAGS,
+        define_macros=[("_GNU_SOURCE", "1")],
+    )
+] if (sys.implementation.name == "cpython" and sys.platform.startswith("linux")
+      and os.path.exists(os.path.join(HERE, "csrc/context/context.c"))) else []
 
 # Python allocation sampling and the live heap (issue #16; owner: csrc/alloc). Needs the frame
 # walker of csrc/pyframes (same condition as the built-in engine's walker).
@@ -87,10 +101,24 @@ alloc_extensions = [
     )
 ] if _walker and glob.glob(os.path.join(HERE, "csrc/alloc/*.c")) else []
 
+# Who owns the profiling signals (issue #13; owner: csrc/signals): the forwarding trampoline
+# and the asprof-sigwatch thread used with async-profiler, handler lookups for doctor.
+signals_extensions = [
+    Extension(
+        "asprof.engines._signals",
+        sources=["csrc/signals/sigwatch.c"],
+        libraries=["dl", "pthread"],
+        extra_compile_args=CFLAGS,
+        define_macros=[("_GNU_SOURCE", "1")],
+    )
+] if (sys.implementation.name == "cpython" and sys.platform.startswith("linux")
+      and os.path.exists(os.path.join(HERE, "csrc/signals/sigwatch.c"))) else []
+
 setup(
     ext_modules=cythonize(
         [native_core, *jfr_extensions],
         language_level="3",
         compiler_directives={"embedsignature": True},
-    ) + pyframes_extensions + builtin_extensions + alloc_extensions,
+    ) + pyframes_extensions + builtin_extensions + context_extensions + alloc_extensions
+    + signals_extensions,
 )

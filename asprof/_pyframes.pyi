@@ -1,5 +1,5 @@
 # Stub of the C extension asprof._pyframes (csrc/pyframes/module.c), issue #5.
-from typing import Dict
+from typing import Dict, List
 
 JOIN_EXACT: int
 JOIN_COUNTER: int
@@ -13,3 +13,6 @@ def register_thread() -> bool: ...
 def flush() -> None: ...
 def sync_modules() -> int: ...
 def stats() -> Dict[str, int]: ...
+def take_labels() -> List[int]: ...  # issue #15
+def emit_context(kind: int, payload: bytes) -> bool: ...  # issue #15
+def labels_hooked() -> bool: ...  # issue #15

@@ -20,6 +20,7 @@ import sys
 import threading
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
+from asprof.context.report import label_ids_of
 from asprof.engines.base import Engine, TickResult
 from asprof.errors import ProfilerError
 
@@ -199,6 +200,10 @@ class BuiltinEngine(Engine):
         #: issue #16: called with (writer, end) before each report is finished (the Python allocation
         #: samples go into the same chunk); an error is logged and the report goes on without them.
         self.report_hook: Optional[Callable[["ChunkWriter", Tuple[int, int]], None]] = None
+        from asprof.context.report import ContextEvents  # issue #15: labels and asyncio steps
+
+        self._context = ContextEvents(getattr(options, "asyncio_steps", True),
+                                      self._wall_ns or 1_000_000_000)
 
     # -- Engine -------------------------------------------------------------------------
 
@@ -220,6 +225,7 @@ class BuiltinEngine(Engine):
                 self._collector = threading.Thread(target=self._collect_loop, name="asprof-collect", daemon=True)
                 self._running = True
                 self._collector.start()
+                self._context.start()
             except Exception as e:  # e.g. no thread can be started: leave nothing running
                 self._running = False
                 self._collector = None
@@ -240,6 +246,7 @@ class BuiltinEngine(Engine):
                 return None
             self._running = False
             self._mod.stop()
+            self._context.stop()
             data = self._report(restart=False)
         self._join_collector()
         return data
@@ -250,6 +257,7 @@ class BuiltinEngine(Engine):
                 if self._running and not self._orphan:
                     self._running = False
                     self._mod.stop()
+                    self._context.stop()
                 self._writer = None
             self._join_collector()
         except Exception:  # noqa: BLE001 - must not raise
@@ -291,7 +299,7 @@ class BuiltinEngine(Engine):
                 with self._lock:
                     if not self._running or self._orphan or self._writer is None:
                         return
-                    self._add_or_log(self._writer, self._mod.collect())
+                    self._add_or_log(self._writer, self._mod.collect(), label_ids_of(self._mod))
             except Exception:  # noqa: BLE001 - the next collect or tick tries again
                 logger.error("collecting the built-in engine's samples failed", exc_info=True)
 
@@ -308,10 +316,11 @@ class BuiltinEngine(Engine):
         w = self._writer
         end = clock_pair()
         batch = self._mod.collect()
+        labels = label_ids_of(self._mod)
         self._writer = self._new_writer(end) if restart else None
         if w is None:
             return None
-        self._add_or_log(w, batch)
+        self._add_or_log(w, batch, labels)
         lost, self._lost = self._lost, 0
         if lost:
             self._lost_total += lost
@@ -340,10 +349,11 @@ class BuiltinEngine(Engine):
 
     def _add_or_log(self, w: "ChunkWriter", batch: Tuple[Sequence[Tuple[str, str, str, int]],
                                                        Sequence[Tuple[str, str]], Sequence[Tuple[int, ...]],
-                                                       bytes, int]) -> None:
+                                                       bytes, int],
+                    label_ids: Sequence[int] = ()) -> None:
         """:meth:`_add`; a batch that cannot be written is counted and said, never silently lost."""
         try:
-            self._add(w, batch)
+            self._add(w, batch, label_ids)
         except Exception as e:  # noqa: BLE001 - one bad batch must not stop profiling
             n = len(batch[3]) // 20
             self._lost += n
@@ -358,9 +368,11 @@ class BuiltinEngine(Engine):
         return w
 
     def _add(self, w: "ChunkWriter", batch: Tuple[Sequence[Tuple[str, str, str, int]], Sequence[Tuple[str, str]],
-                                               Sequence[Tuple[int, ...]], bytes, int]) -> None:
+                                               Sequence[Tuple[int, ...]], bytes, int],
+             label_ids: Sequence[int] = ()) -> None:
         """Adds a batch of ``_builtin.collect()`` to ``w`` (ids are local to the batch) and names
-        its threads now, while they still run."""
+        its threads now, while they still run. ``label_ids``: ``_builtin.batch_labels()`` of that
+        collect (issue #15)."""
         from asprof.jfrio.writer import FRAME_NATIVE, FRAME_PYTHON
 
         codes, natives, stacks, samples, lost = batch
@@ -385,6 +397,8 @@ class BuiltinEngine(Engine):
         # not the application's: left out, as the C sampler leaves out asprof-sampler
         own = {tid for tid, name in threads.items() if name.startswith("asprof-")}
         w.samples_from(samples, stack_keys, own)
+        if label_ids:
+            self._context.write_sample_labels(w, samples, label_ids, own)
         unnamed = w.unnamed_threads()
         if unnamed:
             for tid in unnamed:
@@ -402,6 +416,10 @@ class BuiltinEngine(Engine):
             (ex, "wall", str(self._wall_ns)),
         ):
             w.setting(owner, key, value)
+        try:
+            self._context.write_report_end(w)  # issue #15: label-set definitions, asyncio steps
+        except Exception:  # noqa: BLE001 - the samples are written without them
+            logger.error("the built-in engine could not write label and step events", exc_info=True)
         return w.finish(end_ticks=end[1])
 
 

@@ -23,6 +23,17 @@ class Capture:
 
     def __init__(self, module: Any) -> None:
         self._m = module
+        self._context: Optional[Any] = None  # issue #15: asprof.context.report.ContextEvents
+
+    def enable_context(self, steps: bool, threshold_ns: int) -> None:
+        """Issue #15: label-set definitions and asyncio step events go into each recording
+        (``steps``: hook the asyncio event loop; ``threshold_ns``: the wall interval)."""
+        if not getattr(self._m, "labels_hooked", lambda: False)():
+            log.info("asprof: samples carry no labels: asprof.context._ctx is not built")
+        from asprof.context.report import ContextEvents
+
+        self._context = ContextEvents(steps, threshold_ns)
+        self._context.start()
 
     def before_rotation(self) -> None:
         """Before a stop: name the modules of the code seen in this recording (needs the GIL;
@@ -31,12 +42,22 @@ class Capture:
             self._m.sync_modules()
         except Exception:  # noqa: BLE001 - never break a rotation
             log.debug("asprof: could not map Python modules", exc_info=True)
+        ctx = self._context
+        if ctx is not None:  # issue #15
+            try:
+                for kind, payload in ctx.payloads_for_rotation(self._m.take_labels()):
+                    self._m.emit_context(kind, payload)
+            except Exception:  # noqa: BLE001 - never break a rotation
+                log.warning("asprof: could not write label and step events", exc_info=True)
 
     def stats(self) -> Dict[str, int]:
         return dict(self._m.stats())
 
     def detach(self) -> None:
         global _capture
+        if self._context is not None:
+            self._context.stop()
+            self._context = None
         try:
             self._m.uninstall()
         finally:

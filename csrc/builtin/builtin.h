@@ -56,8 +56,13 @@ typedef struct {
     uint32_t epoch;      /* of the half the stack index belongs to; 0 = none */
     uint32_t stack;
     uint64_t pc;
+    uint32_t label;      /* label-set id of that sample (issue #15) */
 } bi_wall_last;
 extern bi_wall_last bi_wall_lasts[BI_MAX_THREADS];
+
+/* The last handler found in our place on SIGPROF (timers.c, before it put ours back in front;
+   0 = none yet): the application's, named in the takeover warning (issue #13). */
+extern _Atomic uintptr_t bi_foreign_fn;
 
 /* Bit fd set: fd is one of our perf task-clock events (timers.c). */
 extern _Atomic uint64_t bi_perf_fds[BI_PERF_FD_MAX / 64];
@@ -67,7 +72,12 @@ typedef struct {
     uint64_t pc;         /* native PC at the signal (0 = unknown) */
     uint32_t tid;
     uint32_t packed;     /* stack index (24 bits) | kind << 24 | state << 25 | timer overrun << 27 */
+    uint32_t label;      /* label-set id active on the thread (issue #15; 0 = none) */
 } bi_sample;
+
+/* The calling thread's label-set id, counting one sample (asprof.context._ctx's hook; NULL
+   until an engine start found it). async-signal-safe. */
+extern uint32_t (*volatile bi_ctx_sample)(void);
 
 typedef struct {
     uint32_t idx;        /* code index in the half's code table (or PF_IDX_UNKNOWN) */
@@ -129,7 +139,7 @@ uint64_t bi_store_resident(void);
 /* Appends a sample from outside a handler (the sampler's repeated wall samples), into the
    current half only if its epoch is `epoch`. 0, or -1 (not that half any more, or full). */
 int bi_store_append(uint64_t time, uint32_t tid, uint32_t stack, uint64_t pc, unsigned kind, unsigned state,
-                    uint32_t epoch);
+                    uint32_t epoch, uint32_t label);
 int bi_handler_install(void);            /* 0 or -1 (errno) */
 int bi_handler_is_installed(void);
 void bi_handler_restore(void);

@@ -25,6 +25,8 @@
    no lazy allocation). Reset in a forked child (bi_handler_atfork_child). */
 static __thread int cached_tid __attribute__((tls_model("initial-exec")));
 
+uint32_t (*volatile bi_ctx_sample)(void);
+
 /* async-signal-safe: runs in the handler. */
 static inline uint32_t my_tid(void) {
     int t = cached_tid;
@@ -261,9 +263,11 @@ void bi_handler(int sig, siginfo_t *info, void *ucontext) {
     }
 #endif
     bi_sample *s = &hf->samples[slot];
+    uint32_t (*ctx_sample)(void) = bi_ctx_sample;
     s->time = t0;
     s->pc = signal_pc(ucontext);
     s->tid = my_tid();
+    s->label = ctx_sample != NULL ? ctx_sample() : 0u;  /* issue #15: the thread's labels now */
     s->packed = (stack & 0xFFFFFFu) | (kind << 24) | (state << 25) | (extra << 27);
     if (wall_slot >= 0 && wall_slot < BI_MAX_THREADS) {
         /* what the sampler repeats while this thread stays idle */
@@ -272,6 +276,7 @@ void bi_handler(int sig, siginfo_t *info, void *ucontext) {
         w->epoch = atomic_load(&hf->epoch);
         w->stack = stack;
         w->pc = s->pc;
+        w->label = s->label;
         atomic_fetch_add(&w->gen, 1);
     }
     atomic_fetch_sub(&hf->pins, 1);  /* seq_cst: the record is complete before the unpin */
@@ -321,7 +326,7 @@ void bi_handler_restore(void) {
 /* Not in a handler: the sampler thread (which never takes SIGPROF). Same protocol as the
    handler's: pin the current half, re-check, reserve a slot. */
 int bi_store_append(uint64_t time, uint32_t tid, uint32_t stack, uint64_t pc, unsigned kind, unsigned state,
-                    uint32_t epoch) {
+                    uint32_t epoch, uint32_t label) {
     if (!atomic_load(&bi.enabled)) return -1;
     int c = atomic_load(&bi.cur);
     bi_half *hf = &bi.halves[c];
@@ -340,6 +345,7 @@ int bi_store_append(uint64_t time, uint32_t tid, uint32_t stack, uint64_t pc, un
     s->time = time;
     s->pc = pc;
     s->tid = tid;
+    s->label = label;
     s->packed = (stack & 0xFFFFFFu) | (kind << 24) | (state << 25);
     atomic_fetch_sub(&hf->pins, 1);
     atomic_fetch_add(&bi.n.samples, 1);

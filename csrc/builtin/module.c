@@ -10,6 +10,7 @@
 #include <Python.h>
 
 #include "builtin.h"
+#include "asprof_ctx.h"
 
 #include <dlfcn.h>
 #include <errno.h>
@@ -88,6 +89,12 @@ static PyObject *bi_start(PyObject *self, PyObject *args, PyObject *kw) {
         PyErr_SetString(PyExc_MemoryError, "cannot map the built-in engine's sample store");
         return NULL;
     }
+    if (bi_ctx_sample == NULL) {
+        /* issue #15: samples carry the thread's label-set id (asprof.context._ctx), when built */
+        asprof_ctx_hooks *hk = PyCapsule_Import("asprof.context._ctx._hooks", 0);
+        if (hk != NULL && hk->version == ASPROF_CTX_HOOKS_VERSION) bi_ctx_sample = hk->sample;
+        else PyErr_Clear();
+    }
     bi.max_frames = max_frames > BI_MAX_FRAMES ? BI_MAX_FRAMES : max_frames;
     /* A fresh store: nothing of a previous run is reported as this one's. */
     /* (a collect() running in another thread resets the half it drains itself) */
@@ -149,7 +156,40 @@ typedef struct {
     PyObject **py_pairs;        /* per stack index: list of (code id, line) ints, or NULL */
     int32_t *code_map;
     long unknown_code;
+    PyObject *labels, *label_map;   /* issue #15: label-set ids of the batch; id -> index + 1 */
+    uint32_t last_label, last_label_idx;
 } batch;
+
+/* The label-set ids of the last collect(): a record's 16-bit field r[18..19] is 0 (no label) or
+   an index + 1 into this list (0xFFFF: more distinct label sets in one batch than fit). */
+static PyObject *last_labels;
+
+/* The batch-local index + 1 of label-set id `label` (0 for none); 0xFFFF when full; -1 on error. */
+static long label_index(batch *b, uint32_t label) {
+    if (label == 0) return 0;
+    if (label == b->last_label) return (long)b->last_label_idx;
+    PyObject *k = PyLong_FromUnsignedLong(label);
+    if (k == NULL) return -1;
+    long idx;
+    PyObject *hit = PyDict_GetItemWithError(b->label_map, k);
+    if (hit != NULL) {
+        idx = PyLong_AsLong(hit);
+    } else if (PyErr_Occurred()) {
+        idx = -1;
+    } else if (PyList_GET_SIZE(b->labels) >= 0xFFFE) {
+        idx = 0xFFFF;
+    } else if (PyList_Append(b->labels, k) != 0) {
+        idx = -1;
+    } else {
+        idx = (long)PyList_GET_SIZE(b->labels);
+        PyObject *v = PyLong_FromLong(idx);
+        if (v == NULL || PyDict_SetItem(b->label_map, k, v) != 0) idx = -1;
+        Py_XDECREF(v);
+    }
+    Py_DECREF(k);
+    if (idx >= 0) { b->last_label = label; b->last_label_idx = (uint32_t)idx; }
+    return idx;
+}
 
 #ifdef ASPROF_WALKER
 static PyObject *decode(const unsigned char *p, size_t n, const char *dflt) {
@@ -389,6 +429,8 @@ static int drain_half(batch *b, bi_half *h, PyObject **samples, uint32_t *kept) 
         if (s->pc != 0 && (nat = native_id(b, s->pc)) < 0) goto out;
         long sid = final_stack(b, h, nat, idx);
         if (sid < 0) goto out;
+        long lix = label_index(b, s->label);
+        if (lix < 0) goto out;
         unsigned copies = kind == 0 ? spread_copies(&sp, s->tid, 1u + (s->packed >> 27)) : 1u;
         if ((size_t)(*kept + copies) * 20 > (size_t)PyBytes_GET_SIZE(*samples)) {
             /* room for the overrun copies: grow the output */
@@ -403,7 +445,8 @@ static int drain_half(batch *b, bi_half *h, PyObject **samples, uint32_t *kept) 
             put_u32(r + 12, (uint32_t)sid);
             r[16] = (unsigned char)kind;
             r[17] = (unsigned char)state;
-            r[18] = r[19] = 0;
+            r[18] = (unsigned char)(lix & 0xFF);
+            r[19] = (unsigned char)((lix >> 8) & 0xFF);
             (*kept)++;
         }
     }
@@ -428,12 +471,14 @@ static PyObject *drain(bi_half *h1, bi_half *h2, uint64_t lost) {
     PyObject *samples = NULL, *result = NULL;
     b.codes = PyList_New(0); b.natives = PyList_New(0); b.stacks = PyList_New(0);
     b.pc_map = PyDict_New(); b.native_map = PyDict_New(); b.stack_map = PyDict_New(); b.code_dedup = PyDict_New();
+    b.labels = PyList_New(0); b.label_map = PyDict_New();
     uint64_t n1 = h1 != NULL ? atomic_load(&h1->nsamples) : 0, n2 = h2 != NULL ? atomic_load(&h2->nsamples) : 0;
     if (n1 > BI_SAMPLE_CAP) n1 = BI_SAMPLE_CAP;
     if (n2 > BI_SAMPLE_CAP) n2 = BI_SAMPLE_CAP;
     /* never the shared empty bytes object: it is resized below */
     samples = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(n1 + n2 + 1) * 20);
-    if (!b.codes || !b.natives || !b.stacks || !b.pc_map || !b.native_map || !b.stack_map || !b.code_dedup || !samples)
+    if (!b.codes || !b.natives || !b.stacks || !b.pc_map || !b.native_map || !b.stack_map || !b.code_dedup || !samples ||
+        !b.labels || !b.label_map)
         goto out;
     uint32_t kept = 0;
     if (h1 != NULL && drain_half(&b, h1, &samples, &kept) != 0) goto out;
@@ -441,7 +486,12 @@ static PyObject *drain(bi_half *h1, bi_half *h2, uint64_t lost) {
     if ((Py_ssize_t)kept * 20 != PyBytes_GET_SIZE(samples) && _PyBytes_Resize(&samples, (Py_ssize_t)kept * 20) != 0)
         goto out;
     result = Py_BuildValue("(OOOOK)", b.codes, b.natives, b.stacks, samples, (unsigned long long)lost);
+    if (result != NULL) {
+        Py_INCREF(b.labels);
+        Py_XSETREF(last_labels, b.labels);
+    }
 out:
+    Py_XDECREF(b.labels); Py_XDECREF(b.label_map);
     Py_XDECREF(b.codes); Py_XDECREF(b.natives); Py_XDECREF(b.stacks);
     Py_XDECREF(b.pc_map); Py_XDECREF(b.native_map); Py_XDECREF(b.stack_map); Py_XDECREF(b.combo_map);
     Py_XDECREF(b.code_dedup);
@@ -489,6 +539,16 @@ static int put(PyObject *d, const char *k, unsigned long long v) {
     return rc;
 }
 
+static PyObject *bi_labels_hooked(PyObject *self, PyObject *noargs) {
+    return PyBool_FromLong(bi_ctx_sample != NULL);
+}
+
+static PyObject *bi_batch_labels(PyObject *self, PyObject *noargs) {
+    if (last_labels == NULL) return PyList_New(0);
+    Py_INCREF(last_labels);
+    return last_labels;
+}
+
 static PyObject *bi_stats(PyObject *self, PyObject *noargs) {
     PyObject *d = PyDict_New();
     if (d == NULL) return NULL;
@@ -503,6 +563,7 @@ static PyObject *bi_stats(PyObject *self, PyObject *noargs) {
     rc |= put(d, "timers", (unsigned long long)bi_sampler_timers());
     rc |= put(d, "excluded_threads", (unsigned long long)bi_sampler_excluded());
     rc |= put(d, "perf_events", (unsigned long long)bi_sampler_perf_events());
+    rc |= put(d, "foreign_handler", (unsigned long long)atomic_load(&bi_foreign_fn));  /* issue #13 */
 #ifdef ASPROF_WALKER
     rc |= put(d, "faults_recovered", pf_safeload_faults());
 #else
@@ -562,6 +623,9 @@ static PyMethodDef methods[] = {
     {"running", bi_running, METH_NOARGS, "running() -> bool"},
     {"collect", bi_collect, METH_NOARGS, "collect() -> (codes, natives, stacks, samples, lost)"},
     {"stats", bi_stats, METH_NOARGS, "stats() -> dict of cumulative counters"},
+    {"batch_labels", bi_batch_labels, METH_NOARGS,
+     "batch_labels() -> label-set ids of the last collect() (a record's reserved field is an index + 1)"},
+    {"labels_hooked", bi_labels_hooked, METH_NOARGS, "labels_hooked() -> bool: samples carry label-set ids"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -52,6 +52,8 @@ typedef struct {
     uint64_t wall_cpu;                /* the thread's CPU ns at the previous wall tick (0 = none yet) */
 } thread_t;
 
+_Atomic uintptr_t bi_foreign_fn;
+
 /* perf task-clock events of ours, by fd (the handler recognises its signals by si_fd). */
 _Atomic uint64_t bi_perf_fds[BI_PERF_FD_MAX / 64];
 
@@ -345,10 +347,10 @@ static void send_wall(void) {
                wait): it is where it was, sleeping. Repeat its last wall sample. */
             bi_wall_last *w = &bi_wall_lasts[i];
             uint32_t g1 = atomic_load(&w->gen);
-            uint32_t epoch = w->epoch, stack = w->stack;
+            uint32_t epoch = w->epoch, stack = w->stack, label = w->label;
             uint64_t pc = w->pc;
             if (!(g1 & 1u) && atomic_load(&w->gen) == g1 && epoch != 0 &&
-                bi_store_append(now, (uint32_t)tid, stack, pc, 1, 2, epoch) == 0) {
+                bi_store_append(now, (uint32_t)tid, stack, pc, 1, 2, epoch, label) == 0) {
                 t->wall_cpu = cpu;
                 atomic_fetch_add_explicit(&bi.n.wall_repeated, 1, memory_order_relaxed);
                 continue;
@@ -400,6 +402,10 @@ static void keep_in_front(void) {
     }
     if (!bi_handler_is_installed()) {
         /* Someone replaced our handler: get in front again, chaining theirs. */
+        struct sigaction cur;
+        if (sigaction(SIGPROF, NULL, &cur) == 0)
+            atomic_store(&bi_foreign_fn, (uintptr_t)((cur.sa_flags & SA_SIGINFO) ? (void *)cur.sa_sigaction
+                                                                                  : (void *)cur.sa_handler));
         if (bi_handler_install() == 0) atomic_fetch_add(&bi.n.handler_reinstalled, 1);
     }
 #ifdef ASPROF_WALKER

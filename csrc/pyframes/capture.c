@@ -60,7 +60,7 @@ typedef struct {
     uint8_t flags;
     uint8_t pad;
     int32_t tid;
-    uint32_t pad2;
+    uint32_t label;     /* issue #15: label-set id active on the thread (0 = none) */
     uint64_t counter;
     uint64_t tsc;
     uint64_t mono;
@@ -105,6 +105,7 @@ static struct {
     } sig[65];
     /* events */
     int key_code, key_stack, key_sample, key_module, key_stats;
+    int key_labelset, key_samplelabel, key_step;   /* issue #15 */
     /* recording state (drain_lock) */
     pthread_mutex_t lock;
     pthread_cond_t cond;
@@ -121,6 +122,14 @@ static struct {
         n_lost_boundary, n_dropped_inactive, n_table_swaps, n_registered, n_chained, n_guard_reinstalled;
     uint64_t rec_emitted_samples, rec_emitted_stacks, rec_emitted_defs, rec_lost_boundary;
 } g = {.lock = PTHREAD_MUTEX_INITIALIZER, .cond = PTHREAD_COND_INITIALIZER};
+
+uint32_t (*volatile pf_ctx_sample)(void);   /* issue #15: asprof.context._ctx's hook, or NULL */
+
+/* Label-set ids seen in this recording's samples, not yet handed to pf_take_labels. */
+#define LABEL_SEEN_CAP 4096
+static uint32_t label_seen[LABEL_SEEN_CAP];
+static int label_seen_n;
+static uint64_t n_label_seen_full;
 
 /* ------------------------------------------------------- small helpers ---- */
 
@@ -209,7 +218,7 @@ static void call_prev(int sig, siginfo_t *info, void *uc) {
 }
 
 /* async-signal-safe: runs in the handler. */
-static void record(slot_t *s, int tid, void *tstate, uint64_t counter, int have_counter) {
+static void record(slot_t *s, int tid, void *tstate, uint64_t counter, int have_counter, uint32_t label) {
     pf_rawframe raw[MAX_ENTRIES];
     int truncated = 0;
     uint64_t tsc = cpu_ticks(), mono = mono_ns();
@@ -249,6 +258,7 @@ static void record(slot_t *s, int tid, void *tstate, uint64_t counter, int have_
     h->flags = (uint8_t)((truncated ? REC_TRUNCATED : 0) | (have_counter ? REC_COUNTER : 0) |
                          (ti ? REC_TABLE1 : 0));
     h->tid = tid;
+    h->label = label;
     h->counter = counter;
     h->tsc = tsc;
     h->mono = mono;
@@ -286,6 +296,9 @@ static void pf_signal_handler(int sig, siginfo_t *info, void *ucontext) {
     if (t0 != 0) t2 = mono_ns();
     uint64_t after = tld != NULL ? tld->sample_counter : 0;
     if (tld != NULL && after == before) goto out;   /* async-profiler recorded no sample */
+    /* issue #15: count the sample in the thread's context slot, take its label-set id */
+    uint32_t (*ctx_sample)(void) = pf_ctx_sample;
+    uint32_t label = ctx_sample != NULL ? ctx_sample() : 0u;
     if (s != NULL && s->busy) {                     /* we interrupted ourselves */
         atomic_fetch_add_explicit(&g.n_nested, 1, memory_order_relaxed);
         goto out;
@@ -317,7 +330,7 @@ static void pf_signal_handler(int sig, siginfo_t *info, void *ucontext) {
     s->busy = 1;
     atomic_signal_fence(memory_order_seq_cst);
     int exact = tld != NULL && g.cfg.join_mode == PF_JOIN_EXACT;
-    record(s, tid, tstate, exact ? after : 0, exact);
+    record(s, tid, tstate, exact ? after : 0, exact, label);
     atomic_signal_fence(memory_order_seq_cst);
     s->busy = 0;
 out:
@@ -396,7 +409,7 @@ typedef struct {
     uint8_t data[EVENT_MAX];
 } ebuf;
 
-static ebuf eb_code, eb_stack, eb_sample, eb_module;
+static ebuf eb_code, eb_stack, eb_sample, eb_module, eb_label;
 
 static void eb_init(ebuf *b, int key) {
     b->key = key;
@@ -537,6 +550,56 @@ static void emit_record(const rec_hdr *h, const rec_frame *fr) {
     eb_add(&eb_sample, item, m);
     g.n_emitted_samples++;
     g.rec_emitted_samples++;
+    if (h->label != 0) {
+        /* issue #15: asprof.SampleLabel (tid, join key, tsc, mono, label) */
+        uint8_t li[64];
+        size_t k = put_varint(li, (uint64_t)(uint32_t)h->tid);
+        k += put_varint(li + k, (h->flags & REC_COUNTER) ? h->counter : 0);
+        k += put_varint(li + k, h->tsc);
+        k += put_varint(li + k, h->mono);
+        k += put_varint(li + k, h->label);
+        eb_add(&eb_label, li, k);
+        uint32_t at = (h->label * 2654435761u) & (LABEL_SEEN_CAP - 1);
+        for (int p = 0; p < 16; p++) {
+            uint32_t *e = &label_seen[(at + (uint32_t)p) & (LABEL_SEEN_CAP - 1)];
+            if (*e == h->label) break;
+            if (*e == 0) {
+                if (label_seen_n < LABEL_SEEN_CAP / 2) { *e = h->label; label_seen_n++; }
+                else n_label_seen_full++;
+                break;
+            }
+        }
+    }
+}
+
+static void drain_all(void);
+
+/* issue #15: the label-set ids seen since the last call (drain lock taken here). */
+int pf_take_labels(uint32_t *out, int max) {
+    int n = 0;
+    pthread_mutex_lock(&g.lock);
+    drain_all();
+    for (int i = 0; i < LABEL_SEEN_CAP && n < max; i++)
+        if (label_seen[i] != 0) out[n++] = label_seen[i];
+    memset(label_seen, 0, sizeof(label_seen));
+    label_seen_n = 0;
+    pthread_mutex_unlock(&g.lock);
+    return n;
+}
+
+/* issue #15: emits one asprof.LabelSet (kind 0) or asprof.Step (kind 1) event into the active
+   recording. 0, or -1 (not recording, no such event, or emit failed). */
+int pf_emit_context(int kind, const uint8_t *data, size_t len) {
+    int rc = -1;
+    if (!ours() || len == 0 || len > EVENT_MAX) return -1;
+    pthread_mutex_lock(&g.lock);
+    int key = kind == 0 ? g.key_labelset : g.key_step;
+    if (g.active && g.cfg.emit != NULL && key >= 0) {
+        if (g.cfg.emit(key, data, len) == NULL) { g.n_emitted_events++; rc = 0; }
+        else g.n_emit_errors++;
+    }
+    pthread_mutex_unlock(&g.lock);
+    return rc;
 }
 
 /* Drains every ring (drain lock held). */
@@ -588,6 +651,7 @@ static void drain_all(void) {
     eb_flush(&eb_code);   /* definitions before the samples that use them */
     eb_flush(&eb_stack);
     eb_flush(&eb_sample);
+    eb_flush(&eb_label);
 }
 
 /* Recycles a code table that is getting full (drain lock held). */
@@ -662,7 +726,7 @@ uint64_t pf_bench(int n) {
             if (pf_this_thread_state() == NULL || !pf_safeload_segv_active()) return 0;
             atomic_store(&scratch.head, 0);
             atomic_store(&scratch.tail, 0);
-            record(&scratch, tid, tstate, c, 1);
+            record(&scratch, tid, tstate, c, 1, 0);
         }
         uint64_t dt = (mono_ns() - t0) / (uint64_t)n;
         if (dt < best) best = dt;
@@ -904,6 +968,10 @@ const char *pf_install(const pf_config *cfg) {
     g.key_sample = cfg->register_event("asprof.PySample");
     g.key_module = cfg->register_event("asprof.PyModule");
     g.key_stats = cfg->register_event("asprof.PyStats");
+    g.key_labelset = cfg->register_event("asprof.LabelSet");
+    g.key_samplelabel = cfg->register_event("asprof.SampleLabel");
+    g.key_step = cfg->register_event("asprof.Step");
+    eb_init(&eb_label, g.key_samplelabel);
     eb_init(&eb_code, g.key_code);
     eb_init(&eb_stack, g.key_stack);
     eb_init(&eb_sample, g.key_sample);

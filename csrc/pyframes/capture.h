@@ -49,6 +49,12 @@ int pf_register_thread(void);
 /* Forgets thread `tid` registered in `slot` (called when its Python state is cleared). */
 void pf_unregister_thread(int slot, int tid);
 
+/* issue #15: the hook of asprof.context._ctx (set by module.c at install), label-set ids seen in
+   samples since the last call, and emission of asprof.LabelSet (kind 0) / asprof.Step (kind 1). */
+extern uint32_t (*volatile pf_ctx_sample)(void);
+int pf_take_labels(uint32_t *out, int max);
+int pf_emit_context(int kind, const uint8_t *data, size_t len);
+
 /* Drains the rings and emits into the active recording now (takes the drain lock). */
 void pf_flush(void);
 

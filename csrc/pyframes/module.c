@@ -13,6 +13,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include "asprof_ctx.h"
 #include "capture.h"
 #include "pyframes.h"
 
@@ -199,6 +200,12 @@ static PyObject *py_install(PyObject *module, PyObject *args, PyObject *kw) {
         PyErr_SetString(PyExc_RuntimeError, e);
         return NULL;
     }
+    if (pf_ctx_sample == NULL) {
+        /* issue #15: samples carry the thread's label-set id (asprof.context._ctx), when built */
+        asprof_ctx_hooks *hk = PyCapsule_Import("asprof.context._ctx._hooks", 0);
+        if (hk != NULL && hk->version == ASPROF_CTX_HOOKS_VERSION) pf_ctx_sample = hk->sample;
+        else PyErr_Clear();
+    }
     asp_session_hooks h = {pf_before_start, pf_after_start, pf_before_stop, pf_after_stop,
                       pf_before_flush, pf_after_flush};
     set_hooks(&h);
@@ -274,6 +281,38 @@ done:
     return PyLong_FromLong(found);
 }
 
+/* issue #15: label-set ids seen in samples since the last call. */
+static PyObject *py_take_labels(PyObject *m, PyObject *unused) {
+    uint32_t ids[2048];
+    int n;
+    Py_BEGIN_ALLOW_THREADS
+    n = pf_take_labels(ids, 2048);
+    Py_END_ALLOW_THREADS
+    PyObject *out = PyList_New(n);
+    if (out == NULL) return NULL;
+    for (int i = 0; i < n; i++) {
+        PyObject *v = PyLong_FromUnsignedLong(ids[i]);
+        if (v == NULL) { Py_DECREF(out); return NULL; }
+        PyList_SET_ITEM(out, i, v);
+    }
+    return out;
+}
+
+/* issue #15: emit_context(kind, payload) -> bool; kind 0 asprof.LabelSet, 1 asprof.Step. */
+static PyObject *py_emit_context(PyObject *m, PyObject *args) {
+    int kind;
+    Py_buffer buf;
+    if (!PyArg_ParseTuple(args, "iy*", &kind, &buf)) return NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = pf_emit_context(kind, (const uint8_t *)buf.buf, (size_t)buf.len);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&buf);
+    return PyBool_FromLong(rc == 0);
+}
+
+static PyObject *py_labels_hooked(PyObject *m, PyObject *unused) { return PyBool_FromLong(pf_ctx_sample != NULL); }
+
 static PyObject *py_stats(PyObject *m, PyObject *unused) {
     pf_stats s;
     pf_get_stats(&s);
@@ -311,6 +350,9 @@ static PyMethodDef methods[] = {
     {"flush", py_flush, METH_NOARGS, "Drains captured stacks into the active recording."},
     {"sync_modules", py_sync_modules, METH_NOARGS, "Emits module names of code seen in this recording."},
     {"stats", py_stats, METH_NOARGS, "Counters."},
+    {"take_labels", py_take_labels, METH_NOARGS, "Label-set ids seen in samples since the last call (issue #15)."},
+    {"emit_context", py_emit_context, METH_VARARGS, "emit_context(kind, payload): asprof.LabelSet (0) / asprof.Step (1)."},
+    {"labels_hooked", py_labels_hooked, METH_NOARGS, "Whether samples carry label-set ids (issue #15)."},
     {NULL, NULL, 0, NULL},
 };
 

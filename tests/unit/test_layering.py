@@ -19,7 +19,7 @@ LAYERS: List[Tuple[str, ...]] = [
     ("asprof.autostart.values", "asprof.jfrio"),
     ("asprof.autostart.config",),
     ("asprof.options",),
-    ("asprof.engines", "asprof.reporter", "asprof.metadata", "asprof.pyframes"),
+    ("asprof.engines", "asprof.reporter", "asprof.metadata", "asprof.pyframes", "asprof.context"),
     ("asprof.agent",),
     ("asprof.profiler",),
     ("asprof", "asprof.__main__", "asprof.auto", "asprof.autostart", "asprof.cli"),
@@ -30,6 +30,7 @@ OFFLINE_MAY_IMPORT = ("asprof.jfr", "asprof.jfrio", "asprof.errors", "asprof.opt
 OFFLINE_IMPORTED_BY = ("asprof.jfr", "asprof.cli")
 #: Compiled extensions (no Python source to parse), at the layer of the module named.
 EXTENSIONS: Dict[str, str] = {"asprof._native": "asprof.engines", "asprof._pyframes": "asprof.engines",
+                              "asprof.context._ctx": "asprof.engines",
                               "asprof.jfr._parser": OFFLINE}
 MAX_TOP_LEVEL_MODULES = 6
 

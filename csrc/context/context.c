@@ -1,0 +1,190 @@
+/*
+ * asprof.context._ctx (issue #15): the per-thread slot the signal handlers read.
+ *
+ * Each thread has one slot (initial-exec TLS: a plain %fs-relative access, no allocation,
+ * usable in a signal handler):
+ *
+ *   label, ctx   the label-set id active on the thread and the contextvars.Context it was set
+ *                in. asprof.context sets them whenever the label ContextVar changes (labels(),
+ *                set_labels()) and whenever the event loop switches to another task's context
+ *                (the step hook, enter()). The handler returns the label only while the thread
+ *                still runs that very Context (PyThreadState.context): a context switch that
+ *                was not hooked (a library calling Context.run) yields "no label", never the
+ *                label of another task.
+ *   samples      samples recorded on this thread: the engines' handlers bump it (hooks.sample).
+ *   step_*       the current event-loop step: enter() notes the time and the sample count,
+ *                leave() says whether the step is worth recording (a sample was taken during
+ *                it, or it lasted at least the threshold: async-profiler records idle threads'
+ *                wall samples without interrupting them).
+ *
+ * Writers of label/ctx run on the slot's own thread (Python code); the only other reader is a
+ * signal handler on that same thread: ctx is cleared first and set last, so a handler that
+ * interrupts an update sees either the old pair, the new pair, or ctx 0 (no label).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "asprof_ctx.h"
+
+typedef struct {
+    volatile uint32_t label;
+    volatile uintptr_t ctx;
+    volatile uint64_t samples;
+    uint64_t step_start, step_end, step_samples;
+    uint32_t step_label;
+    int tid;
+} ctx_slot;
+
+static __thread ctx_slot slot __attribute__((tls_model("initial-exec")));
+static uint64_t step_threshold_ns = 1000000000ull;  /* set by the agent: the wall interval */
+
+static inline uint64_t mono_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static inline void put_pair(uint32_t label, uintptr_t ctx) {
+    ctx_slot *s = &slot;
+    s->ctx = 0;
+    atomic_signal_fence(memory_order_seq_cst);
+    s->label = label;
+    atomic_signal_fence(memory_order_seq_cst);
+    s->ctx = ctx;
+}
+
+/* async-signal-safe: runs in the handler (of the engines, on the thread they interrupted). */
+static uint32_t hook_sample(void) {
+    ctx_slot *s = &slot;
+    s->samples++;
+    atomic_signal_fence(memory_order_seq_cst);
+    uint32_t label = s->label;
+    uintptr_t want = s->ctx;
+    if (label == 0 || want == 0) return 0;
+    PyThreadState *ts = PyGILState_GetThisThreadState();
+    if (ts == NULL || (uintptr_t)ts->context != want) return 0;
+    return label;
+}
+
+static asprof_ctx_hooks hooks = {ASPROF_CTX_HOOKS_VERSION, hook_sample};
+
+static int label_arg(PyObject *o, uint32_t *out) {
+    if (o == Py_None) { *out = 0; return 0; }
+    unsigned long v = PyLong_AsUnsignedLong(o);
+    if (v == (unsigned long)-1 && PyErr_Occurred()) return -1;
+    if (v > 0xFFFFFFFFul) {
+        PyErr_SetString(PyExc_OverflowError, "label-set id out of range");
+        return -1;
+    }
+    *out = (uint32_t)v;
+    return 0;
+}
+
+/* set_label(id): the label of the current thread, in its current Context. */
+static PyObject *c_set_label(PyObject *self, PyObject *arg) {
+    uint32_t id;
+    if (label_arg(arg, &id) != 0) return NULL;
+    PyThreadState *ts = PyThreadState_Get();
+    put_pair(id, id ? (uintptr_t)ts->context : 0);
+    Py_RETURN_NONE;
+}
+
+/* enter(ctx, id): an event-loop step is about to run in Context ctx, whose label is id. */
+static PyObject *c_enter(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 2) {
+        PyErr_SetString(PyExc_TypeError, "enter(ctx, id)");
+        return NULL;
+    }
+    uint32_t id;
+    if (label_arg(args[1], &id) != 0) return NULL;
+    ctx_slot *s = &slot;
+    put_pair(id, id && args[0] != Py_None ? (uintptr_t)args[0] : 0);
+    s->step_samples = s->samples;
+    s->step_label = id;
+    s->step_start = mono_ns();
+    Py_RETURN_NONE;
+}
+
+/* leave() -> bool: the step ends; True when it is worth recording (then see last_step()). */
+static PyObject *c_leave(PyObject *self, PyObject *noargs) {
+    ctx_slot *s = &slot;
+    uint64_t now = mono_ns();
+    if (s->samples != s->step_samples || now - s->step_start >= step_threshold_ns) {
+        s->step_end = now;
+        Py_RETURN_TRUE;
+    }
+    Py_RETURN_FALSE;
+}
+
+/* last_step() -> (tid, start_ns, end_ns, samples, label at the start) of the step leave() said
+   True for. */
+static PyObject *c_last_step(PyObject *self, PyObject *noargs) {
+    ctx_slot *s = &slot;
+    if (s->tid == 0) s->tid = (int)syscall(SYS_gettid);
+    return Py_BuildValue("(iKKKk)", s->tid, (unsigned long long)s->step_start, (unsigned long long)s->step_end,
+                         (unsigned long long)(s->samples - s->step_samples), (unsigned long)s->step_label);
+}
+
+static PyObject *c_set_step_threshold(PyObject *self, PyObject *arg) {
+    unsigned long long v = PyLong_AsUnsignedLongLong(arg);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    step_threshold_ns = v;
+    Py_RETURN_NONE;
+}
+
+/* What a handler interrupting this thread now would record (tests), without counting a sample. */
+static PyObject *c_current_label(PyObject *self, PyObject *noargs) {
+    ctx_slot *s = &slot;
+    uint32_t label = s->label;
+    uintptr_t want = s->ctx;
+    PyThreadState *ts = PyThreadState_Get();
+    if (label == 0 || want == 0 || (uintptr_t)ts->context != want) label = 0;
+    return PyLong_FromUnsignedLong(label);
+}
+
+static PyObject *c_thread_samples(PyObject *self, PyObject *noargs) {
+    return PyLong_FromUnsignedLongLong(slot.samples);
+}
+
+/* For tests: what a handler would do (count a sample, return the label), outside a handler. */
+static PyObject *c_simulate_sample(PyObject *self, PyObject *noargs) {
+    return PyLong_FromUnsignedLong(hook_sample());
+}
+
+static void atfork_child(void) { slot.tid = 0; }
+
+static PyMethodDef methods[] = {
+    {"set_label", c_set_label, METH_O, "set_label(id): the label-set id of this thread in its current Context"},
+    {"enter", (PyCFunction)(void (*)(void))c_enter, METH_FASTCALL, "enter(ctx, id): an event-loop step starts"},
+    {"leave", c_leave, METH_NOARGS, "leave() -> bool: the step ended; True when it is to be recorded"},
+    {"last_step", c_last_step, METH_NOARGS, "last_step() -> (tid, start_ns, end_ns, samples, start label)"},
+    {"set_step_threshold", c_set_step_threshold, METH_O, "steps at least this long (ns) are recorded"},
+    {"current_label", c_current_label, METH_NOARGS, "the label a sample of this thread would carry now"},
+    {"thread_samples", c_thread_samples, METH_NOARGS, "samples recorded on this thread"},
+    {"simulate_sample", c_simulate_sample, METH_NOARGS, "tests: what a handler does, outside one"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "asprof.context._ctx",
+                                    "The per-thread label and step slot read by the signal handlers.", -1, methods,
+                                    NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__ctx(void) {
+    PyObject *m = PyModule_Create(&moddef);
+    if (m == NULL) return NULL;
+    PyObject *cap = PyCapsule_New(&hooks, "asprof.context._ctx._hooks", NULL);
+    if (cap == NULL || PyModule_AddObject(m, "_hooks", cap) != 0) {
+        Py_XDECREF(cap);
+        Py_DECREF(m);
+        return NULL;
+    }
+    pthread_atfork(NULL, NULL, atfork_child);
+    return m;
+}
