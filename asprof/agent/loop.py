@@ -300,7 +300,12 @@ class _Agent:
         _import_for_reports()  # at the first report, not while start() returns (the GIL)
         from asprof.metadata import ReportMetadata
 
-        md = ReportMetadata(self._instance(), ReportMetadata.at(start), ReportMetadata.at(end), self.interval)
+        try:
+            conflicts = int(self.engine.signal_conflicts())  # issue #13
+        except Exception:  # noqa: BLE001 - an engine (or a fake) without it
+            conflicts = 0
+        md = ReportMetadata(self._instance(), ReportMetadata.at(start), ReportMetadata.at(end), self.interval,
+                            signal_conflicts=conflicts)
         try:
             if blocking:
                 self.reporter.report_blocking(jfr, md)

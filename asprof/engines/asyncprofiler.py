@@ -286,6 +286,10 @@ class NativeEngine(Engine):
             from asprof.pyframes import attach_capture
 
             self._pyframes = attach_capture(self.info)
+        # issue #13: the profiling signals async-profiler samples with, watched (engines/signals.py).
+        from asprof.engines.signals import AsyncProfilerSignals
+
+        self._signals = AsyncProfilerSignals(self.info.path, options.wall_interval is not None)
         if self._pyframes is not None:  # issue #15: labels and asyncio steps ride on the capture
             self._pyframes.enable_context(getattr(options, "asyncio_steps", True),
                                           (options.wall_interval_ms or 1000) * 1_000_000)
@@ -321,6 +325,7 @@ class NativeEngine(Engine):
         self._started_at = time.monotonic()
         self._full_due = False
         self._head = self._settings = self._settings_source = None
+        self._signals.after_start()  # issue #13: its handlers are in place now
         if not self._dump:
             return
         data, err, log = self._session.dump()
@@ -373,6 +378,7 @@ class NativeEngine(Engine):
     def tick(self) -> TickResult:
         if self._pyframes is not None:  # issue #5: module names, before the stop
             self._pyframes.before_rotation()
+        self._signals.poll()  # issue #13: takeovers of the profiling signals, logged
         logs: List[str] = []
         try:
             with self._lock:
@@ -420,6 +426,7 @@ class NativeEngine(Engine):
         forward_log(log)
         if err is not None:
             raise ProfilerError(f"async-profiler could not stop: {err}")
+        self._signals.stop()  # issue #13: the application's handlers are its own again
         # The final stop leaves no thread behind (its timer thread exits on its own).
         from asprof._native import wait_async_profiler_threads
 
@@ -451,6 +458,8 @@ class NativeEngine(Engine):
                 forward_log(log)
                 if err is not None:
                     logger.error("async-profiler could not resume after fork: %s", err)
+                else:
+                    self._signals.after_start()  # issue #13
         finally:
             self._paused = False
             self._lock.release()
@@ -469,10 +478,14 @@ class NativeEngine(Engine):
         size = self._session.active_size() if self._session.status != "closed" else 0
         return kb * 1024 + max(0, size)
 
+    def signal_conflicts(self) -> int:
+        return self._signals.conflicts.count
+
     def close(self) -> None:
         with self._lock:
             leaked, log = self._session.close()
         forward_log(log)
+        self._signals.stop()  # issue #13 (a no-op after stop())
         if self._pyframes is not None:  # issue #5
             self._pyframes.detach()
             self._pyframes = None

@@ -70,6 +70,11 @@ class Engine:
         """Memory the engine holds (async-profiler's buffers and the recording), if known."""
         return None
 
+    def signal_conflicts(self) -> int:
+        """Profiling signals found held by a handler that is not the engine's (at start, or taken
+        over while profiling), since the engine started (issue #13). 0 when none or unknown."""
+        return 0
+
     def cpu_seconds_elsewhere(self) -> float:
         """CPU time the engine spent on threads that are not its own (a signal handler running
         on the application's threads), cumulative; the overhead guard adds it to its own

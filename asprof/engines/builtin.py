@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import threading
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
@@ -204,6 +205,10 @@ class BuiltinEngine(Engine):
 
         self._context = ContextEvents(getattr(options, "asyncio_steps", True),
                                       self._wall_ns or 1_000_000_000)
+        from asprof.engines.signals import Conflicts  # issue #13: SIGPROF held by another handler
+
+        self._conflicts = Conflicts()
+        self._reinstalled = 0  # the C module's handler_reinstalled at the last look
 
     # -- Engine -------------------------------------------------------------------------
 
@@ -214,6 +219,7 @@ class BuiltinEngine(Engine):
             if self._running:
                 raise ProfilerError("the built-in engine is already running")
             pair = clock_pair()
+            self._check_signal_at_start()
             try:
                 self.cpu_mode = self._mod.start(self._cpu_ns, self._wall_ns, _MAX_FRAMES, "auto")
             except (RuntimeError, OSError, ValueError) as e:
@@ -283,6 +289,42 @@ class BuiltinEngine(Engine):
         w = self._writer
         return held + self._last_size + (w.size_estimate() if w is not None else 0)
 
+    def signal_conflicts(self) -> int:
+        return self._conflicts.count
+
+    # -- signal ownership (issue #13; see engines/signals.py) ------------------------------
+
+    def _check_signal_at_start(self) -> None:
+        """A SIGPROF handler of the application's found at start: ours goes in front of it."""
+        from asprof.engines.signals import foreign_at_start
+
+        try:
+            self._reinstalled = int(self._mod.stats().get("handler_reinstalled", 0))
+            who = foreign_at_start(signal.SIGPROF)
+        except Exception:  # noqa: BLE001 - profiling starts anyway
+            return
+        if who is not None:
+            self._conflicts.report(signal.SIGPROF, f"SIGPROF already has a handler that is not asprof's ({who}): "
+                                   "the built-in engine goes in front of it and passes it every SIGPROF that is "
+                                   "not its own (the application's setitimer, kill, ...)")
+
+    def _check_takeover(self) -> None:
+        """The sampler put our handler back in front since the last look: say who took SIGPROF."""
+        from asprof.engines.signals import address_owner
+
+        try:
+            st = self._mod.stats()
+            n = int(st.get("handler_reinstalled", 0))
+            if n <= self._reinstalled:
+                return
+            self._reinstalled = n
+            who = address_owner(int(st.get("foreign_handler", 0)), signal.SIGPROF)
+        except Exception:  # noqa: BLE001 - never stop a report for this
+            return
+        self._conflicts.report(signal.SIGPROF, f"SIGPROF was taken over by {who} while profiling: the built-in "
+                               "engine put its handler back in front and passes the signals that are not its "
+                               "own on to that handler")
+
     def cpu_seconds_elsewhere(self) -> float:
         """The signal handler's time on the application's threads (the C module measures it)."""
         try:
@@ -315,6 +357,7 @@ class BuiltinEngine(Engine):
 
         w = self._writer
         end = clock_pair()
+        self._check_takeover()  # issue #13
         batch = self._mod.collect()
         labels = label_ids_of(self._mod)
         self._writer = self._new_writer(end) if restart else None
@@ -412,6 +455,7 @@ class BuiltinEngine(Engine):
             (rec, "cstack", "no"), (rec, "clock", "monotonic"), (rec, "event", "cpu"),
             (rec, "pythonFrames", "true" if self._mod.python_frames else "false"),
             (rec, "lostSamples", str(lost)),
+            (rec, "signalConflicts", str(self._conflicts.count)),  # issue #13
             (ex, "enabled", "true"), (ex, "interval", str(self._cpu_ns)), (ex, "alluser", "true"),
             (ex, "wall", str(self._wall_ns)),
         ):

@@ -102,6 +102,9 @@ class ReportMetadata:
     end: datetime
     reporting_interval: float
     pid: int = field(default_factory=os.getpid)
+    #: issue #13: profiling signals found held by a handler that is not asprof's (the application's
+    #: signal.signal()/sigaction on SIGPROF, ...), since profiling started in this process.
+    signal_conflicts: int = 0
 
     @staticmethod
     def now() -> datetime:
