@@ -6,15 +6,16 @@ import os
 import re
 import sys
 import time
-from typing import IO, TYPE_CHECKING, Any, Callable, List, Optional, Union
+from typing import IO, TYPE_CHECKING, Any, Callable, Dict, List, Optional, Union
 
+from asprof.jfr.inputs import DEFAULT_LIMITS, ReadLimits
 from asprof.jfr.profile import Profile, TimeSpec
 from asprof.jfr.reader import Recording, open_recording
 
 if TYPE_CHECKING:  # pragma: no cover
     from datetime import datetime, timedelta
 
-__all__ = ["add_input_args", "add_profile_args", "open_inputs", "profile_from_args", "parse_time", "Progress"]
+__all__ = ["add_input_args", "add_profile_args", "open_inputs", "read_limits", "profile_from_args", "parse_time", "Progress"]
 
 _DURATION = re.compile(r"^(-?\d+(?:\.\d+)?)(ns|us|ms|s|m|h)?$")
 _UNITS = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -74,7 +75,58 @@ def _resolve_time(spec: Any, rec: Recording) -> TimeSpec:
 
 def add_input_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="IN",
-                   help=".jfr file, S3 reporter .zip, or a directory of them (several are merged in time order)")
+                   help=".jfr file, S3 reporter .zip, gzipped JFR, or a directory of them "
+                        "(several are merged in time order)")
+    g = p.add_argument_group("read limits (hostile or damaged inputs stop with one line; see docs/reading-profiles.md)")
+    g.add_argument("--max-size", type=_size_arg, default=None, metavar="SIZE",
+                   help="largest input or zip entry after decompression (default 1GiB, or $ASPROF_READ_MAX_SIZE)")
+    g.add_argument("--max-ratio", type=_positive(float), default=None, metavar="N",
+                   help="largest decompressed/compressed ratio past 16 MiB (default 50)")
+    g.add_argument("--max-files", type=_positive(int), default=None, metavar="N",
+                   help="most profiles read from one directory, entries in one zip (default 10000)")
+
+
+def _size_arg(text: str) -> int:
+    from asprof.autostart.values import parse_size
+
+    v = parse_size(text)
+    if v is None or v < 1:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (use e.g. 512m, 2GiB or a number of bytes)")
+    return int(v)
+
+
+def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            v = kind(text)
+        except ValueError:
+            v = None
+        if v is None or not v > 0 or v != v or v == float("inf"):
+            raise argparse.ArgumentTypeError(f"invalid value {text!r} (a positive number)")
+        return v
+
+    return parse
+
+
+def read_limits(args: argparse.Namespace) -> ReadLimits:
+    """The read limits of the command line: ``--max-size`` (else ``ASPROF_READ_MAX_SIZE``),
+    ``--max-ratio``, ``--max-files``; the reader's defaults for the rest."""
+    from asprof.cli import CliError
+
+    d = DEFAULT_LIMITS
+    size = getattr(args, "max_size", None)
+    if size is None:
+        env = os.environ.get("ASPROF_READ_MAX_SIZE", "").strip()
+        if env:
+            try:
+                size = _size_arg(env)
+            except argparse.ArgumentTypeError:
+                raise CliError(f"invalid ASPROF_READ_MAX_SIZE={env!r}: use e.g. 512m, 2GiB or a number of bytes",
+                               2) from None
+    ratio = getattr(args, "max_ratio", None)
+    files = getattr(args, "max_files", None)
+    return ReadLimits(max_size=size or d.max_size, max_ratio=ratio or d.max_ratio,
+                      ratio_floor=d.ratio_floor, max_files=files or d.max_files)
 
 
 def add_profile_args(p: argparse.ArgumentParser) -> None:
@@ -88,6 +140,12 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
                    help="native memory: bytes allocated (profiler.Malloc)")
     k.add_argument("--leaks", "--leak", dest="kind", action="store_const", const="leaks",
                    help="native memory leaks: allocations never freed")
+    k.add_argument("--alloc", dest="kind", action="store_const", const="alloc",
+                   help="Python allocations: estimated bytes allocated (jdk.ObjectAllocationSample; "
+                        "--count: objects)")
+    k.add_argument("--live", dest="kind", action="store_const", const="live",
+                   help="Python live heap: estimated bytes still allocated at the newest report of each "
+                        "process (profiler.LiveObject; --count: objects)")
     p.set_defaults(kind="auto")
     f = p.add_argument_group("filters")
     f.add_argument("--threads", "-t", action="store_true", help="split the profile per thread")
@@ -101,8 +159,12 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
                    help="only stacks with a frame whose whole name matches REGEX; repeatable")
     f.add_argument("--exclude", "-X", action="append", metavar="REGEX",
                    help="drop stacks with a frame whose whole name matches REGEX; repeatable")
+    f.add_argument("--where", action="append", metavar="LABEL=VALUE", default=None,
+                   help="only samples whose request label LABEL is VALUE (asprof.labels; "
+                        "LABEL= : samples without that label); repeatable")
     f.add_argument("--count", action="store_true",
-                   help="weigh each event 1 (e.g. number of allocations instead of bytes)")
+                   help="weigh each event 1 (e.g. number of allocations instead of bytes; "
+                        "--alloc/--live: the estimated number of objects)")
     f.add_argument("--tail", type=_ratio, default=0.1, metavar="RATIO",
                    help="leaks: ignore allocations in the last RATIO of the recording (default 10%%)")
     s = p.add_argument_group("Python frames (CPython profiles recorded with python_frames)")
@@ -166,14 +228,11 @@ class Progress:
         self._shown = False
 
 
-def open_inputs(inputs: List[str], progress: Optional[Progress] = None) -> Recording:
-    for path in inputs:
-        if not os.path.exists(path):
-            from asprof.jfr.errors import JfrError
-
-            raise JfrError("no such file or directory", None, path)
+def open_inputs(inputs: List[str], progress: Optional[Progress] = None,
+                limits: Optional[ReadLimits] = None) -> Recording:
+    """The recording of the command line's inputs, read within ``limits`` (see :func:`read_limits`)."""
     cb: Optional[Callable[[int, int], None]] = progress.reading if progress is not None else None
-    return open_recording(inputs if len(inputs) > 1 else inputs[0], cb)
+    return open_recording(inputs if len(inputs) > 1 else inputs[0], cb, limits)
 
 
 def profile_from_args(rec: Recording, args: argparse.Namespace) -> Profile:
@@ -188,4 +247,13 @@ def profile_from_args(rec: Recording, args: argparse.Namespace) -> Profile:
         count=args.count,
         tail=args.tail,
         python=getattr(args, "python", "mixed"),
+        where=_where(args),
+        by_label=getattr(args, "by_label", None),
+        with_labels=bool(getattr(args, "with_labels", False)),
     )
+
+
+def _where(args: argparse.Namespace) -> Optional[Dict[str, str]]:
+    from asprof.jfr.labels import parse_where
+
+    return parse_where(getattr(args, "where", None)) or None

@@ -6,7 +6,7 @@ import os
 import sys
 from typing import Optional
 
-from asprof.cli.common import Progress, add_input_args, add_profile_args, open_inputs, profile_from_args
+from asprof.cli.common import Progress, add_input_args, add_profile_args, open_inputs, profile_from_args, read_limits
 
 FORMATS = ("html", "collapsed", "pprof")
 _EXT = {"html": ".html", "collapsed": ".collapsed", "pprof": ".pb.gz"}
@@ -24,6 +24,9 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
                    help="output format (default: from OUT's extension: .html, .collapsed/.txt/.folded, "
                         ".pb.gz/.pprof; else html)")
     p.add_argument("--title", help="title of the HTML flame graph")
+    p.add_argument("--by-label", metavar="LABEL", default=None,
+                   help="a root frame [LABEL=value] per value of this request label (asprof.labels): in the "
+                        "flame graph, click one to see only that value's samples (pprof: labels are always kept)")
     add_profile_args(p)
     p.set_defaults(func=run)
     return p
@@ -53,8 +56,10 @@ def run(args: argparse.Namespace) -> int:
         out = base + _EXT[fmt]
     progress = Progress()
     try:
-        rec = open_inputs(args.inputs, progress)
+        rec = open_inputs(args.inputs, progress, read_limits(args))
         progress.stage("aggregating samples")
+        if fmt == "pprof":  # issue #15: request labels as pprof sample labels
+            args.with_labels = True
         prof = profile_from_args(rec, args)
         progress.stage(f"writing {fmt}")
         if fmt == "pprof":

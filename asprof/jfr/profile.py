@@ -13,6 +13,8 @@ wall       ``profiler.WallClockSample`` (and legacy ExecutionSample  ``samples``
            in another state)
 nativemem  ``profiler.Malloc``                                      ``size`` bytes
 leaks      ``profiler.Malloc`` whose address is not freed later     ``size`` bytes
+alloc      ``jdk.ObjectAllocationSample`` (Python, issue #16)       ``weight`` bytes
+live       ``profiler.LiveObject``, newest snapshot per process     bytes
 ========== ======================================================= =========
 
 Stacks can be replaced per sample by another source with the ``stack_hook``
@@ -45,7 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["Profile", "FrameKey", "build_profile", "KINDS", "TimeSpec"]
 
-KINDS = ("cpu", "wall", "nativemem", "leaks")
+KINDS = ("cpu", "wall", "nativemem", "leaks", "alloc", "live")  # alloc, live: issue #16 (jfr/allocations.py)
 _SAMPLE_KINDS = (_parser.KIND_EXEC, _parser.KIND_WALL)
 _MEM_KINDS = (_parser.KIND_MALLOC, _parser.KIND_FREE)
 
@@ -55,11 +57,15 @@ def _kinds_for(kind: str) -> Tuple[int, ...]:
     return _MEM_KINDS if kind in ("nativemem", "leaks") else _SAMPLE_KINDS
 
 
+#: (native memory kind, Python allocation kind (issue #16), count) -> the unit of a profile
+_UNITS = {(True, False, False): "bytes", (True, False, True): "samples", (False, True, False): "bytes",
+          (False, True, True): "objects", (False, False, False): "samples", (False, False, True): "samples"}
 _KIND_CODE = {"cpu": _parser.KIND_EXEC, "wall": _parser.KIND_WALL, "nativemem": _parser.KIND_MALLOC}
 
 #: A frame of a profile: (display name, frame type). Thread frames use ``THREAD``.
 FrameKey = Tuple[str, int]
 THREAD = 100  # frame type of the synthetic per-thread root frames
+LABEL = 101  # frame type of the synthetic per-label root frames (issue #15: by_label)
 
 if TYPE_CHECKING:  # pragma: no cover
     from datetime import datetime, timedelta
@@ -91,6 +97,8 @@ class Profile:
         self.by_thread = by_thread
         self._index: Dict[FrameKey, int] = {}
         self._frame_caches: Dict[int, Dict[Any, int]] = {}  # per chunk: (method, type) -> frame id
+        #: issue #15 (``with_labels``): (stack, label pairs) -> [weight, count]
+        self.labelled: Dict[Tuple[Tuple[int, ...], Tuple[Tuple[str, str], ...]], List[int]] = {}
 
     def __repr__(self) -> str:
         return f"<Profile {self.kind}: {len(self.stacks)} stacks, total {self.total} {self.unit}>"
@@ -129,8 +137,8 @@ class Profile:
             yield [fr[i] for i in stack], w
 
     def describe_value(self) -> str:
-        if self.unit == "bytes":
-            return "bytes"
+        if self.unit in ("bytes", "objects"):
+            return self.unit
         return "samples"
 
 
@@ -225,7 +233,7 @@ def _interval_ns(rec: "Recording", kind: str) -> Optional[int]:
 def _auto_kind(rec: "Recording") -> str:
     counts = rec.counts
     for kind, etype in (("cpu", "jdk.ExecutionSample"), ("wall", "profiler.WallClockSample"),
-                        ("nativemem", "profiler.Malloc")):
+                        ("nativemem", "profiler.Malloc"), ("alloc", "jdk.ObjectAllocationSample")):
         if counts.get(etype, (0, 0))[0]:
             return kind
     return "cpu"
@@ -245,11 +253,15 @@ def build_profile(
     tail: float = 0.1,
     stack_hook: Optional[StackHook] = None,
     python: str = "mixed",
+    where: Optional[Dict[str, str]] = None,
+    by_label: Optional[str] = None,
+    with_labels: bool = False,
 ) -> Profile:
     """Aggregate the samples of ``rec`` into a :class:`Profile`.
 
-    * ``kind``: ``cpu``, ``wall``, ``nativemem``, ``leaks`` or ``auto`` (the
-      first of cpu, wall, nativemem that has events).
+    * ``kind``: ``cpu``, ``wall``, ``nativemem``, ``leaks``, ``alloc``, ``live``
+      (Python allocations and the live heap: :mod:`asprof.jfr.allocations`) or ``auto``
+      (the first of cpu, wall, nativemem, alloc that has events).
     * ``threads``: keep samples of these threads (names, regexes matched on
       the whole name, or OS thread ids).
     * ``by_thread``: put a ``[name tid=N]`` frame at the root of each stack.
@@ -260,7 +272,8 @@ def build_profile(
       whole frame name (as in async-profiler's converter): keep only stacks
       with a frame matching ``include``, drop stacks with a frame matching
       ``exclude``.
-    * ``count``: weigh every event 1 (number of samples / allocations).
+    * ``count``: weigh every event 1 (number of samples / allocations); for
+      ``alloc`` and ``live``, the estimated number of objects.
     * ``tail`` (leaks): ignore allocations made in the last ``tail`` fraction
       of the recording, too young to call leaks (async-profiler's default 0.1).
     * ``stack_hook``: called per sample with ``(chunk, thread key, ticks,
@@ -269,6 +282,10 @@ def build_profile(
       ``asprof.Py*`` user events), CPU and wall samples get ``mixed`` stacks
       (each ``_PyEval_EvalFrameDefault`` replaced by its Python frames, the
       default), ``python`` (Python frames only) or ``native`` (unchanged).
+    * issue #15, request labels (``asprof.labels``): ``where`` keeps the samples whose
+      labels have these values (``{"endpoint": "/checkout"}``; an empty value: the label is
+      absent); ``by_label`` puts a ``[key=value]`` frame at the root of each stack;
+      ``with_labels`` also fills ``Profile.labelled`` (stack, label pairs) for pprof.
     """
     if kind == "auto":
         kind = _auto_kind(rec)
@@ -284,13 +301,16 @@ def build_profile(
 
         stack_hook = python_stack_hook(rec, mode=python)
     # ---- end of issue #5 ----
+    # ---- issue #15: request labels (asprof/jfr/labels.py) ----
+    labels = _Labels.make(rec, where, by_label, with_labels)
+    # ---- end of issue #15 ----
     inc = _compile(include)
     exc = _compile(exclude)
     tmatch = _thread_matcher(threads)
     rs, re_ = rec.start_nanos, rec.end_nanos
     t0n = _to_nanos(start, rs, re_)
     t1n = _to_nanos(end, rs, re_)
-    unit = "bytes" if kind in ("nativemem", "leaks") and not count else "samples"
+    unit = _UNITS[(kind in ("nativemem", "leaks"), kind in ("alloc", "live"), count)]
     prof = Profile(kind=kind, unit=unit, interval_ns=_interval_ns(rec, kind), source=rec.source,
                    start_nanos=rs, end_nanos=re_, by_thread=by_thread)
     lo64, hi64 = -(1 << 63), (1 << 63) - 1
@@ -337,6 +357,9 @@ def build_profile(
             if keep(frames):
                 prof.add(frames, w, n)
 
+    if kind in ("alloc", "live"):  # issue #16: Python allocations and the live heap
+        return _alloc_profile(prof, rec, (t0n, t1n), thread_keys, keep, by_thread, count)
+
     if kind == "leaks":
         lm = _parser.LeakMap()
         lo: Optional[int] = None
@@ -357,19 +380,39 @@ def build_profile(
             tcut = c.nanos_to_ticks(cutoff)
             rows = _array_q(sorted(row for row, ticks in live[ci] if ticks <= tcut))
             if len(rows):
-                _collect(prof, c, rows, by_thread, count, stack_hook, emit, _MEM_KINDS)
+                _collect(prof, c, rows, by_thread, count, stack_hook, emit, _MEM_KINDS, labels)
         return prof
 
     code = _KIND_CODE[kind]
     for c in rec.chunks:
         a, b = chunk_range(c)
-        if stack_hook is None:
+        if stack_hook is None and labels is None:
             agg = _parser.aggregate_select(c.columns_of(_kinds_for(kind)), code, _cpu_states(c), a, b, thread_keys(c), by_thread, count)
             emit(c, agg, {})
             continue
         rows = _parser.select_rows(c.columns_of(_kinds_for(kind)), code, _cpu_states(c), a, b, thread_keys(c))
         if len(rows):
-            _collect(prof, c, rows, by_thread, count, stack_hook, emit, _kinds_for(kind))
+            _collect(prof, c, rows, by_thread, count, stack_hook, emit, _kinds_for(kind), labels)
+    return prof
+
+
+def _alloc_profile(prof: Profile, rec: "Recording", span: Tuple[Optional[int], Optional[int]],
+                   thread_keys: Callable[["Chunk"], Optional[Set[int]]], keep: Callable[[Tuple[int, ...]], bool],
+                   by_thread: bool, count: bool) -> Profile:
+    """``alloc`` and ``live`` (issue #16): bytes (or, ``count``, objects) per stack."""
+    from asprof.jfr.allocations import alloc_aggregates
+
+    for c, agg in alloc_aggregates(rec, prof.kind, span[0], span[1], thread_keys, by_thread):
+        cache: Dict[int, Tuple[int, ...]] = {}
+        for (skey, tkey), (nbytes, objs) in agg.items():
+            fids = cache.get(skey)
+            if fids is None:
+                fids = cache[skey] = _stack_ids(prof, c, skey)
+            if by_thread:
+                fids = (prof.intern(c.thread(tkey).label, THREAD),) + fids
+            if keep(fids):
+                n = max(1, round(objs))
+                prof.add(fids, n if count else round(nbytes), n)
     return prof
 
 
@@ -379,27 +422,81 @@ def _array_q(values: List[int]) -> Any:
     return array.array("q", values)
 
 
+class _Labels:
+    """Issue #15: the label of each sample (``where`` filter, ``by_label`` root frame,
+    ``with_labels`` for pprof's sample labels)."""
+
+    def __init__(self, rec: "Recording", where: Dict[str, str], by_label: Optional[str], keep: bool) -> None:
+        from asprof.jfr.labels import context_of
+
+        self.data = context_of(rec)
+        self.clock = rec.setting("clock")
+        self.where = tuple(where.items())
+        self.by = by_label
+        self.keep = keep
+
+    def of(self, c: "Chunk", tkey: int, ticks: int) -> Optional[Tuple[Tuple[str, str], ...]]:
+        return self.data.lookup(c, tkey, ticks, self.clock)
+
+    @classmethod
+    def make(cls, rec: "Recording", where: Optional[Dict[str, str]], by_label: Optional[str],
+             keep: bool) -> Optional["_Labels"]:
+        return cls(rec, where or {}, by_label, keep) if where or by_label or keep else None
+
+    def matches(self, pairs: Optional[Tuple[Tuple[str, str], ...]]) -> bool:
+        if not self.where:
+            return True
+        d = dict(pairs or ())
+        return all(d.get(k) == v or (v == "" and k not in d) for k, v in self.where)
+
+    def root(self, prof: Profile, pairs: Optional[Tuple[Tuple[str, str], ...]]) -> int:
+        value = dict(pairs or ()).get(self.by or "")
+        return prof.intern(f"[{self.by}={value}]" if value is not None else f"[{self.by}=<none>]", LABEL)
+
+
 def _collect(prof: Profile, c: "Chunk", rows: Any, by_thread: bool, count: bool,
              stack_hook: Optional[StackHook],
              emit: Callable[["Chunk", Dict[Any, List[int]], Dict[int, Tuple[int, ...]]], None],
-             kinds: Tuple[int, ...]) -> None:
+             kinds: Tuple[int, ...], labels: Optional[_Labels] = None) -> None:
     cols = c.columns_of(kinds)
-    if stack_hook is None:
+    if stack_hook is None and labels is None:
         agg = _parser.aggregate(cols, rows, by_thread, count)
         emit(c, agg, {})
         return
+    stack_cache: Dict[int, Tuple[int, ...]] = {}
     for r in rows:
         skey, tkey, ticks = cols.stack[r], cols.thread[r], cols.time[r]
-        st = c.stack_trace(skey)
-        frames: Sequence[Frame] = st.frames if st is not None else ()
-        repl = stack_hook(c, tkey, ticks, frames)
-        if repl is not None:
-            frames = repl
-        ids = tuple(prof.intern(f.name, int(f.type)) for f in reversed(frames))
+        pairs = None
+        if labels is not None:
+            pairs = labels.of(c, tkey, ticks)
+            if not labels.matches(pairs):
+                continue
+        if stack_hook is not None:
+            st = c.stack_trace(skey)
+            frames: Sequence[Frame] = st.frames if st is not None else ()
+            repl = stack_hook(c, tkey, ticks, frames)
+            if repl is not None:
+                frames = repl
+            ids = tuple(prof.intern(f.name, int(f.type)) for f in reversed(frames))
+        else:
+            got = stack_cache.get(skey)
+            if got is None:
+                got = stack_cache[skey] = _stack_ids(prof, c, skey)
+            ids = got
         if by_thread:
             ids = (prof.intern(c.thread(tkey).label, THREAD),) + ids
+        if labels is not None and labels.by:
+            ids = (labels.root(prof, pairs),) + ids
         w = 1 if count else cols.value[r]
         prof.add(ids, w, 1)
+        if labels is not None and labels.keep:
+            lk = (ids, pairs or ())
+            e = prof.labelled.get(lk)
+            if e is None:
+                prof.labelled[lk] = [w, 1]
+            else:
+                e[0] += w
+                e[1] += 1
 
 
 def _stack_ids(prof: Profile, c: "Chunk", skey: int) -> Tuple[int, ...]:

@@ -6,7 +6,9 @@ so no protobuf dependency is needed.
 
 Sample values: ``[samples/count, cpu|wall/nanoseconds]`` for cpu and wall
 (time = samples x sampling interval, when the recording names it),
-``[allocations/count, space/bytes]`` for nativemem and leaks. With per-thread
+``[allocations/count, space/bytes]`` for nativemem and leaks, Go's ``[alloc_objects/count,
+alloc_space/bytes]`` for alloc and ``[inuse_objects/count, inuse_space/bytes]`` for live
+(Python allocations, issue #16; objects are estimates). With per-thread
 profiles the thread becomes a ``thread`` label instead of a root frame.
 """
 from __future__ import annotations
@@ -79,6 +81,9 @@ def encode_profile(profile: Profile) -> bytes:
     interval = profile.interval_ns
     if kind in ("nativemem", "leaks"):
         types = [("allocations", "count"), ("space", "bytes")]
+    elif kind in ("alloc", "live"):  # issue #16: Go's names, so that pprof picks the right defaults
+        pre = "alloc" if kind == "alloc" else "inuse"
+        types = [(f"{pre}_objects", "count"), (f"{pre}_space", "bytes")]
     else:
         types = [("samples", "count"), (kind, "nanoseconds")]
     for vt, unit in types:
@@ -86,8 +91,11 @@ def encode_profile(profile: Profile) -> bytes:
 
     loc_of: Dict[int, int] = {}       # frame id -> location id
     func_of: Dict[str, int] = {}      # name -> function id
-    for stack, (weight, count) in profile.stacks.items():
-        labels: List[Tuple[str, str]] = []
+    # issue #15: a profile built with_labels carries each sample's request labels
+    rows = ([(st, pairs, wc) for (st, pairs), wc in profile.labelled.items()] if profile.labelled
+            else [(st, (), wc) for st, wc in profile.stacks.items()])
+    for stack, pairs, (weight, count) in rows:
+        labels: List[Tuple[str, str]] = list(pairs)
         frames = list(stack)
         if frames and profile.frames[frames[0]][1] == THREAD:
             labels.append(("thread", profile.frames[frames[0]][0].strip("[]")))
@@ -98,7 +106,7 @@ def encode_profile(profile: Profile) -> bytes:
             if lid is None:
                 lid = loc_of[fid] = len(loc_of) + 1
             locs.append(lid)
-        if kind in ("nativemem", "leaks"):
+        if kind in ("nativemem", "leaks", "alloc", "live"):
             values = [count, weight] if profile.unit == "bytes" else [weight, weight]
         else:
             values = [weight, weight * interval if interval else 0]
