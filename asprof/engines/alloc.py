@@ -47,8 +47,8 @@ MAX_FRAMES = 128
 LIVE_CAP = 65536
 #: The allocation chunk's metadata id: not the one of the chunk it follows (see ChunkWriter).
 METADATA_ID = 0x7FFF0016
-#: ... and pool keys no async-profiler chunk uses (its stack trace ids are 31-bit).
-KEY_BASE = 1 << 40
+#: ... and pool keys no async-profiler chunk uses (its ids are far below; jfrconv reads keys as 32-bit ints).
+KEY_BASE = 1 << 30
 _RECORD = struct.Struct("<QQQdIiBBxx")
 
 Frames = Tuple[Tuple[str, str, int], ...]  # (module, qualname, line), leaf first
@@ -209,8 +209,8 @@ class AllocSampler:
         pending = self._pending
         live = self._live
         for t, serial, _size, weight, tid, sid, domain, is_live in _RECORD.iter_unpack(data):
-            fr = resolved[sid] if 0 <= sid < len(resolved) else None
-            rec = (t, tid, fr, domain, weight)
+            sfr = resolved[sid] if 0 <= sid < len(resolved) else None
+            rec = (t, tid, sfr, domain, weight)
             pending.append(rec)
             if is_live:
                 live[serial] = rec
@@ -350,7 +350,8 @@ class AllocEngine(Engine):
                 logger.warning("Python allocation sampling could not start (profiling goes on without it): %s", e)
                 s = self.sampler = None
         if s is not None and self._hooked:
-            setattr(self.inner, "report_hook", s.add_to)
+            hooked: Any = self.inner
+            hooked.report_hook = s.add_to
         try:
             self.inner.start()
         except BaseException:
