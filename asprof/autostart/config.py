@@ -128,6 +128,10 @@ VARIABLES: Tuple[Variable, ...] = (
              "--native-mem"),
     Variable("ASPROF_FORCE_NATIVE_MEM", "`false`",
              "`true` samples native memory even where it is known to crash the interpreter.", None),
+    Variable("ASPROF_PYTHON_ALLOC", "`off`",
+             "Python allocation sampling with Python stacks, and the live heap (docs/memory.md): bytes "
+             "allocated between two samples on average (`512k`, `1m`, `65536`), `on` for 512k, or `off`.",
+             "--python-alloc"),
     Variable("ASPROF_CSTACK", "`dwarf`",
              "How native stacks are walked: `dwarf`, `fp` or `no`.", "--cstack"),
     Variable("ASPROF_ALL_USER", "`true`",
@@ -193,6 +197,7 @@ class EnvConfig:
     cpu_interval: float = DEFAULT_CPU_INTERVAL
     wall_interval: Optional[float] = DEFAULT_WALL_INTERVAL
     native_mem: Optional[int] = None
+    python_alloc: Optional[int] = None  # issue #16
     force_native_mem: bool = False
     cstack: str = "dwarf"
     all_user: bool = True
@@ -272,6 +277,7 @@ class EnvConfig:
             wall_interval=p.duration_or_off("ASPROF_WALL_INTERVAL", DEFAULT_WALL_INTERVAL, MIN_WALL_INTERVAL,
                                             MAX_PROFILER_INTERVAL),
             native_mem=p.native_mem(),
+            python_alloc=p.python_alloc(),
             force_native_mem=p.boolean("ASPROF_FORCE_NATIVE_MEM", False),
             cstack=p.choice("ASPROF_CSTACK", "dwarf", ("dwarf", "fp", "no")),
             all_user=p.boolean("ASPROF_ALL_USER", True),
@@ -314,6 +320,8 @@ class EnvConfig:
         rows.append(("wall interval", "off" if self.wall_interval is None else format_seconds(self.wall_interval)))
         rows.append(("native memory", "off" if self.native_mem is None else
                      ("every allocation" if self.native_mem == 0 else f"every {self.native_mem} bytes")))
+        rows.append(("Python allocations", "off" if self.python_alloc is None else
+                     f"every {self.python_alloc} bytes on average"))
         rows.append(("engine", self.engine))
         rows.append(("native stacks", f"cstack={self.cstack}, {'no ' if self.all_user else ''}kernel frames"))
         if self.extra_metadata:
@@ -424,6 +432,21 @@ class _Parser:
                               "every allocation")
         if n >= 1 << 50:
             raise ConfigError(name, self.given[name], "too large")
+        return int(n)
+
+    def python_alloc(self) -> Optional[int]:  # issue #16
+        name = "ASPROF_PYTHON_ALLOC"
+        value = self.text(name)
+        if value is None or value.lower() in _OFF:
+            return None
+        if value.lower() in ("on", "true", "yes", "1"):
+            return 512 * 1024
+        n = parse_size(value)
+        if n is None or n != int(n) or n < 1:
+            raise ConfigError(name, self.given[name],
+                              "expected bytes between samples such as 512k, 1m, 65536, or 'on', or 'off'")
+        if n > 1 << 40:
+            raise ConfigError(name, self.given[name], "too large (at most 1 TiB)")
         return int(n)
 
     def percent(self, name: str) -> Optional[float]:

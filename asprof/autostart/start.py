@@ -38,6 +38,7 @@ def profiler_options(cfg: EnvConfig) -> ProfilerOptions:
             cpu_interval=cfg.cpu_interval,
             wall_interval=cfg.wall_interval,
             native_mem=cfg.native_mem,
+            python_alloc=cfg.python_alloc,
             all_user=cfg.all_user,
             cstack=cfg.cstack,
             engine=cfg.engine,

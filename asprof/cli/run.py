@@ -31,6 +31,8 @@ _OPTIONS: Tuple[Tuple[str, str, str, str], ...] = (
     ("--cpu-interval", "ASPROF_CPU_INTERVAL", "DURATION", "CPU time between CPU samples (default 100ms)"),
     ("--wall-interval", "ASPROF_WALL_INTERVAL", "DURATION", "time between wall-clock samples, or off (default 1s)"),
     ("--native-mem", "ASPROF_NATIVE_MEM", "SIZE", "bytes between native memory samples (10m), all, or off"),
+    ("--python-alloc", "ASPROF_PYTHON_ALLOC", "SIZE",
+     "Python allocation sampling: bytes between samples (512k), on, or off (default off)"),
     ("--engine", "ASPROF_ENGINE", "ENGINE", "what samples: auto (default), async-profiler or builtin"),
     ("--cstack", "ASPROF_CSTACK", "MODE", "native stack walking: dwarf, fp or no"),
     ("--lib", "ASPROF_LIB", "PATH", "libasyncProfiler.so to use"),

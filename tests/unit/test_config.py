@@ -88,6 +88,10 @@ VALID: List[Any] = [
     ({"ASPROF_NATIVE_MEM": "1GiB"}, "native_mem", 1 << 30),
     ({"ASPROF_NATIVE_MEM": "all"}, "native_mem", 0),
     ({"ASPROF_NATIVE_MEM": "off"}, "native_mem", None),
+    ({"ASPROF_PYTHON_ALLOC": "512k"}, "python_alloc", 512 << 10),  # issue #16
+    ({"ASPROF_PYTHON_ALLOC": "65536"}, "python_alloc", 65536),
+    ({"ASPROF_PYTHON_ALLOC": "on"}, "python_alloc", 512 << 10),
+    ({"ASPROF_PYTHON_ALLOC": "off"}, "python_alloc", None),
     ({"ASPROF_FORCE_NATIVE_MEM": "true"}, "force_native_mem", True),
     ({"ASPROF_FORCE_NATIVE_MEM": "0"}, "force_native_mem", False),
     ({"ASPROF_CSTACK": "FP"}, "cstack", "fp"),
@@ -174,6 +178,10 @@ INVALID: List[Any] = [
     ({"ASPROF_NATIVE_MEM": "10q"}, "ASPROF_NATIVE_MEM"),
     ({"ASPROF_NATIVE_MEM": "1.5"}, "ASPROF_NATIVE_MEM"),
     ({"ASPROF_NATIVE_MEM": "-1m"}, "ASPROF_NATIVE_MEM"),
+    ({"ASPROF_PYTHON_ALLOC": "lots"}, "ASPROF_PYTHON_ALLOC"),  # issue #16
+    ({"ASPROF_PYTHON_ALLOC": "1.5"}, "ASPROF_PYTHON_ALLOC"),
+    ({"ASPROF_PYTHON_ALLOC": "-1m"}, "ASPROF_PYTHON_ALLOC"),
+    ({"ASPROF_PYTHON_ALLOC": "2TiB"}, "ASPROF_PYTHON_ALLOC"),
     ({"ASPROF_FORCE_NATIVE_MEM": "please"}, "ASPROF_FORCE_NATIVE_MEM"),
     ({"ASPROF_CSTACK": "lbr"}, "ASPROF_CSTACK"),
     ({"ASPROF_ENGINE": "pyspy"}, "ASPROF_ENGINE"),  # issue #11
