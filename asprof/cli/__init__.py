@@ -29,6 +29,7 @@ SUBCOMMANDS: List[str] = [
     "asprof.cli.top",
     "asprof.cli.run",
     "asprof.cli.doctor",
+    "asprof.cli.longsteps",
 ]
 
 #: Optional fast path: a subcommand's name -> its module. Running that subcommand then imports
@@ -37,6 +38,7 @@ COMMAND_MODULES: Dict[str, str] = {
     "convert": "asprof.cli.convert",
     "summary": "asprof.cli.summary",
     "top": "asprof.cli.top",
+    "longsteps": "asprof.cli.longsteps",
 }
 
 
