@@ -390,6 +390,17 @@ class ChunkWriter:
         self._user_event_types[key] = name
         return key
 
+    def field_names(self, type_name: str) -> Optional[List[str]]:
+        """The fields of a declared type in wire order; None when it is not declared."""
+        t = self._types.get(type_name)
+        return None if t is None else [f[0] for f in t.fields]
+
+    def max_key(self) -> int:
+        """The largest pool key handed out so far (``key_base`` when none): a chunk written
+        after this one into the same file takes a ``key_base`` above it."""
+        return self.key_base + max(len(self._symbols), len(self._classes), len(self._method_rows),
+                                   len(self._stack_rows), len(self._strings))
+
     @property
     def thread_ids(self) -> List[int]:
         """The threads events refer to (named or not yet)."""
