@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import Any, Dict
 
-from asprof.cli.common import Progress, add_input_args, open_inputs
+from asprof.cli.common import Progress, add_input_args, open_inputs, read_limits
 from asprof.jfr.reader import Recording
 
 
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
     progress = Progress()
     try:
-        rec = open_inputs(args.inputs, progress)
+        rec = open_inputs(args.inputs, progress, read_limits(args))
     finally:
         progress.done()
     s = summarize(rec)

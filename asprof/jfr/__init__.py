@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Optional, Sequence, Union
 
 from asprof.jfr.errors import JfrError
+from asprof.jfr.inputs import ReadLimits
 from asprof.jfr.model import Event, Frame, FrameType, Setting, StackTrace, Thread
 from asprof.jfr.profile import KINDS, Profile, build_profile
 from asprof.jfr.reader import Chunk, PathOrBytes, ProgressFn, Recording, open_recording
@@ -29,6 +30,7 @@ from asprof.jfr.views import TopEntry, format_top, to_collapsed, to_html, to_ppr
 __all__ = [
     "open",
     "JfrError",
+    "ReadLimits",
     "Recording",
     "Chunk",
     "Event",
@@ -53,7 +55,9 @@ __all__ = [
 def open(  # noqa: A001 - mirrors the builtin on purpose: asprof.jfr.open(path)
     source: Union[PathOrBytes, Sequence[PathOrBytes]],
     progress: Optional[ProgressFn] = None,
+    limits: Optional[ReadLimits] = None,
 ) -> Recording:
-    """Open a recording: a ``.jfr`` path, an S3 reporter ``.zip``, a directory
-    of profiles (merged in time order), JFR bytes, or a list of these."""
-    return open_recording(source, progress)
+    """Open a recording: a ``.jfr`` path, an S3 reporter ``.zip``, a gzipped JFR, a directory
+    of profiles (merged in time order), the bytes of any of these, or a list of these; read
+    within ``limits`` (:class:`ReadLimits`, the defaults when None)."""
+    return open_recording(source, progress, limits)

@@ -2,13 +2,12 @@
 split into chunks (:mod:`asprof.jfr.chunk`), kept in time order as a :class:`Recording`."""
 from __future__ import annotations
 
-import io
 import logging
 import os
+import stat
 from typing import (
     TYPE_CHECKING,
     Any,
-    Callable,
     Dict,
     Iterable,
     Iterator,
@@ -23,12 +22,13 @@ from typing import (
 from asprof.jfr import _parser
 from asprof.jfr.chunk import HEADER_SIZE, Chunk, PathOrBytes, ProgressFn
 from asprof.jfr.errors import JfrError
+from asprof.jfr.inputs import DEFAULT_LIMITS, ReadLimits, check_path, list_dir, load_bytes, load_path
 from asprof.jfr.model import Event, Setting, Thread
 
 if TYPE_CHECKING:  # pragma: no cover
     from asprof.jfr.profile import Profile
 
-__all__ = ["Chunk", "Recording", "open_recording", "HEADER_SIZE", "PathOrBytes", "ProgressFn"]
+__all__ = ["Chunk", "Recording", "open_recording", "HEADER_SIZE", "PathOrBytes", "ProgressFn", "ReadLimits"]
 
 log = logging.getLogger("asprof.jfr")
 
@@ -157,133 +157,81 @@ def _chunks_of(data: bytes, source: str, progress: Optional[ProgressFn],
     return chunks
 
 
-def _read_zip(path: str, blob: bytes) -> Tuple[bytes, Optional[Dict[str, Any]]]:
-    import json
-    import zipfile
-
-    try:
-        zf = zipfile.ZipFile(io.BytesIO(blob))
-    except zipfile.BadZipFile as e:
-        raise JfrError(f"not a valid zip file ({e})", None, path) from None
-    with zf:
-        names = zf.namelist()
-        jfr_names = [n for n in names if n == "async_profiler_dump_0.jfr"] or \
-            sorted(n for n in names if n.endswith(".jfr"))
-        if not jfr_names:
-            raise JfrError("zip holds no .jfr file (expected async_profiler_dump_0.jfr)", None, path)
-        meta: Optional[Dict[str, Any]] = None
-        try:
-            jfr = b"".join(zf.read(n) for n in jfr_names)
-            if "metadata.json" in names:
-                try:
-                    m = json.loads(zf.read("metadata.json").decode("utf-8"))
-                    meta = m if isinstance(m, dict) else None
-                except (ValueError, UnicodeDecodeError):
-                    log.warning("%s: metadata.json is not valid JSON; ignored", path)
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError) as e:
-            raise JfrError(f"cannot read zip member ({e})", None, path) from None
-    return jfr, meta
-
-
-_READ_BLOCK = 16 << 20
-
-
-def _load_file(path: str, progress: Optional[Callable[[int], None]] = None) -> Tuple[Any, Optional[Dict[str, Any]]]:
-    """The bytes of a file (a ``bytearray``, read in blocks with ``progress(bytes_read)``),
-    or the JFR and metadata inside an S3 reporter zip."""
-    try:
-        with io.open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            blob = bytearray(size)
-            view = memoryview(blob)
-            got = 0
-            while got < size:
-                n = f.readinto(view[got:got + _READ_BLOCK])
-                if not n:
-                    break
-                got += n
-                if progress is not None:
-                    progress(got)
-            view.release()
-            if got < size:
-                del blob[got:]  # the file shrank while being read
-    except OSError as e:
-        raise JfrError(f"cannot read file: {e.strerror or e}", None, path) from None
-    if blob[:4] == b"PK\x03\x04" or path.endswith(".zip"):
-        return _read_zip(path, bytes(blob))
-    return blob, None
-
-
-def _dir_files(path: str) -> List[str]:
-    try:
-        names = sorted(os.listdir(path))
-    except OSError as e:
-        raise JfrError(f"cannot list directory: {e.strerror or e}", None, path) from None
-    files = [os.path.join(path, n) for n in names
-             if n.endswith((".jfr", ".zip")) and os.path.isfile(os.path.join(path, n))]
-    if not files:
-        raise JfrError("directory holds no .jfr or .zip profiles", None, path)
-    return files
+_READ_BLOCK = 16 << 20  # inputs smaller than this report no reading progress
 
 
 def open_recording(source: Union[PathOrBytes, Sequence[PathOrBytes]],
-                   progress: Optional[ProgressFn] = None) -> Recording:
+                   progress: Optional[ProgressFn] = None,
+                   limits: Optional[ReadLimits] = None) -> Recording:
     """Open a recording.
 
     ``source`` is a path to a ``.jfr`` file, to an S3 reporter ``.zip``
-    (``async_profiler_dump_0.jfr`` + ``metadata.json``), to a directory of
-    such files, the bytes of a JFR, or a list of any of these. Several
-    inputs are merged into one recording whose chunks are in time order.
+    (``async_profiler_dump_0.jfr`` + ``metadata.json``), to a gzipped JFR, to a
+    directory of such files, the bytes of any of these, or a list of any of these.
+    Several inputs are merged into one recording whose chunks are in time order.
     ``progress(done, total)`` is called while reading and parsing (the
     units are bytes read plus bytes parsed).
+
+    Every input is read within ``limits`` (default :data:`~asprof.jfr.inputs.DEFAULT_LIMITS`:
+    1 GiB per input after decompression, a compression ratio of 50, 10,000 files per
+    directory); FIFOs, sockets, devices and symlink loops are refused. See
+    :mod:`asprof.jfr.inputs`.
     """
+    lim = limits if limits is not None else DEFAULT_LIMITS
     if isinstance(source, (list, tuple)):
         items: List[PathOrBytes] = list(source)
     else:
         items = [source]  # type: ignore[list-item]
-    blobs: List[Tuple[str, Any, Optional[Dict[str, Any]]]] = []
-    paths: List[str] = []
+    warnings: List[str] = []
+    # what each item is, decided once: ("bytes", data) or ("file", path)
+    plan: List[Tuple[str, Any]] = []
+    sizes: Dict[str, int] = {}
     for item in items:
-        if not isinstance(item, (bytes, bytearray, memoryview)):
-            p = os.fspath(item)
-            paths.extend(_dir_files(p) if os.path.isdir(p) else [p])
-    read_total = sum(os.path.getsize(p) for p in paths if os.path.isfile(p))
+        if isinstance(item, (bytes, bytearray, memoryview)):
+            plan.append(("bytes", item))
+            continue
+        p = os.fspath(item)
+        st = check_path(p)
+        if stat.S_ISDIR(st.st_mode):
+            files, skipped = list_dir(p, lim)
+            for msg in skipped:
+                log.warning("%s", msg)
+            warnings.extend(skipped)
+            for f in files:
+                plan.append(("file", f))
+        else:
+            plan.append(("file", p))
+            sizes[p] = st.st_size
+    read_total = 0
+    for kind, what in plan:
+        if kind == "file":
+            if what not in sizes:
+                try:
+                    sizes[what] = os.stat(what).st_size
+                except OSError:
+                    sizes[what] = 0
+            read_total += sizes[what]
     read_done = [0]
-
-    def load(path: str) -> Tuple[Any, Optional[Dict[str, Any]]]:
+    blobs: List[Tuple[str, Any, Optional[Dict[str, Any]]]] = []
+    for kind, what in plan:
+        if kind == "bytes":
+            jfr, meta, warns = load_bytes(what, lim)
+            blobs.append(("<bytes>", jfr, meta))
+            warnings.extend(warns)
+            continue
         base = read_done[0]
 
-        def cb(n: int) -> None:
+        def cb(n: int, base: int = base) -> None:
             if progress is not None:
                 progress(base + n, 2 * read_total)
 
-        r = _load_file(path, cb if progress is not None and read_total >= _READ_BLOCK else None)
-        read_done[0] = base + os.path.getsize(path) if os.path.isfile(path) else base
-        return r
-
-    for item in items:
-        if isinstance(item, (bytes, bytearray, memoryview)):
-            blob = bytes(item)
-            if blob[:4] == b"PK\x03\x04":
-                jfr, meta = _read_zip("<bytes>", blob)
-                blobs.append(("<bytes>", jfr, meta))
-            else:
-                blobs.append(("<bytes>", blob, None))
-            continue
-        path = os.fspath(item)
-        if os.path.isdir(path):
-            for f in _dir_files(path):
-                jfr, meta = load(f)
-                blobs.append((f, jfr, meta))
-        elif not os.path.exists(path):
-            raise JfrError("no such file or directory", None, path)
-        else:
-            jfr, meta = load(path)
-            blobs.append((path, jfr, meta))
+        jfr, meta, warns = load_path(what, lim, cb if progress is not None and read_total >= _READ_BLOCK else None)
+        read_done[0] = base + sizes.get(what, 0)
+        blobs.append((what, jfr, meta))
+        warnings.extend(warns)
     total = read_total + sum(len(b) for _, b, _ in blobs)
     done = read_total
     chunks: List[Chunk] = []
-    warnings: List[str] = []
     metas = []
     for name, blob, meta in blobs:
         chunks.extend(_chunks_of(blob, name, progress, done, total, warnings))

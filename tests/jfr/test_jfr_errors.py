@@ -206,7 +206,7 @@ def test_zip_without_jfr(tmp_path: Path) -> None:
 def test_missing_paths_and_empty_directories(tmp_path: Path) -> None:
     with pytest.raises(JfrError, match="no such file"):
         J.open(tmp_path / "nope.jfr")
-    with pytest.raises(JfrError, match="directory holds no .jfr or .zip"):
+    with pytest.raises(JfrError, match="directory holds no readable .jfr, .zip or .gz"):
         J.open(tmp_path)
 
 
