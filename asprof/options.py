@@ -106,6 +106,12 @@ class ProfilerOptions:
     - ``python_frames``: give every CPU and wall-clock sample the Python stack of the
       thread it interrupted (issue #5; needs async-profiler 4.1+ and CPython 3.9-3.13,
       otherwise off with one log line). On by default.
+    - ``python_frames_inline`` (issue #12): with async-profiler, each report is rewritten (on
+      the agent thread, before it reaches the reporter) so that its stack traces carry those
+      Python frames in place of the interpreter's ``_PyEval_EvalFrameDefault`` frames: every
+      JFR tool (``jfrconv``, the JDK ``jfr`` tool, JMC) then shows the Python code. A report
+      that cannot be rewritten is reported as recorded, with one log line. On by default; the
+      built-in engine's reports have their Python frames inline anyway.
     - ``engine``: what samples (issue #11): ``"auto"`` (default: async-profiler when it
       loads, else the built-in engine, with one log line), ``"async-profiler"`` or
       ``"builtin"`` (asprof's own sampler: CPU and wall-clock samples with Python stacks and
@@ -133,6 +139,7 @@ class ProfilerOptions:
     asyncio_steps: bool = True  # issue #15
     otel_span_ids: bool = False  # issue #15
     python_alloc: Union[int, str, bool, None] = None  # issue #16
+    python_frames_inline: bool = True  # issue #12
 
     def __post_init__(self) -> None:
         cpu = _interval("cpu_interval", self.cpu_interval)
@@ -144,6 +151,8 @@ class ProfilerOptions:
             raise ValueError(f"force_native_mem must be True or False, got {self.force_native_mem!r}")
         if not isinstance(self.python_frames, bool):  # issue #5
             raise ValueError(f"python_frames must be True or False, got {self.python_frames!r}")
+        if not isinstance(self.python_frames_inline, bool):  # issue #12
+            raise ValueError(f"python_frames_inline must be True or False, got {self.python_frames_inline!r}")
         for flag in ("asyncio_steps", "otel_span_ids"):  # issue #15
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")

@@ -12,7 +12,7 @@ import re
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Dict, FrozenSet, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, FrozenSet, List, Optional, Tuple
 
 from asprof.autostart.values import library_from_environment
 from asprof.engines.base import Engine, TickResult
@@ -296,6 +296,9 @@ class NativeEngine(Engine):
         elif getattr(options, "asyncio_steps", False):
             logger.info("asprof: labels in samples and asyncio step events need the Python-frame capture "
                         "(python_frames), which is off here")
+        # issue #12: each report rewritten with its Python frames inline (asprof/jfrio/inline.py)
+        self._inline = self._pyframes is not None and bool(getattr(options, "python_frames_inline", False))
+        self._inline_fn: Optional[Callable[[bytes], bytes]] = None
 
     def start(self) -> None:
         logs: List[str] = []
@@ -382,9 +385,34 @@ class NativeEngine(Engine):
         logs: List[str] = []
         try:
             with self._lock:
-                return self._tick(logs)
+                self._load_inline()
+                result = self._tick(logs)
         finally:
             self._forward(logs)
+        if result.recording is not None:  # issue #12: outside the lock (a fork waits for it)
+            result.recording = self._inline_report(result.recording)
+        return result
+
+    def _load_inline(self) -> None:
+        """issue #12: the rewrite, imported once, on the agent thread, under the lock that the
+        fork hooks take (a child never inherits a half-done import)."""
+        if self._inline and self._inline_fn is None:
+            from asprof.jfrio.inline import inline_python_frames
+
+            self._inline_fn = inline_python_frames
+
+    def _inline_report(self, data: bytes) -> bytes:
+        """issue #12: ``data`` with its Python frames inline, or as recorded (one log line) when
+        it cannot be rewritten."""
+        fn = self._inline_fn
+        if fn is None or not data:
+            return data
+        try:
+            return fn(data)
+        except Exception as e:  # noqa: BLE001 - ChunkError, MemoryError, a surprise: report as recorded
+            logger.warning("asprof: a report (%d bytes) could not be rewritten with its Python frames inline "
+                           "(%s); it is reported as recorded", len(data), e)
+            return data
 
     def _tick(self, logs: List[str]) -> TickResult:
         self._read_settings()
@@ -419,6 +447,7 @@ class NativeEngine(Engine):
         with self._lock:
             if self._session.status != "running":
                 return None
+            self._load_inline()  # issue #12
             err, log = self._session.stop()
             if err is None:
                 data = self._with_settings(self._session.read_active())
@@ -432,7 +461,7 @@ class NativeEngine(Engine):
 
         if not wait_async_profiler_threads(1000):
             logger.debug("async-profiler's threads were still exiting 1 s after stop")
-        return data or None
+        return self._inline_report(data) if data else None  # issue #12
 
     def before_fork(self) -> bool:
         # Held until after the fork: no tick may run in between. The stop makes the
