@@ -136,6 +136,11 @@ VARIABLES: Tuple[Variable, ...] = (
              "How native stacks are walked: `dwarf`, `fp` or `no`.", "--cstack"),
     Variable("ASPROF_ALL_USER", "`true`",
              "`true` leaves kernel frames out of CPU stacks (async-profiler's `alluser`).", None),
+    Variable("ASPROF_PYTHON_FRAMES_INLINE", "`true`",
+             "With async-profiler: each report's stack traces carry the Python frames in place of the "
+             "interpreter's `_PyEval_EvalFrameDefault` frames, so that every JFR tool (`jfrconv`, the JDK "
+             "`jfr` tool, JMC) shows the Python code; `false` keeps them in asprof's own side events only "
+             "(see python-frames.md)."),
     Variable("ASPROF_ENGINE", "`auto`",
              "What samples: `auto` (async-profiler when it loads, else the built-in engine, with one log "
              "line), `async-profiler` (an error when it is missing) or `builtin` (asprof's own sampler: "
@@ -202,6 +207,7 @@ class EnvConfig:
     cstack: str = "dwarf"
     all_user: bool = True
     engine: str = "auto"
+    python_frames_inline: bool = True  # issue #12
     library_path: Optional[str] = None
     log_level: Optional[int] = None
     extra_metadata: Mapping[str, str] = field(default_factory=dict)
@@ -282,6 +288,7 @@ class EnvConfig:
             cstack=p.choice("ASPROF_CSTACK", "dwarf", ("dwarf", "fp", "no")),
             all_user=p.boolean("ASPROF_ALL_USER", True),
             engine=p.choice("ASPROF_ENGINE", "auto", ENGINE_NAMES),
+            python_frames_inline=p.boolean("ASPROF_PYTHON_FRAMES_INLINE", True),  # issue #12
             library_path=p.library(),
             log_level=log_level,
             extra_metadata=extra,

@@ -42,6 +42,7 @@ def profiler_options(cfg: EnvConfig) -> ProfilerOptions:
             all_user=cfg.all_user,
             cstack=cfg.cstack,
             engine=cfg.engine,
+            python_frames_inline=cfg.python_frames_inline,  # issue #12
             force_native_mem=cfg.force_native_mem,
         )
     except ValueError as e:  # pragma: no cover - every value was checked above

@@ -99,6 +99,10 @@ VALID: List[Any] = [
     ({"ASPROF_ENGINE": "builtin"}, "engine", "builtin"),  # issue #11
     ({"ASPROF_ENGINE": " Async-Profiler "}, "engine", "async-profiler"),
     ({"ASPROF_ENGINE": "auto"}, "engine", "auto"),
+    ({}, "python_frames_inline", True),  # issue #12
+    ({"ASPROF_PYTHON_FRAMES_INLINE": "false"}, "python_frames_inline", False),
+    ({"ASPROF_PYTHON_FRAMES_INLINE": " On "}, "python_frames_inline", True),
+    ({"ASPROF_PYTHON_FRAMES_INLINE": ""}, "python_frames_inline", True),
     ({"ASPROF_ALL_USER": "false"}, "all_user", False),
     ({"ASPROF_LIB": sys.executable}, "library_path", sys.executable),
     ({"ASPROF_LOG_LEVEL": "debug"}, "log_level", logging.DEBUG),
@@ -185,6 +189,8 @@ INVALID: List[Any] = [
     ({"ASPROF_FORCE_NATIVE_MEM": "please"}, "ASPROF_FORCE_NATIVE_MEM"),
     ({"ASPROF_CSTACK": "lbr"}, "ASPROF_CSTACK"),
     ({"ASPROF_ENGINE": "pyspy"}, "ASPROF_ENGINE"),  # issue #11
+    ({"ASPROF_PYTHON_FRAMES_INLINE": "sometimes"}, "ASPROF_PYTHON_FRAMES_INLINE"),  # issue #12
+    ({"ASPROF_PYTHON_FRAMES_INLINE": "2"}, "ASPROF_PYTHON_FRAMES_INLINE"),
     ({"ASPROF_ALL_USER": "kernel"}, "ASPROF_ALL_USER"),
     ({"ASPROF_LIB": "/nonexistent/libasyncProfiler.so"}, "ASPROF_LIB"),
     ({"ASPROF_LIB": "/"}, "ASPROF_LIB"),
