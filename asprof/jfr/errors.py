@@ -25,7 +25,8 @@ class JfrError(AsprofError, ValueError):
     def _format(self) -> str:
         parts = []
         if self.path:
-            parts.append(self.path)
+            # one line whatever the name holds (a newline or an escape sequence in a file name)
+            parts.append("".join(c if c.isprintable() else repr(c)[1:-1] for c in self.path))
         if self.offset is not None:
             parts.append(f"offset {self.offset}")
         parts.append(self.reason)

@@ -239,3 +239,11 @@ def test_directory_warnings_reach_stderr(tmp_path: Path) -> None:
     os.symlink("loop.jfr", tmp_path / "loop.jfr")
     code, err, _, _ = run_cli("summary", str(tmp_path))
     assert code == 0 and "loop.jfr: symlink loop" in err, err
+
+
+def test_a_file_name_with_control_characters_stays_one_line(tmp_path: Path) -> None:
+    p = tmp_path / "evil\n\x1b[2Jname.jfr"
+    p.write_bytes(b"junk")
+    with pytest.raises(JfrError) as ei:
+        J.open(p)
+    assert "\n" not in str(ei.value) and "\x1b" not in str(ei.value) and "evil\\n\\x1b[2Jname.jfr" in str(ei.value)

@@ -144,10 +144,49 @@ def test_html_escapes_and_embeds_data() -> None:
     page = J.to_html(sample_profile())
     # the frame name with </script> must not close the script element
     assert page.count("</script>") == 1
-    assert "write<T>&'\\\"<\\/script>" in page
+    assert "write\\u003cT\\u003e\\u0026'\\\"\\u003c/script\\u003e" in page
     assert "CPU profile" in page
 
 
 def test_empty_profile_page() -> None:
     page = J.to_html(Profile(kind="wall", unit="samples"))
     assert "No samples matched." in page and "Wall-clock profile" in page
+
+
+HOSTILE_NAMES = ["%%NAMES%%", "%%TREE%%</script><script>document.title='pwned'</script>",
+                 "<!--<script>", "line\u2028sep\u2029x", "a&amp;b %%META%% %%TITLE%%"]
+
+
+def hostile_profile() -> Profile:
+    """Frame names, the file name and the title holding the template's placeholders and HTML."""
+    s = B.Simple()
+    s.thread(1, "main")
+    for i, name in enumerate(HOSTILE_NAMES):
+        for _ in range(i + 1):
+            s.exec_sample(1, 1, ["main", name])
+    prof = J.open(s.build()).samples("cpu")
+    prof.source = "/profiles/%%NAMES%%/</script>%%TREE%%.jfr"
+    return prof
+
+
+def test_placeholders_and_html_in_names_are_filled_once_and_escaped() -> None:
+    page = J.to_html(hostile_profile(), title="%%META%% <b>")
+    assert page.count("</script>") == 1 and page.count("<script>") == 1
+    assert "<!--" not in page.split("<script>", 1)[1]
+    assert "\u2028" not in page and "\u2029" not in page
+    script = page.split("<script>", 1)[1].split("</script>", 1)[0]
+    names = json.loads(re.search(r"const NAMES = (.*);\n", script).group(1))  # type: ignore[union-attr]
+    assert set(HOSTILE_NAMES) <= set(names)
+    meta = json.loads(re.search(r"const META = (.*);\n", script).group(1))  # type: ignore[union-attr]
+    assert meta["source"] == "/profiles/%%NAMES%%/</script>%%TREE%%.jfr" and meta["title"] == "%%META%% <b>"
+    assert "<title>%%META%% &lt;b&gt;</title>" in page
+
+
+@needs_chromium
+def test_page_with_hostile_names_renders_a_flame_graph(tmp_path: Path) -> None:
+    page = J.to_html(hostile_profile(), title="%%META%% </script>")
+    res = run_page(page, tmp_path, "%%NAMES%%", "NAMES")
+    assert res["initial"]["total"] == 15 and res["painted"] > 1000
+    assert res["target"] >= 0 and "%%NAMES%%" in res["tip"]["text"]
+    assert res["zoomed"]["zoom"] == res["target"]
+    assert res["searched"]["matched"] >= 1

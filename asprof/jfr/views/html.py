@@ -14,6 +14,7 @@ and ``state()``; ``#search=TEXT`` in the URL starts with a search.
 """
 from __future__ import annotations
 
+import re
 from typing import Dict, List, Optional, Tuple
 
 from asprof.jfr.profile import Profile
@@ -41,10 +42,25 @@ def _flatten(root: Node) -> Tuple[List[str], List[int]]:
     return names, flat
 
 
+_SCRIPT_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+_SCRIPT_UNSAFE = re.compile("[<>&\u2028\u2029]")
+_PLACEHOLDER = re.compile(r"%%(TITLE|META|NAMES|TREE)%%")
+
+
 def _script_json(obj: object) -> str:
+    """JSON safe inside a ``<script>`` element: ``<``, ``>``, ``&`` (and the two line
+    separators) as ``\\u`` escapes, so no name can close the element (``</script>``), open a
+    comment (``<!--``) or end the line of a string."""
     import json
 
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).replace("</", "<\\/")
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    return _SCRIPT_UNSAFE.sub(lambda m: _SCRIPT_ESCAPES[m.group(0)], text)
+
+
+def _fill(template: str, values: Dict[str, str]) -> str:
+    """The template with each ``%%NAME%%`` replaced, in one pass: a value that contains a
+    placeholder (a frame or file named ``%%NAMES%%``) is never filled in again."""
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
 
 
 def to_html(profile: Profile, title: Optional[str] = None, min_weight: int = 0) -> str:
@@ -71,12 +87,12 @@ def to_html(profile: Profile, title: Optional[str] = None, min_weight: int = 0) 
         "durationNs": max(0, profile.end_nanos - profile.start_nanos),
         "events": profile.total_count,
     }
-    page = _TEMPLATE
-    page = page.replace("%%TITLE%%", html.escape(title))
-    page = page.replace("%%META%%", _script_json(meta))
-    page = page.replace("%%NAMES%%", _script_json(names))
-    page = page.replace("%%TREE%%", _script_json(flat))
-    return page
+    return _fill(_TEMPLATE, {
+        "TITLE": html.escape(title),
+        "META": _script_json(meta),
+        "NAMES": _script_json(names),
+        "TREE": _script_json(flat),
+    })
 
 
 _TEMPLATE = r"""<!DOCTYPE html>
