@@ -23,7 +23,8 @@ pytest.importorskip("asprof.engines._alloc", reason="the allocation sampler is n
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
-# Sizes are sys.getsizeof of each object: what the interpreter asks its allocator for.
+# The functions allocate only the objects counted (sizes precomputed, no temporaries): the truth is
+# sys.getsizeof of each object, what the interpreter asks its allocator for.
 WORKLOAD = r'''
 import json, os, sys, time
 import asprof
@@ -31,39 +32,35 @@ from asprof.options import ProfilerOptions
 from asprof.reporter import LocalReporter
 
 KEEP = []
+SIZES_A = [1500 + (i % 7) * 100 for i in range(36000)]   # 3 parts of the churn
+SIZES_B = [200 + i % 300 for i in range(40000)]          # 1 part, smaller objects
+LEAK = 12000
+FREED = 5000
 
-def alloc_a():          # 3 parts of the churn
-    n = 0
-    for i in range(36000):
-        b = bytes(1500 + (i % 7) * 100)
-        n += sys.getsizeof(b)
-    return n
+def alloc_a():
+    for size in SIZES_A:
+        b = bytes(size)
 
-def alloc_b():          # 1 part, smaller objects
-    n = 0
-    for i in range(40000):
-        s = "y" * (200 + i % 300)
-        n += sys.getsizeof(s)
-    return n
+def alloc_b():
+    for size in SIZES_B:
+        s = "y" * size
 
 def leak():             # held until the report
-    n = 0
-    for i in range(12000):
-        b = bytearray(2000)
-        KEEP.append(b)
-        n += sys.getsizeof(b)
-    return n
+    for _ in range(LEAK):
+        KEEP.append(bytearray(2000))
 
 def freed():            # allocated and dropped before the report
-    tmp = [bytes(4000) for _ in range(5000)]
-    n = sum(sys.getsizeof(b) for b in tmp)
+    tmp = [bytes(4000) for _ in range(FREED)]
     del tmp
-    return n
 
 def main(out, engine, interval):
+    truth = {"alloc_a": sum(sys.getsizeof(bytes(n)) for n in SIZES_A),
+             "alloc_b": sum(sys.getsizeof("y" * n) for n in SIZES_B),
+             "leak": LEAK * sys.getsizeof(bytearray(2000)),
+             "freed": FREED * sys.getsizeof(bytes(4000))}
     p = asprof.start_profiling(LocalReporter(out), options=ProfilerOptions(python_alloc=interval, engine=engine),
                                reporting_interval=3600)
-    truth = {"alloc_a": alloc_a(), "alloc_b": alloc_b(), "leak": leak(), "freed": freed()}
+    alloc_a(); alloc_b(); leak(); freed()
     asprof.stop_profiling()
     print(json.dumps(truth))
 '''
