@@ -31,10 +31,12 @@ from asprof.autostart.values import (
     MIN_REPORTING_INTERVAL,
     MIN_WALL_INTERVAL,
     disabled_by_environment,
+    file_mode_problem,
     format_seconds,
     library_from_environment,
     parse_bool,
     parse_duration,
+    parse_file_mode,
     parse_size,
 )
 from asprof.errors import AsprofError
@@ -111,8 +113,13 @@ VARIABLES: Tuple[Variable, ...] = (
     Variable("ASPROF_S3_ENDPOINT_URL", "—",
              "With `s3://`: another S3 endpoint (`http://` or `https://`), e.g. a VPC endpoint or a local S3.",
              "--s3-endpoint-url"),
+    Variable("ASPROF_FILE_MODE", "`600`",
+             "Mode of the profiles a local reporter writes, in octal: `600` (only this user), `640` or "
+             "`644` for a reader of another user (a sidecar); a directory asprof creates gets read and search "
+             "for the same users. Group and others may never write.", "--file-mode"),
     Variable("ASPROF_S3_SPOOL_DIR", "in memory",
-             "With `s3://`: a private directory where profiles wait for upload, surviving restarts.",
+             "With `s3://`: a private directory where profiles wait for upload, surviving restarts (created "
+             "0700; an existing one must be this user's, not a symlink, and reachable by no one else).",
              "--s3-spool-dir"),
     Variable("ASPROF_REPORTING_INTERVAL", "`30s`",
              "Time between profiles: a duration, `30`, `30s`, `500ms`, `2m` (a bare number is seconds; "
@@ -198,6 +205,7 @@ class EnvConfig:
     s3_region: Optional[str] = None
     s3_endpoint_url: Optional[str] = None
     s3_spool_dir: Optional[str] = None
+    file_mode: int = 0o600
     reporting_interval: float = DEFAULT_REPORTING_INTERVAL
     cpu_interval: float = DEFAULT_CPU_INTERVAL
     wall_interval: Optional[float] = DEFAULT_WALL_INTERVAL
@@ -276,6 +284,7 @@ class EnvConfig:
             enabled=True,
             reporter=reporter,
             directory=directory,
+            file_mode=p.file_mode(),
             reporting_interval=p.duration("ASPROF_REPORTING_INTERVAL", DEFAULT_REPORTING_INTERVAL,
                                           MIN_REPORTING_INTERVAL, MAX_REPORTING_INTERVAL),
             cpu_interval=p.duration("ASPROF_CPU_INTERVAL", DEFAULT_CPU_INTERVAL, MIN_CPU_INTERVAL,
@@ -320,7 +329,7 @@ class EnvConfig:
             if self.s3_spool_dir:
                 where += f", spool {self.s3_spool_dir}"
         else:
-            where = f"directory {os.path.abspath(self.directory or DEFAULT_DIRECTORY)}"
+            where = f"directory {os.path.abspath(self.directory or DEFAULT_DIRECTORY)}, files {self.file_mode:03o}"
         rows.append(("reporter", where))
         rows.append(("reporting interval", format_seconds(self.reporting_interval)))
         rows.append(("cpu interval", format_seconds(self.cpu_interval)))
@@ -482,6 +491,19 @@ class _Parser:
         if value is None:
             return None
         return os.path.abspath(os.path.expanduser(value))
+
+    def file_mode(self) -> int:
+        name = "ASPROF_FILE_MODE"
+        value = self.text(name)
+        if value is None:
+            return 0o600
+        mode = parse_file_mode(value)
+        if mode is None:
+            raise ConfigError(name, self.given[name], "expected an octal file mode such as 600, 640 or 644")
+        problem = file_mode_problem(mode)
+        if problem is not None:
+            raise ConfigError(name, self.given[name], problem)
+        return mode
 
     def library(self) -> Optional[str]:
         try:

@@ -66,7 +66,7 @@ def make_reporter(cfg: EnvConfig) -> Reporter:
         except (ImportError, ValueError, TypeError, OSError) as e:
             raise ConfigError("ASPROF_REPORTER", cfg.reporter, _one_line(e)) from e
     try:
-        return LocalReporter(cfg.directory or DEFAULT_DIRECTORY)
+        return LocalReporter(cfg.directory or DEFAULT_DIRECTORY, file_mode=cfg.file_mode)
     except (ValueError, OSError) as e:
         raise ConfigError("ASPROF_REPORTER", cfg.reporter, _one_line(e)) from e
 

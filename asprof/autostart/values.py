@@ -19,6 +19,7 @@ __all__ = [
     "DEFAULT_REPORTING_INTERVAL", "MIN_REPORTING_INTERVAL", "MAX_REPORTING_INTERVAL",
     "DEFAULT_CPU_INTERVAL", "DEFAULT_WALL_INTERVAL", "MIN_CPU_INTERVAL", "MIN_WALL_INTERVAL",
     "MAX_PROFILER_INTERVAL", "parse_bool", "parse_duration", "parse_size", "format_seconds",
+    "parse_file_mode", "file_mode_problem",
     "disabled_by_environment", "library_from_environment", "engine_from_environment", "ENGINE_NAMES",
     "pyframes_join_by_timestamp",
     "pyframes_timing",
@@ -123,6 +124,25 @@ def library_from_environment(environ: Optional[Mapping[str, str]] = None) -> Opt
                          "looked up in each process's working directory); give the full path of "
                          "libasyncProfiler.so")
     return os.path.normpath(path)
+
+
+def parse_file_mode(text: str) -> Optional[int]:
+    """An octal file mode (``600``, ``0640``, ``0o644``), or None when the text is not one."""
+    t = text.strip().lower()
+    if t.startswith("0o"):
+        t = t[2:]
+    if not t or len(t) > 4 or any(c not in "01234567" for c in t):
+        return None
+    return int(t, 8)
+
+
+def file_mode_problem(mode: int) -> Optional[str]:
+    """Why ``mode`` is not allowed for profiles (None when it is): the owner reads and
+    writes, group and others may only read."""
+    if mode & ~0o644 or mode & 0o600 != 0o600:
+        return (f"file mode {mode:#o} is not allowed: the owner must read and write, group and others may "
+                "only read (0o600, 0o640 or 0o644)")
+    return None
 
 
 #: The values of ``ProfilerOptions(engine=...)`` and ``ASPROF_ENGINE``.

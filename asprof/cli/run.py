@@ -45,6 +45,7 @@ _OPTIONS: Tuple[Tuple[str, str, str, str], ...] = (
     ("--s3-region", "ASPROF_S3_REGION", "REGION", "S3: the bucket's region"),
     ("--s3-endpoint-url", "ASPROF_S3_ENDPOINT_URL", "URL", "S3: another endpoint"),
     ("--s3-spool-dir", "ASPROF_S3_SPOOL_DIR", "DIR", "S3: a directory where profiles wait for upload"),
+    ("--file-mode", "ASPROF_FILE_MODE", "MODE", "local profiles' mode in octal: 600 (default), 640 or 644"),
     ("--kill-switch-file", "ASPROF_KILL_SWITCH_FILE", "PATH", "profiling stops while this file exists"),
     ("--max-cpu-percent", "ASPROF_MAX_CPU_PERCENT", "PERCENT", "stop when the agent uses more than this %% of a core"),
     ("--max-memory-mb", "ASPROF_MAX_MEMORY_MB", "MIB", "stop when async-profiler's memory passes this"),

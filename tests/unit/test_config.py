@@ -117,6 +117,10 @@ VALID: List[Any] = [
     ({"ASPROF_TAGS": "expr=a=b,empty="}, "extra_metadata", {"expr": "a=b", "empty": ""}),
     ({"ASPROF_TAGS": "service=tagged,x=1", "ASPROF_SERVICE": "explicit"}, "extra_metadata",
      {"service": "explicit", "x": "1"}),
+    ({"ASPROF_FILE_MODE": "640"}, "file_mode", 0o640),
+    ({"ASPROF_FILE_MODE": "0o644"}, "file_mode", 0o644),
+    ({"ASPROF_FILE_MODE": " 0600 "}, "file_mode", 0o600),
+    ({"ASPROF_FILE_MODE": ""}, "file_mode", 0o600),
     ({"ASPROF_KILL_SWITCH_FILE": "/etc/asprof/off"}, "kill_switch_file", "/etc/asprof/off"),
     ({"ASPROF_KILL_SWITCH_FILE": "rel/off"}, "kill_switch_file", os.path.abspath("rel/off")),
     ({"ASPROF_MAX_CPU_PERCENT": "5"}, "max_cpu_percent", 5.0),
@@ -204,6 +208,12 @@ INVALID: List[Any] = [
     ({"ASPROF_TAGS": "bad key=v"}, "ASPROF_TAGS"),
     ({"ASPROF_TAGS": "k=" + "v" * 300}, "ASPROF_TAGS"),
     ({"ASPROF_KILL_SWITCH_FILE": "/tmp/\x07"}, "ASPROF_KILL_SWITCH_FILE"),
+    ({"ASPROF_FILE_MODE": "rw-r-----"}, "ASPROF_FILE_MODE"),
+    ({"ASPROF_FILE_MODE": "666"}, "ASPROF_FILE_MODE"),  # others could write
+    ({"ASPROF_FILE_MODE": "700"}, "ASPROF_FILE_MODE"),  # executable
+    ({"ASPROF_FILE_MODE": "400"}, "ASPROF_FILE_MODE"),  # the owner could not write
+    ({"ASPROF_FILE_MODE": "8"}, "ASPROF_FILE_MODE"),
+    ({"ASPROF_LIB": "lib/libasyncProfiler.so"}, "ASPROF_LIB"),  # relative: refused
     ({"ASPROF_MAX_CPU_PERCENT": "0"}, "ASPROF_MAX_CPU_PERCENT"),
     ({"ASPROF_MAX_CPU_PERCENT": "-3"}, "ASPROF_MAX_CPU_PERCENT"),
     ({"ASPROF_MAX_CPU_PERCENT": "five"}, "ASPROF_MAX_CPU_PERCENT"),

@@ -575,9 +575,10 @@ def test_spool_directory_is_private(tmp_path: Path, reporters: List[S3Reporter],
     open_dir = tmp_path / "open"
     open_dir.mkdir()
     os.chmod(open_dir, 0o777)
-    S3Reporter(BUCKET, ACCOUNT_ID, "pg", spool_dir=open_dir)
-    assert stat.S_IMODE(os.stat(open_dir).st_mode) == 0o700
-    assert any("accessible to other users" in rec.getMessage() for rec in caplog.records)
+    # issue #13: an existing directory is never chmod-ed: refused, with the fix, and left as it was
+    with pytest.raises(ValueError, match=r"can be reached by other users \(mode 0777\).*chmod 700"):
+        S3Reporter(BUCKET, ACCOUNT_ID, "pg", spool_dir=open_dir)
+    assert stat.S_IMODE(os.stat(open_dir).st_mode) == 0o777
     if os.geteuid() == 0:
         theirs = tmp_path / "theirs"
         theirs.mkdir(mode=0o700)

@@ -10,11 +10,10 @@ import json
 import logging
 import os
 import re
-import stat
-import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Deque, List, Optional, Set, Tuple
+
+from asprof.reporter.files import create_locked, maybe_being_created, secure_directory, try_lock_abandoned
 
 log = logging.getLogger("asprof.s3")
 
@@ -92,7 +91,8 @@ class _MemorySpool:
 
 _SPOOL_MAGIC = b"ASPROF-S3-SPOOL 1\n"
 _SPOOL_NAME = re.compile(r"^(\d{20})-(\d{10})-([0-9a-f]{32})-([0-9a-f]{12})\.asprof-s3$")
-_STALE_TEMP_SECONDS = 3600.0
+_PARTIAL_NAME = re.compile(r"^\.(.+)\.(\d{1,10})\.partial$")  # .{spool file name}.{writer pid}.partial
+_MAX_RECOVER_BYTES = 1 << 30
 
 
 class _DirSpool:
@@ -107,14 +107,14 @@ class _DirSpool:
     """
 
     def __init__(self, directory: str, destination: Tuple[str, str], max_profiles: int, max_bytes: int) -> None:
-        self.directory = _private_directory(directory)
+        self.directory = secure_directory(directory, "S3Reporter", "spool directory", mode=0o700, forbidden=0o077)
         self.bucket = destination[0]
         self.tag = hashlib.sha256("\0".join(destination).encode("utf-8")).hexdigest()[:12]
         self.max_profiles = max_profiles
         self.max_bytes = max_bytes
         self._seq = 0
         self._claimed: Optional[_Entry] = None
-        self._remove_stale_temps()
+        self.recover_partials()
 
     # -- writing (agent thread)
 
@@ -124,17 +124,19 @@ class _DirSpool:
         header = json.dumps({"id": entry.id, "key": entry.key, "bucket": entry.bucket}).encode("utf-8")
         data = _SPOOL_MAGIC + header + b"\n" + entry.body
         final = os.path.join(self.directory, name)
-        tmp = os.path.join(self.directory, f".tmp-{uuid.uuid4().hex}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        # Named after the file it becomes (only this destination's spool recovers it) and
+        # locked until renamed: a later spool finishes or removes it if this process is killed.
+        tmp = os.path.join(self.directory, f".{name}.{os.getpid()}.partial")
+        fd = create_locked(tmp, 0o600)
         try:
             try:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view):]
                 os.fsync(fd)
+                os.rename(tmp, final)
             finally:
                 os.close(fd)
-            os.rename(tmp, final)
         except BaseException:
             try:
                 os.unlink(tmp)
@@ -247,20 +249,67 @@ class _DirSpool:
             self._claimed.fd = None
         self._claimed = None
 
-    def _remove_stale_temps(self) -> None:
-        now = time.time()
+    def recover_partials(self) -> Tuple[int, int]:
+        """Finish or remove the ``.partial`` files of this destination that a killed writer
+        left; returns (recovered, removed). Only files named as this spool names them, of
+        this user, not locked by a live writer, are touched; anything else is left alone."""
+        recovered = removed = 0
         try:
             names = os.listdir(self.directory)
         except OSError:
-            return
+            return 0, 0
         for name in names:
-            if name.startswith(".tmp-"):
-                path = os.path.join(self.directory, name)
-                try:
-                    if now - os.lstat(path).st_mtime > _STALE_TEMP_SECONDS:
-                        os.unlink(path)
-                except OSError:
-                    pass
+            m = _PARTIAL_NAME.match(name)
+            if m is None or (n := _SPOOL_NAME.match(m.group(1))) is None or n.group(4) != self.tag:
+                continue
+            path = os.path.join(self.directory, name)
+            fd = try_lock_abandoned(path)
+            if fd is None:
+                continue
+            try:
+                st = os.fstat(fd)
+                if maybe_being_created(st.st_size, st.st_mtime, int(m.group(2))):
+                    continue
+                reason = _spool_file_problem(fd, st.st_size)
+                final = os.path.join(self.directory, m.group(1))
+                if reason is None:
+                    os.link(path, final)  # never replaces: the name is unique to that profile
+                    os.unlink(path)
+                    recovered += 1
+                    log.warning("recovered %s: a complete profile left by a process killed while spooling it; "
+                                "it will be uploaded", final)
+                else:
+                    os.unlink(path)
+                    removed += 1
+                    log.warning("removed %s, left by a process killed while spooling it: %s (1 profile lost)",
+                                path, reason)
+            except OSError as e:
+                log.warning("could not recover %s, left by a killed process: %s", path, e.strerror or e)
+            finally:
+                os.close(fd)
+        if recovered:
+            _fsync_dir(self.directory)
+        return recovered, removed
+
+
+def _spool_file_problem(fd: int, size: int) -> Optional[str]:
+    """Why the spool file is not a complete profile, or None when it is one."""
+    if size > _MAX_RECOVER_BYTES:
+        return f"too large ({size} bytes)"
+    data = os.pread(fd, size, 0)
+    try:
+        entry = _parse_spool_file(data, "", -1)
+    except (ValueError, UnicodeDecodeError) as e:
+        return f"incomplete ({size} bytes: {e})"
+    import io
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(io.BytesIO(entry.body)) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        return f"incomplete ({size} bytes: {e})"
+    return None if bad is None else f"damaged entry {bad}"
 
 
 def _parse_spool_file(data: bytes, path: str, fd: int) -> _Entry:
@@ -312,31 +361,3 @@ def _fsync_dir(directory: str) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _private_directory(directory: str) -> str:
-    """Create (0700) or check the spool directory: ours, and writable by nobody else."""
-    path = os.path.abspath(directory)
-    try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"S3Reporter: cannot create spool directory {path!r}: {e.strerror}") from e
-    st = os.stat(path)
-    if not stat.S_ISDIR(st.st_mode):
-        raise ValueError(f"S3Reporter: spool directory {path!r} is not a directory")
-    if st.st_uid != os.geteuid():
-        raise ValueError(
-            f"S3Reporter: spool directory {path!r} belongs to uid {st.st_uid}, not to this process "
-            f"(uid {os.geteuid()}); use a private directory")
-    if st.st_mode & 0o077:
-        log.warning("S3 spool directory %s was accessible to other users (mode %o); setting it to 0700",
-                    path, stat.S_IMODE(st.st_mode))
-        try:
-            os.chmod(path, 0o700)
-        except OSError as e:
-            raise ValueError(f"S3Reporter: cannot make spool directory {path!r} private: {e.strerror}") from e
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ValueError(f"S3Reporter: spool directory {path!r} is not writable by this process")
-    return path
-
-
