@@ -17,6 +17,7 @@ from asprof.errors import ProfilerError
 from asprof.reporter.base import Reporter
 
 if TYPE_CHECKING:  # imported when the first report is made, on the agent thread
+    from asprof.agent.errorlog import ReportErrorLog
     from asprof.metadata import AgentMetadata
 
 __all__ = ["current", "DEFAULT_STOP_TIMEOUT", "EXIT_TIMEOUT"]
@@ -135,6 +136,7 @@ class _Agent:
         self.done = threading.Event()
         self.recording_since = time.time()  # a datetime when reported: no datetime import at start
         self.fork_ok = False
+        self._error_log: Optional["ReportErrorLog"] = None  # made at the first reporter failure
         self.thread = threading.Thread(target=self._run, name="asprof-agent", daemon=True)
 
     # ---- control, from any thread ----
@@ -315,5 +317,16 @@ class _Agent:
             logger.warning("%r cannot report while the interpreter exits: the last profile (%d bytes) is lost; "
                            "call stop() before exiting to deliver it", self.reporter, len(jfr))
         except Exception as e:  # noqa: BLE001 - reporter errors never stop profiling
-            logger.error("%r failed to report a profile (%d bytes): %s", self.reporter, len(jfr), e)
+            self._report_errors().failed(str(e), len(jfr))
+        else:
+            if self._error_log is not None:
+                self._error_log.succeeded()
+
+    def _report_errors(self) -> "ReportErrorLog":
+        if self._error_log is None:
+            with import_guard:
+                from asprof.agent.errorlog import ReportErrorLog
+
+            self._error_log = ReportErrorLog(logger, repr(self.reporter))
+        return self._error_log
 
