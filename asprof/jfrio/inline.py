@@ -22,8 +22,9 @@ does that join once and writes the result, so that every JFR tool (async-profile
   frame is ``class = module, method = qualname, line = the line being run``, frame type
   ``Python``; native frames keep their library and symbol, frame type ``Native``. ``jfrconv``
   prints ``module.qualname`` (``:line`` with ``--lines``), the JDK tool ``module.qualname()
-  line: N``. Kernel frames (``all_user=False``) become ``Native`` too: a FrameType pool with
-  ``Kernel`` would make ``jfrconv`` print Python frames without their module;
+  line: N``. Kernel frames (``all_user=False``) become ``Native`` too, their names ending in
+  ``_[k]`` as ``jfrconv`` prints them: a FrameType pool with ``Kernel`` would make ``jfrconv``
+  print Python frames without their module;
 - the side events that fed the join (``PyCode``/``PyStack``/``PySample``/``PyModule``) are
   left out: their content is in the stacks now, and asprof's own reader, finding none, does
   not join a second time. ``asprof.PyStats`` stays. The recording is marked with the setting
@@ -59,7 +60,7 @@ from asprof.jfrio.writer import (
     Field,
 )
 
-__all__ = ["inline_python_frames", "has_python_stacks", "InlineStats", "ChunkError", "SETTING",
+__all__ = ["inline_python_frames", "Inliner", "has_python_stacks", "InlineStats", "ChunkError", "SETTING",
            "STATS_EVENT", "JOIN_EVENTS", "EVAL_FRAME", "TRUNCATED"]
 
 #: Native frames that run Python code: one per eval-loop call (as in asprof.jfr.pystacks).
@@ -522,9 +523,10 @@ def _module_from_file(filename: str) -> str:
 class _Out:
     """One output chunk: a ChunkWriter and the translation of one input chunk's keys."""
 
-    def __init__(self, c: _Chunk, index: int, key_base: int) -> None:
+    def __init__(self, c: _Chunk, index: int, key_base: int, user_types: Dict[str, int]) -> None:
         h = c.h
         self.c = c
+        self.user_types = user_types
         self.w = ChunkWriter(h.start_nanos, h.start_ticks, h.ticks_per_second,
                              metadata_id=0x7FFFFFFF - index, key_base=key_base)
         self.threads: Dict[int, int] = {}
@@ -543,6 +545,13 @@ class _Out:
         self.method_pool = c.pool("jdk.types.Method")
         self.thread_pool = c.pool("java.lang.Thread")
         self.strings = c.pool("java.lang.String")
+
+    def user_type(self, name: str) -> int:
+        """The output key of a user event type: one per name across the whole output."""
+        k = self.user_types.get(name)
+        if k is None:
+            k = self.user_types[name] = len(self.user_types) + 1
+        return self.w.user_event_type(k, name)
 
     def thread(self, key: int) -> int:
         t = self.threads.get(key)
@@ -601,7 +610,10 @@ class _Out:
                 centry = self.classes.get(cref.key)
                 if isinstance(centry, dict):
                     owner = self.symbol(centry.get("name"))
-            key = self.w.method(owner, name, descriptor, mods if isinstance(mods, int) else 0)
+            # a kernel frame keeps the mark jfrconv and asprof give it (``_[k]``) in its name: the
+            # output's FrameType pool cannot say Kernel (see the module docstring)
+            key = self.w.method(owner, name + "_[k]" if desc_name == "Kernel" else name, descriptor,
+                                mods if isinstance(mods, int) else 0)
             native = desc_name in ("C++", "Kernel") or (desc_name == "Native" and self.native_is_c)
             display = name if (not owner or native) else (owner if not name else owner + "." + name)
             r = (key, out_type, display)
@@ -682,9 +694,10 @@ def _simple_str(v: Any) -> str:
 
 
 class _Rewriter:
-    def __init__(self, data: bytes, stats: InlineStats) -> None:
+    def __init__(self, data: bytes, stats: InlineStats, inliner: "Inliner") -> None:
         self.data = data
         self.stats = stats
+        self.inliner = inliner
         self.chunks: List[_Chunk] = [_Chunk(data, off, h) for off, h in decode.chunks(data)]
         self.py = _PyStacks()
         self.monotonic = False
@@ -727,9 +740,10 @@ class _Rewriter:
         py = self.py
         carry: Dict[Tuple[bool, int, Tuple[str, ...]], int] = {}  # -> Python stack id
         outs: List[_Out] = []
-        key_base = 0
+        inl = self.inliner
         for ci, c in enumerate(self.chunks):
-            o = _Out(c, ci, key_base)
+            o = _Out(c, inl.chunks, inl.key_base, inl.user_types)
+            inl.chunks += 1
             outs.append(o)
             w = o.w
             exec_cls = c.by_name.get("jdk.ExecutionSample")
@@ -789,15 +803,14 @@ class _Rewriter:
                         stats.side_events += 1
                         continue
                 self._copy(o, ecls, vals)
-            key_base = w.max_key() + 1
+            inl.key_base = w.max_key() + 1
         # the marker and the counters, in the first chunk
-        if outs:
+        if outs and self.join_types:
             w0 = outs[0].w
             w0.setting("jdk.ActiveRecording", SETTING, "true")
-            key = max([k for o in outs for k in o.c.pool("profiler.types.UserEventType")] + [0]) + 1
-            w0.user_event_type(key, STATS_EVENT)
             t0 = outs[0].c.h.start_ticks
-            w0.event("profiler.UserEvent", t0, 0, key, json.dumps(stats.as_dict(), sort_keys=True))
+            w0.event("profiler.UserEvent", t0, 0, outs[0].user_type(STATS_EVENT),
+                     json.dumps(stats.as_dict(), sort_keys=True))
         parts = []
         for o in outs:
             h = o.c.h
@@ -834,7 +847,7 @@ class _Rewriter:
             if s in _LEVEL_BY_NAME:
                 return _LEVEL_BY_NAME[s]
         elif name == "profiler.types.UserEventType":
-            return w.user_event_type(r.key, _simple_str(c.pool(name).get(r.key)))
+            return o.user_type(_simple_str(c.pool(name).get(r.key)))
         elif name == "java.lang.Class":
             entry = c.pool(name).get(r.key)
             return w.klass(o.symbol(entry.get("name")) if isinstance(entry, dict) else "")
@@ -871,23 +884,49 @@ _WRITER_POOL_TYPES = {"java.lang.Thread": 22, "jdk.types.StackTrace": 26, "java.
                       "profiler.types.UserEventType": 34, "java.lang.Class": 21, "jdk.types.Symbol": 31}
 
 
-def inline_python_frames(data: bytes, stats: Optional[InlineStats] = None) -> bytes:
-    """``data`` (complete JFR chunks: one recording file, or one agent report) with the Python
-    frames of its side events inline (see the module docstring). ``data`` is returned as is
-    when it has no Python-stack side events. ``stats`` (if given) receives the join's counters.
-    Raises :class:`ChunkError` on malformed input, or on an event that cannot be carried over."""
-    st = stats if stats is not None else InlineStats()
-    if not has_python_stacks(data):
-        return data
-    try:
-        r = _Rewriter(bytes(data), st)
-        r.collect()
-        if not r.join_types:
+class Inliner:
+    """Rewrites recording files one after the other into one output: chunk metadata ids and
+    pool keys (user event types included) stay unique across all it writes, so that the
+    outputs of several files can be concatenated into one recording. ``stats`` adds up."""
+
+    def __init__(self, stats: Optional[InlineStats] = None) -> None:
+        self.stats = stats if stats is not None else InlineStats()
+        self.chunks = 0
+        self.key_base = 0
+        self.user_types: Dict[str, int] = {}
+
+    def rewrite(self, data: bytes, always: bool = False) -> bytes:
+        """``data`` (complete JFR chunks: one recording file, or one agent report; its
+        Python-stack side events are joined within it) with the Python frames inline (see the
+        module docstring). Without Python-stack side events ``data`` is returned as is, or,
+        with ``always``, written again through the writer all the same (keys made unique).
+        Raises :class:`ChunkError` on malformed input, or on an event that cannot be carried
+        over; then nothing of ``data`` has been counted."""
+        if not always and not has_python_stacks(data):
             return data
-        return r.write()
-    except (IndexError, struct.error, UnicodeError, KeyError, TypeError) as e:
-        raise ChunkError(f"cannot rewrite the recording: {type(e).__name__}: {e}") from None
-    except ValueError as e:
-        if isinstance(e, ChunkError):
+        st = InlineStats()
+        saved = (self.chunks, self.key_base, dict(self.user_types))
+        try:
+            r = _Rewriter(bytes(data), st, self)
+            r.collect()
+            if not r.join_types and not always:
+                return data
+            out = r.write()
+        except (IndexError, struct.error, UnicodeError, KeyError, TypeError, ValueError) as e:
+            self.chunks, self.key_base, self.user_types = saved
+            if isinstance(e, ChunkError):
+                raise
+            raise ChunkError(f"cannot rewrite the recording: {type(e).__name__}: {e}") from None
+        except BaseException:
+            self.chunks, self.key_base, self.user_types = saved
             raise
-        raise ChunkError(f"cannot rewrite the recording: {e}") from None
+        for k in InlineStats.__slots__:
+            setattr(self.stats, k, getattr(self.stats, k) + getattr(st, k))
+        return out
+
+
+def inline_python_frames(data: bytes, stats: Optional[InlineStats] = None) -> bytes:
+    """``data`` (one recording file, or one agent report) with the Python frames of its side
+    events inline; as is when it has none. ``stats`` (if given) receives the join's counters.
+    Raises :class:`ChunkError` on malformed input, or on an event that cannot be carried over."""
+    return Inliner(stats).rewrite(data)
