@@ -296,7 +296,7 @@ def build_profile(
     # ---- issue #5: Python frames (asprof/jfr/pystacks.py) ----
     if python not in ("mixed", "python", "native"):
         raise ValueError(f"python must be 'mixed', 'python' or 'native', got {python!r}")
-    if stack_hook is None and python != "native" and kind in ("cpu", "wall"):
+    if stack_hook is None and kind in ("cpu", "wall"):  # native: for inlined files (issue #12)
         from asprof.jfr.pystacks import python_stack_hook
 
         stack_hook = python_stack_hook(rec, mode=python)

@@ -411,8 +411,58 @@ def stacks_of(rec: "Recording") -> "PythonStacks":
 
 def python_stack_hook(rec: "Recording", mode: str = "mixed", lines: str = "definition",
                       stats: Optional[JoinStats] = None) -> Optional[Callable[..., Optional[Sequence["Frame"]]]]:
-    """The stack hook for a recording, or None when it has no Python stacks."""
-    ps = stacks_of(rec)
-    if ps.empty:
-        return None
-    return ps.stack_hook(rec, mode=mode, lines=lines, stats=stats)
+    """The stack hook for a recording, or None when it has no Python stacks.
+
+    ``mode`` is ``mixed``, ``python`` or ``native`` (None but for inlined files). Files
+    rewritten with their Python frames inline (issue #12, :mod:`asprof.jfrio.inline`: the
+    side events were joined into the stacks and left out) are not joined again: ``mixed``
+    keeps their stacks, ``python`` keeps their Python frames, ``native`` puts one
+    ``_PyEval_EvalFrameDefault`` frame back in place of each run of Python frames."""
+    inline = inline_sources(rec)
+    base = None
+    if mode != "native":
+        ps = stacks_of(rec)
+        if not ps.empty:
+            base = ps.stack_hook(rec, mode=mode, lines=lines, stats=stats)
+    if not inline or mode == "mixed":
+        return base
+
+    def hook(chunk: "Chunk", tid: int, ticks: int, frames: Sequence[Frame]) -> Optional[Sequence[Frame]]:
+        if getattr(chunk, "source", "") in inline:
+            return inline_view(frames, mode)
+        return base(chunk, tid, ticks, frames) if base is not None else None
+
+    return hook
+
+
+#: The frame that stands for an eval-loop call in the native view of an inlined file.
+_EVAL = Frame("_PyEval_EvalFrameDefault", "_PyEval_EvalFrameDefault", "", FrameType.NATIVE)
+
+
+def inline_sources(rec: "Recording") -> Set[str]:
+    """The files of ``rec`` rewritten with their Python frames inline (issue #12)."""
+    from asprof.jfrio.inline import SETTING
+
+    out: Set[str] = set()
+    for chunk in rec.chunks:
+        if any(s.name == SETTING and s.value == "true" for s in chunk.settings):
+            out.add(getattr(chunk, "source", ""))
+    return out
+
+
+def inline_view(frames: Sequence[Frame], mode: str) -> Optional[List[Frame]]:
+    """A stack of an inlined file (leaf first) seen ``python``-only (its Python frames; None,
+    i.e. unchanged, when it has none) or ``native`` (each run of Python frames one eval-loop
+    frame again)."""
+    py = FrameType.PYTHON
+    if mode == "python":
+        out = [f for f in frames if f.type == py]
+        return out or None
+    out = []
+    for f in frames:
+        if f.type == py:
+            if not out or out[-1] is not _EVAL:
+                out.append(_EVAL)
+        else:
+            out.append(f)
+    return out
