@@ -312,7 +312,7 @@ def _read_zip(f: io.BufferedIOBase, size: int, label: str, limits: ReadLimits,
         zf = zipfile.ZipFile(counter)
     except zipfile.BadZipFile as e:
         raise JfrError(f"not a valid zip file ({shown(str(e))})", None, label) from None
-    except (OSError, ValueError, EOFError, struct.error) as e:
+    except (OSError, ValueError, EOFError, struct.error, NotImplementedError, KeyError, IndexError) as e:
         raise JfrError(f"not a valid zip file ({shown(str(e))})", None, label) from None
     total = _Budget(label, limits, "the zip", counter)
     with zf:
@@ -369,7 +369,7 @@ def _read_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, counter: _Counting, 
     except JfrError:
         raise
     except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, RuntimeError, NotImplementedError,
-            struct.error) as e:
+            struct.error, KeyError, IndexError) as e:
         raise JfrError(f"cannot read zip entry {name} ({shown(str(e)) or type(e).__name__})", None, label) from None
     if max_size is None:
         _container_inside(data, f"zip entry {name}", label)

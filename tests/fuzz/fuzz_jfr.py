@@ -11,7 +11,10 @@ Run it longer than the test suite does:
     python tests/fuzz/fuzz_jfr.py --atheris -- -max_len=200000   # coverage-guided, if atheris is installed
 
 Seeds are the real recordings shipped in tests/data (*.jfr.gz) and crafted
-recordings. A failing input is written to ``--crash-dir`` (default: a new
+recordings, and the same wrapped in the containers the reader accepts (S3 reporter zips,
+stored and deflated, and gzip; :func:`container_seeds`): a mutated container must end in
+a JfrError too, within the read limits (:data:`LIMITS`, small so that a mutation that makes a
+bomb is stopped quickly). A failing input is written to ``--crash-dir`` (default: a new
 temporary directory) and the harness exits non-zero.
 """
 from __future__ import annotations
@@ -38,6 +41,10 @@ from asprof.jfr.errors import JfrError  # noqa: E402
 DATA = HERE.parent / "data"  # tests/data: the real recordings (see its README.md)
 
 
+#: Read limits of the harness: small, so a mutated container that inflates a lot stops fast.
+LIMITS = J.ReadLimits(max_size=64 << 20, max_ratio=50.0, ratio_floor=1 << 20, max_files=1000)
+
+
 def check(data: bytes) -> None:
     """Read ``data`` every way; only JfrError may escape."""
     try:
@@ -47,7 +54,7 @@ def check(data: bytes) -> None:
 
 
 def _exercise(data: bytes) -> None:
-    rec = J.open(data)
+    rec = J.open(data, limits=LIMITS)
     for kind in ("cpu", "wall", "nativemem", "leaks"):
         prof = rec.samples(kind, by_thread=True)
         J.to_collapsed(prof)
@@ -82,6 +89,23 @@ def seeds(max_size: int = 200_000) -> List[bytes]:
     s.free(14, 1, 0x10)
     out.append(s.build())
     out.append(s.build() + s.build(start_nanos=2 * 10**18))
+    return out
+
+
+def container_seeds(max_size: int = 200_000) -> List[bytes]:
+    """The seeds in containers: S3 reporter zips (deflated, stored; with metadata.json), gzip."""
+    import io
+    import zipfile
+
+    out = []
+    for jfr in seeds(max_size):
+        for method in (zipfile.ZIP_DEFLATED, zipfile.ZIP_STORED):
+            buf = io.BytesIO()
+            with zipfile.ZipFile(buf, "w", method) as zf:
+                zf.writestr("async_profiler_dump_0.jfr", jfr)
+                zf.writestr("metadata.json", b'{"start": 1700000000000, "end": 1700000030000}')
+            out.append(buf.getvalue())
+        out.append(gzip.compress(jfr, 6))
     return out
 
 
@@ -121,7 +145,7 @@ def _alarm(_sig: int, _frm: object) -> None:
 
 def run_mutation(seconds: float, seed: int, crash_dir: Path, per_input: int = 10) -> int:
     rnd = random.Random(seed)
-    corpus = seeds()
+    corpus = seeds() + container_seeds()
     signal.signal(signal.SIGALRM, _alarm)
     n = 0
     t_end = time.monotonic() + seconds
@@ -154,7 +178,7 @@ def run_atheris(argv: List[str]) -> int:  # pragma: no cover - needs atheris
     import atheris  # type: ignore[import-not-found]
 
     corpus_dir = Path(tempfile.mkdtemp(prefix="jfr-corpus-"))
-    for i, s in enumerate(seeds()):
+    for i, s in enumerate(seeds() + container_seeds()):
         (corpus_dir / f"seed{i}.jfr").write_bytes(s)
     atheris.Setup([sys.argv[0], str(corpus_dir)] + argv, check)
     atheris.Fuzz()

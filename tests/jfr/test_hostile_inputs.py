@@ -247,3 +247,16 @@ def test_a_file_name_with_control_characters_stays_one_line(tmp_path: Path) -> N
     with pytest.raises(JfrError) as ei:
         J.open(p)
     assert "\n" not in str(ei.value) and "\x1b" not in str(ei.value) and "evil\\n\\x1b[2Jname.jfr" in str(ei.value)
+
+
+def test_a_zip_needing_an_unknown_version_is_a_jfr_error() -> None:
+    """zipfile raises NotImplementedError for it (found by tests/fuzz)."""
+    import struct
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("async_profiler_dump_0.jfr", H.good_jfr())
+    d = bytearray(buf.getvalue())
+    struct.pack_into("<H", d, d.find(b"PK\x01\x02") + 6, 255)  # version needed to extract: 25.5
+    with pytest.raises(JfrError, match="not a valid zip file"):
+        J.open(bytes(d))
