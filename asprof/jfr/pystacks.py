@@ -435,6 +435,7 @@ def python_stack_hook(rec: "Recording", mode: str = "mixed", lines: str = "defin
     return hook
 
 
+_TRUNCATED = "[truncated Python stack]"
 #: The frame that stands for an eval-loop call in the native view of an inlined file.
 _EVAL = Frame("_PyEval_EvalFrameDefault", "_PyEval_EvalFrameDefault", "", FrameType.NATIVE)
 
@@ -453,13 +454,16 @@ def inline_sources(rec: "Recording") -> Set[str]:
 def inline_view(frames: Sequence[Frame], mode: str) -> Optional[List[Frame]]:
     """A stack of an inlined file (leaf first) seen ``python``-only (its Python frames; None,
     i.e. unchanged, when it has none) or ``native`` (each run of Python frames one eval-loop
-    frame again)."""
+    frame again; exact but where the native stack was cut at its root side, whose Python
+    frames the join keeps at the root: one more eval-loop frame there)."""
     py = FrameType.PYTHON
     if mode == "python":
         out = [f for f in frames if f.type == py]
         return out or None
     out = []
     for f in frames:
+        if f.type == py and f.method == _TRUNCATED:
+            continue  # the mark of a Python stack cut by the capture's depth limit
         if f.type == py:
             if not out or out[-1] is not _EVAL:
                 out.append(_EVAL)
