@@ -36,9 +36,31 @@ jfr_extensions = [
 ] if os.path.exists(os.path.join(HERE, "asprof/jfr/_parser.pyx")) else []
 
 # Python frames in samples (issue #5; owner: csrc/pyframes). Plain C, built per CPython
-# version: it reads the interpreter's internal frame structures. Only where it is supported.
+# version: it reads the interpreter's internal frame structures. Only where it is supported:
+# CPython 3.9-3.14 with the GIL (issue #14: a free-threaded build, or a version the walk does
+# not know, gets no frame walker, said here and by the agent at run time, one log line).
 import platform  # noqa: E402
 import sys  # noqa: E402
+import sysconfig  # noqa: E402
+
+WALKER_VERSIONS = ((3, 9), (3, 14))
+
+
+def _walker_refusal() -> "str | None":
+    if sys.implementation.name != "cpython":
+        return f"{sys.implementation.name} is not CPython"
+    if not WALKER_VERSIONS[0] <= sys.version_info[:2] <= WALKER_VERSIONS[1]:
+        return "CPython %d.%d is not one of 3.9-3.14" % sys.version_info[:2]
+    if sysconfig.get_config_var("Py_GIL_DISABLED"):
+        return "this is a free-threaded build (Py_GIL_DISABLED)"
+    if not (sys.platform.startswith("linux") and platform.machine() in ("x86_64", "aarch64")):
+        return f"{sys.platform}/{platform.machine()} is not Linux x86_64/aarch64"
+    return None
+
+
+_no_walker = _walker_refusal()
+if _no_walker:
+    sys.stderr.write(f"asprof: building without the Python-frame walker: {_no_walker}\n")
 
 pyframes_extensions = [
     Extension(
@@ -49,16 +71,12 @@ pyframes_extensions = [
         extra_compile_args=CFLAGS,
         define_macros=[("_GNU_SOURCE", "1")],
     )
-] if (sys.implementation.name == "cpython" and (3, 9) <= sys.version_info[:2] <= (3, 13)
-      and sys.platform.startswith("linux") and platform.machine() in ("x86_64", "aarch64")
-      and glob.glob(os.path.join(HERE, "csrc/pyframes/*.c"))) else []
+] if _no_walker is None and glob.glob(os.path.join(HERE, "csrc/pyframes/*.c")) else []
 
 # The built-in sampling engine (issue #11; owner: csrc/builtin). Every CPython 3.9+ on Linux
 # x86_64/aarch64; the frame walker of csrc/pyframes only where it supports the interpreter
 # (the _pyframes condition, and not the free-threaded build), native-leaf-only samples elsewhere.
-import sysconfig  # noqa: E402
-
-_walker = bool(pyframes_extensions) and not sysconfig.get_config_var("Py_GIL_DISABLED")
+_walker = bool(pyframes_extensions)
 builtin_extensions = [
     Extension(
         "asprof.engines._builtin",

@@ -1,7 +1,10 @@
 """asprof's built-in sampling engine (C extension, csrc/builtin/). Contract: see the module docs."""
 from __future__ import annotations
 
+from typing import Optional
+
 python_frames: bool
+python_frames_off: Optional[str]  # why python_frames is False (None when True)
 compiled_version: int
 
 def start(cpu_interval_ns: int, wall_interval_ns: int, max_frames: int = 128, cpu_mode: str = "auto") -> str: ...
@@ -15,5 +18,6 @@ def collect() -> tuple[
     int,
 ]: ...
 def stats() -> dict[str, int]: ...
+def recheck() -> None: ...  # issue #13
 def batch_labels() -> list[int]: ...  # issue #15: label-set ids of the last collect()
 def labels_hooked() -> bool: ...  # issue #15: samples carry label-set ids

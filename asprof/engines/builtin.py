@@ -19,8 +19,9 @@ import os
 import signal
 import sys
 import threading
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from asprof import osthreads
 from asprof.context.report import label_ids_of
 from asprof.engines.base import Engine, TickResult
 from asprof.errors import ProfilerError
@@ -179,6 +180,11 @@ class BuiltinEngine(Engine):
 
         self._mod = _builtin
         self.options = options
+        if not _builtin.python_frames:  # issue #14: free-threaded, a version the walker does not know
+            from asprof.pyframes import unsupported_reason
+
+            why = unsupported_reason() or _builtin.python_frames_off or "its frame walker is not built"
+            logger.info("the built-in engine records no Python stacks here (native leaf frames only): %s", why)
         bad = unsupported_options(options)
         if bad and explicit:
             raise ProfilerError("the built-in engine (engine='builtin') cannot honour "
@@ -187,7 +193,7 @@ class BuiltinEngine(Engine):
             logger.info("the built-in engine leaves out: %s", "; ".join(bad))
         self._cpu_ns = options.cpu_interval_ns
         self._wall_ns = 0 if options.wall_interval is None else max(1, round(options.wall_interval * 1e9))
-        self._lock = threading.Lock()  # collects, ticks, stop and fork
+        self._lock = osthreads.Lock()  # collects, ticks, stop and fork (real locks even under gevent)
         self._names = _Names()
         self._running = False
         self._orphan = False  # this object belongs to the parent of a forked child
@@ -196,8 +202,8 @@ class BuiltinEngine(Engine):
         self._lost = 0  # samples lost in the report being built
         self._lost_total = 0
         self._last_size = 0
-        self._wake = threading.Event()
-        self._collector: Optional[threading.Thread] = None
+        self._wake = osthreads.Event()
+        self._collector: Optional[Any] = None
         #: issue #16: called with (writer, end) before each report is finished (the Python allocation
         #: samples go into the same chunk); an error is logged and the report goes on without them.
         self.report_hook: Optional[Callable[["ChunkWriter", Tuple[int, int]], None]] = None
@@ -224,11 +230,12 @@ class BuiltinEngine(Engine):
                 self.cpu_mode = self._mod.start(self._cpu_ns, self._wall_ns, _MAX_FRAMES, "auto")
             except (RuntimeError, OSError, ValueError) as e:
                 raise ProfilerError(f"the built-in engine could not start: {e}") from e
+            _sampling_with(True)  # issue #13: signal.signal(SIGPROF, SIG_DFL) cannot end the process
             try:
                 self._writer = self._new_writer(pair)
                 self._lost = 0
                 self._wake.clear()
-                self._collector = threading.Thread(target=self._collect_loop, name="asprof-collect", daemon=True)
+                self._collector = osthreads.Thread(self._collect_loop, "asprof-collect")
                 self._running = True
                 self._collector.start()
                 self._context.start()
@@ -236,6 +243,7 @@ class BuiltinEngine(Engine):
                 self._running = False
                 self._collector = None
                 self._mod.stop()
+                _sampling_with(False)
                 raise ProfilerError(f"the built-in engine could not start: {e}") from e
         logger.debug("built-in engine started: cpu %s every %d ns, wall every %d ns",
                      self.cpu_mode, self._cpu_ns, self._wall_ns)
@@ -252,6 +260,7 @@ class BuiltinEngine(Engine):
                 return None
             self._running = False
             self._mod.stop()
+            _sampling_with(False)
             self._context.stop()
             data = self._report(restart=False)
         self._join_collector()
@@ -263,6 +272,7 @@ class BuiltinEngine(Engine):
                 if self._running and not self._orphan:
                     self._running = False
                     self._mod.stop()
+                    _sampling_with(False)
                     self._context.stop()
                 self._writer = None
             self._join_collector()
@@ -278,7 +288,7 @@ class BuiltinEngine(Engine):
 
     def after_fork_in_child(self) -> None:
         self._orphan = True  # the child's agent starts its own engine; no collector thread here
-        self._lock = threading.Lock()
+        self._lock = osthreads.Lock()
         self._writer = None
 
     def memory_bytes(self) -> Optional[int]:
@@ -348,7 +358,7 @@ class BuiltinEngine(Engine):
     def _join_collector(self) -> None:
         self._wake.set()
         t, self._collector = self._collector, None
-        if t is not None and t is not threading.current_thread():
+        if t is not None and not osthreads.is_current(t):
             t.join(5.0)
 
     def _report(self, restart: bool) -> Optional[bytes]:
@@ -467,8 +477,21 @@ class BuiltinEngine(Engine):
         return w.finish(end_ticks=end[1])
 
 
+def _sampling_with(on: bool) -> None:
+    """issue #13: the built-in engine samples with SIGPROF (engines/signals.py wraps signal.signal)."""
+    from asprof.engines import _builtin
+    from asprof.engines.signals import not_sampling_with, sampling_with
+
+    try:
+        (sampling_with if on else not_sampling_with)([int(signal.SIGPROF)], _builtin.recheck)
+    except Exception:  # noqa: BLE001 - profiling goes on
+        logger.debug("signal.signal could not be wrapped", exc_info=True)
+
+
 def _name_thread(name: str) -> None:
     """The OS name of the calling thread (what /proc shows and the overhead guard counts)."""
+    if osthreads.main_thread_native():
+        return  # never rename the process
     try:
         from asprof._native import set_thread_name
 

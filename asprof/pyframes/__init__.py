@@ -9,13 +9,51 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, FrozenSet, Optional
+from typing import Any, Dict, FrozenSet, Optional, Tuple
 
 from asprof.autostart.values import pyframes_join_by_timestamp, pyframes_timing
 
-__all__ = ["Capture", "attach_capture"]
+__all__ = ["Capture", "attach_capture", "unsupported_reason", "SUPPORTED_VERSIONS"]
 
 log = logging.getLogger("asprof")
+
+# The CPython versions whose frame layout the walk (csrc/pyframes/walk.c) knows; setup.py builds
+# it only there. A newer version is refused until it is supported (issue #14).
+SUPPORTED_VERSIONS = ((3, 9), (3, 14))
+
+
+def free_threaded(config_var: Optional[Any] = None) -> bool:
+    """Whether this interpreter is a free-threaded build (``Py_GIL_DISABLED``), whether or not
+    the GIL was turned back on at run time: the frame layout differs either way.
+    ``config_var``: the value of ``sysconfig.get_config_var("Py_GIL_DISABLED")`` (tests)."""
+    if config_var is None:
+        import sysconfig
+
+        config_var = sysconfig.get_config_var("Py_GIL_DISABLED")
+    if config_var:
+        return True
+    import sys
+
+    is_enabled = getattr(sys, "_is_gil_enabled", None)  # 3.13+: False only in a free-threaded build
+    return is_enabled is not None and not is_enabled()
+
+
+def unsupported_reason(implementation: Optional[str] = None, version: Optional[Tuple[int, ...]] = None,
+                       gil_disabled: Optional[bool] = None) -> Optional[str]:
+    """Why Python stacks cannot be captured by this interpreter, or None. The arguments default
+    to this interpreter's (``sys.implementation.name``, ``sys.version_info``, :func:`free_threaded`)."""
+    import sys
+
+    name = sys.implementation.name if implementation is None else implementation
+    v = tuple(sys.version_info[:3] if version is None else version)
+    shown = ".".join(map(str, v))
+    lo, hi = SUPPORTED_VERSIONS
+    if name != "cpython" or not lo <= v[:2] <= hi:
+        return "CPython %d.%d to %d.%d is needed, this is %s %s" % (lo + hi + (name, shown))
+    if free_threaded() if gil_disabled is None else gil_disabled:
+        return (f"CPython {shown} is a free-threaded build (Py_GIL_DISABLED): the frame walk is not "
+                "supported there yet; native stacks are profiled")
+    return None
 
 
 class Capture:
@@ -73,7 +111,7 @@ def attach_capture(info: Any) -> Optional[Capture]:
 
     Returns None, with one log line, when it is not supported here: async-profiler older than
     4.1 (no user events) or without ``asprof_get_thread_local_data``, a Python other than
-    CPython 3.9-3.13, or the extension missing. On 4.0-4.4 ``sample_counter`` counts events,
+    CPython 3.9-3.14 with the GIL (:func:`unsupported_reason`), or the extension missing. On 4.0-4.4 ``sample_counter`` counts events,
     so samples are joined by timestamp instead of exactly.
     """
     global _capture, _capture_pid
@@ -81,11 +119,9 @@ def attach_capture(info: Any) -> Optional[Capture]:
         if _capture_pid == os.getpid():
             return _capture
         _capture = None  # a forked child: the parent's capture was reset by the at-fork handler
-    import sys
-
-    if sys.implementation.name != "cpython" or not (3, 9) <= sys.version_info[:2] <= (3, 13):
-        log.info("asprof: Python frames are off: CPython 3.9 to 3.13 is needed, this is %s %s",
-                 sys.implementation.name, sys.version.split()[0])
+    why = unsupported_reason()
+    if why is not None:
+        log.info("asprof: Python frames are off: %s", why)
         return None
     vt = tuple(getattr(info, "version_tuple", ()) or ())
     caps: FrozenSet[str] = frozenset(getattr(info, "capabilities", frozenset()))

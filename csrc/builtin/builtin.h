@@ -57,6 +57,7 @@ typedef struct {
     uint32_t stack;
     uint64_t pc;
     uint32_t label;      /* label-set id of that sample (issue #15) */
+    uint32_t sleeping;   /* the thread was sleeping when it was signalled: its stack may be repeated */
 } bi_wall_last;
 extern bi_wall_last bi_wall_lasts[BI_MAX_THREADS];
 
@@ -123,6 +124,12 @@ extern struct bi_state {
     bi_counters n;
 } bi;
 
+#ifdef ASPROF_WALKER
+/* 0 when the running interpreter's layout is not the one the walker was built for
+   (pf_layout_check at import): samples then carry no Python stack (module.c). */
+extern int bi_walker_ok;
+#endif
+
 /* store.c */
 int bi_store_init(void);                 /* maps the halves (once); 0 or -1 */
 void bi_store_reset(bi_half *h);         /* no handler may use it */
@@ -153,6 +160,7 @@ void bi_handler(int sig, siginfo_t *info, void *ucontext);
    "perf-task-clock" | "thread-cputime" | "itimer" | "off". */
 const char *bi_sampler_start(uint64_t cpu_ns, uint64_t wall_ns, int cpu_mode, const char **mode_out);
 void bi_sampler_stop(void);
+void bi_sampler_recheck(void);     /* issue #13: our handler in front and our perf events re-armed, now */
 int bi_sampler_running(void);
 int bi_sampler_threads(void);
 int bi_sampler_timers(void);

@@ -142,6 +142,7 @@ static uint32_t stack_index(bi_half *hf, const bi_frame *fr, int n, int truncate
 /* The Python stack of this thread into hf: its index, BI_NO_STACK (no Python frames) or
    BI_STACK_CAP (no room). async-signal-safe: runs in the handler. */
 static uint32_t python_stack(bi_half *hf, void *ucontext, uint64_t now) {
+    if (!bi_walker_ok) return BI_NO_STACK;  /* refused at import (pf_layout_check) */
     void *tstate = pf_this_thread_state();
     if (tstate == NULL) {
         atomic_fetch_add_explicit(&bi.n.no_python, 1, memory_order_relaxed);
@@ -277,6 +278,10 @@ void bi_handler(int sig, siginfo_t *info, void *ucontext) {
         w->stack = stack;
         w->pc = s->pc;
         w->label = s->label;
+        /* Only a stack taken while the thread slept is where it still is while it stays idle: one
+           taken while it ran (it then blocked after using little CPU) would be repeated, stale,
+           for the whole wait (issue #15: an event-loop stall showed the code before it). */
+        w->sleeping = state == 2u;
         atomic_fetch_add(&w->gen, 1);
     }
     atomic_fetch_sub(&hf->pins, 1);  /* seq_cst: the record is complete before the unpin */

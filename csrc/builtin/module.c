@@ -13,6 +13,7 @@
 #include "asprof_ctx.h"
 
 #include <dlfcn.h>
+#include <link.h>
 #include <errno.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -25,6 +26,9 @@
 #error "the frame walker does not support the free-threaded build: build without ASPROF_WALKER"
 #endif
 
+#ifdef ASPROF_WALKER
+int bi_walker_ok = 1;
+#endif
 static int started;            /* between a successful start() and stop() */
 static int starting;           /* a start() is in progress (GIL released while the sampler starts) */
 static int collecting;         /* a collect() is in progress (GIL released while swapping) */
@@ -158,6 +162,8 @@ typedef struct {
     long unknown_code;
     PyObject *labels, *label_map;   /* issue #15: label-set ids of the batch; id -> index + 1 */
     uint32_t last_label, last_label_idx;
+    struct sym_range { uint64_t lo, hi; long id; } *ranges;  /* symbols seen: sorted by lo */
+    size_t nranges, cap_ranges;
 } batch;
 
 /* The label-set ids of the last collect(): a record's 16-bit field r[18..19] is 0 (no label) or
@@ -258,18 +264,54 @@ static PyObject *python_pairs(batch *b, bi_half *h, uint32_t idx) {
 }
 #endif
 
-/* Native id of pc (dladdr, cached per pc); -1 with an exception set on error. */
+/* The symbol range holding pc, or the index where one starting above pc would go. */
+static size_t range_find(const batch *b, uint64_t pc, int *hit) {
+    size_t lo = 0, hi = b->nranges;
+    while (lo < hi) {
+        size_t mid = (lo + hi) / 2;
+        if (b->ranges[mid].lo <= pc) lo = mid + 1;
+        else hi = mid;
+    }
+    *hit = lo > 0 && pc < b->ranges[lo - 1].hi;
+    return *hit ? lo - 1 : lo;
+}
+
+/* Remembers [lo, hi) -> id: the next PCs in that function skip dladdr (a linear walk of the
+   library's symbols: tens of microseconds in libpython). Best effort: no room, no cache. */
+static void range_add(batch *b, uint64_t lo, uint64_t hi, long id) {
+    int hit;
+    size_t at = range_find(b, lo, &hit);
+    if (hit || (at < b->nranges && b->ranges[at].lo < hi)) return;  /* overlaps one we have */
+    if (b->nranges == b->cap_ranges) {
+        size_t cap = b->cap_ranges ? b->cap_ranges * 2 : 256;
+        void *p = PyMem_Realloc(b->ranges, cap * sizeof(*b->ranges));
+        if (p == NULL) return;
+        b->ranges = p;
+        b->cap_ranges = cap;
+    }
+    memmove(&b->ranges[at + 1], &b->ranges[at], (b->nranges - at) * sizeof(*b->ranges));
+    b->ranges[at].lo = lo;
+    b->ranges[at].hi = hi;
+    b->ranges[at].id = id;
+    b->nranges++;
+}
+
+/* Native id of pc (dladdr, cached per pc and per symbol range); -1 with an exception set on error. */
 static long native_id(batch *b, uint64_t pc) {
+    int in_range;
+    size_t r = range_find(b, pc, &in_range);
+    if (in_range) return b->ranges[r].id;
     PyObject *key = PyLong_FromUnsignedLongLong(pc);
     if (key == NULL) return -1;
     PyObject *hit = PyDict_GetItemWithError(b->pc_map, key);
     if (hit != NULL) { Py_DECREF(key); return PyLong_AsLong(hit); }
     if (PyErr_Occurred()) { Py_DECREF(key); return -1; }
     Dl_info info;
+    const ElfW(Sym) *esym = NULL;
     char hex[32];
     const char *sym, *lib = "";
     memset(&info, 0, sizeof(info));
-    if (dladdr((void *)(uintptr_t)pc, &info) != 0) {
+    if (dladdr1((void *)(uintptr_t)pc, &info, (void **)&esym, RTLD_DL_SYMENT) != 0) {
         if (info.dli_fname != NULL) lib = info.dli_fname;
     }
     if (info.dli_sname != NULL) sym = info.dli_sname;
@@ -291,6 +333,10 @@ static long native_id(batch *b, uint64_t pc) {
         PyObject *v = PyLong_FromLong(id);
         if (v == NULL || PyDict_SetItem(b->pc_map, key, v) != 0) id = -1;
         Py_XDECREF(v);
+    }
+    if (id >= 0 && info.dli_sname != NULL && info.dli_saddr != NULL && esym != NULL && esym->st_size > 0) {
+        uint64_t lo = (uint64_t)(uintptr_t)info.dli_saddr, hi = lo + (uint64_t)esym->st_size;
+        if (lo <= pc && pc < hi) range_add(b, lo, hi, id);
     }
     Py_DECREF(key);
     return id;
@@ -495,6 +541,7 @@ out:
     Py_XDECREF(b.codes); Py_XDECREF(b.natives); Py_XDECREF(b.stacks);
     Py_XDECREF(b.pc_map); Py_XDECREF(b.native_map); Py_XDECREF(b.stack_map); Py_XDECREF(b.combo_map);
     Py_XDECREF(b.code_dedup);
+    PyMem_Free(b.ranges);
     Py_XDECREF(samples);
     return result;
 }
@@ -547,6 +594,14 @@ static PyObject *bi_batch_labels(PyObject *self, PyObject *noargs) {
     if (last_labels == NULL) return PyList_New(0);
     Py_INCREF(last_labels);
     return last_labels;
+}
+
+/* issue #13: called when the application set SIGPROF's handler from Python (engines/signals.py). */
+static PyObject *bi_recheck(PyObject *self, PyObject *noargs) {
+    Py_BEGIN_ALLOW_THREADS
+    bi_sampler_recheck();
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
 }
 
 static PyObject *bi_stats(PyObject *self, PyObject *noargs) {
@@ -623,6 +678,7 @@ static PyMethodDef methods[] = {
     {"running", bi_running, METH_NOARGS, "running() -> bool"},
     {"collect", bi_collect, METH_NOARGS, "collect() -> (codes, natives, stacks, samples, lost)"},
     {"stats", bi_stats, METH_NOARGS, "stats() -> dict of cumulative counters"},
+    {"recheck", bi_recheck, METH_NOARGS, "recheck() -> None: our SIGPROF handler in front and perf events re-armed now"},
     {"batch_labels", bi_batch_labels, METH_NOARGS,
      "batch_labels() -> label-set ids of the last collect() (a record's reserved field is an index + 1)"},
     {"labels_hooked", bi_labels_hooked, METH_NOARGS, "labels_hooked() -> bool: samples carry label-set ids"},
@@ -639,9 +695,13 @@ PyMODINIT_FUNC PyInit__builtin(void) {
     PyObject *m = PyModule_Create(&moduledef);
     if (m == NULL) return NULL;
 #ifdef ASPROF_WALKER
-    int frames = 1;
+    char why[256] = "";
+    bi_walker_ok = pf_layout_check(why, sizeof(why)) == 0;
+    int frames = bi_walker_ok;
     unsigned long version = pf_compiled_version();
 #else
+    /* free-threaded builds and CPython versions the walker does not know (setup.py) */
+    const char *why = "its frame walker was not built for this interpreter";
     int frames = 0;
     unsigned long version = PY_VERSION_HEX;
 #endif
@@ -650,7 +710,8 @@ PyMODINIT_FUNC PyInit__builtin(void) {
         pthread_atfork(NULL, NULL, atfork_child);
         atfork_done = 1;
     }
-    if (PyModule_AddObject(m, "python_frames", PyBool_FromLong(frames)) != 0 ||
+    if (PyModule_AddObject(m, "python_frames_off", frames ? (Py_INCREF(Py_None), Py_None) : PyUnicode_FromString(why)) != 0 ||
+        PyModule_AddObject(m, "python_frames", PyBool_FromLong(frames)) != 0 ||
         PyModule_AddIntConstant(m, "compiled_version", (long)version) != 0) {
         Py_DECREF(m);
         return NULL;

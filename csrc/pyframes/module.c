@@ -156,6 +156,10 @@ static PyObject *py_install(PyObject *module, PyObject *args, PyObject *kw) {
         return NULL;
     }
     char err[512];
+    if (pf_layout_check(err, sizeof(err)) != 0) {  /* 3.14: the walk's offsets against the interpreter's */
+        PyErr_SetString(PyExc_RuntimeError, err);
+        return NULL;
+    }
     void *lib = open_loaded(lib_path, err, sizeof(err));
     if (lib == NULL) {
         PyErr_SetString(PyExc_OSError, err);

@@ -74,6 +74,10 @@ int pf_read_bytes(uintptr_t bytes, uint8_t *buf, int cap);
 int pf_addr2line(const uint8_t *table, int len, int firstlineno, int lasti);
 /* The current Python thread state of the calling thread, or NULL (async-signal-safe). */
 void *pf_this_thread_state(void);
+/* 0 when the running interpreter's layout is the one the walk was compiled for (3.14: compared
+   with _PyRuntime.debug_offsets; earlier versions: always 0); else -1 with the reason in why.
+   Not async-signal-safe: called once, at install. */
+int pf_layout_check(char *why, size_t cap);
 /* Runtime version (PY_VERSION_HEX) the walker was compiled for. */
 unsigned long pf_compiled_version(void);
 

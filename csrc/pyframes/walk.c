@@ -18,6 +18,13 @@
  *               marks the first frame run by a _PyEval_EvalFrameDefault call
  *   3.12        same chain; each eval-loop call pushes an entry frame owned by the C stack
  *   3.13        tstate->current_frame; f_executable (a code object, or None for entry frames)
+ *   3.14        f_executable is a tagged _PyStackRef (low bit: deferred reference); the entry frame
+ *               is owned by FRAME_OWNED_BY_INTERPRETER (3, the value FRAME_OWNED_BY_CSTACK had
+ *               before; CSTACK is now 4 and assigned nowhere); layouts from pycore_interpframe.h,
+ *               checked at install against _PyRuntime.debug_offsets (pf_layout_check)
+ *
+ * Free-threaded builds (Py_GIL_DISABLED) are refused at build time: the walk is not written for
+ * their per-thread bytecode and deferred reference counts (setup.py does not compile it there).
  */
 #define Py_BUILD_CORE 1
 #define PY_SSIZE_T_CLEAN
@@ -26,18 +33,87 @@
 #if PY_VERSION_HEX >= 0x030B0000
 #include <internal/pycore_frame.h>
 #endif
+#if PY_VERSION_HEX >= 0x030E0000
+#include <internal/pycore_interpframe.h>
+#include <internal/pycore_runtime.h>
+#endif
 
 #include "pyframes.h"
 
+#include <stdio.h>
 #include <string.h>
 
-#if PY_VERSION_HEX < 0x03090000 || PY_VERSION_HEX >= 0x030E0000
-#error "asprof._pyframes supports CPython 3.9 to 3.13"
+#if PY_VERSION_HEX < 0x03090000 || PY_VERSION_HEX >= 0x030F0000
+#error "asprof's frame walker supports CPython 3.9 to 3.14 (setup.py builds it only there)"
+#endif
+#ifdef Py_GIL_DISABLED
+#error "asprof's frame walker does not support the free-threaded build (setup.py leaves it out there)"
+#endif
+
+/* The entry frame each _PyEval_EvalFrameDefault call pushes (3.12+). */
+#if PY_VERSION_HEX >= 0x030E0000
+#define PF_ENTRY_OWNER FRAME_OWNED_BY_INTERPRETER
+/* f_executable is a _PyStackRef: the low bit tags a deferred reference; both low bits set is a
+   tagged int (never a code object). Masked as PyStackRef_AsPyObjectBorrow does. */
+#define PF_EXECUTABLE(fr) ((((fr).f_executable.bits & 3u) == 3u) ? (uintptr_t)0 : ((fr).f_executable.bits & ~(uintptr_t)1))
+#elif PY_VERSION_HEX >= 0x030C0000
+#define PF_ENTRY_OWNER FRAME_OWNED_BY_CSTACK
 #endif
 
 unsigned long pf_compiled_version(void) { return PY_VERSION_HEX; }
 
 void *pf_this_thread_state(void) { return PyGILState_GetThisThreadState(); }
+
+int pf_layout_check(char *why, size_t cap) {
+#if PY_VERSION_HEX >= 0x030E0000
+    /* The running interpreter describes its own layout for out-of-process profilers
+       (_PyRuntime.debug_offsets, the first member of _PyRuntime, stable within a minor
+       version). A build against one 3.14.x's headers run by another whose layout moved is
+       refused here instead of reading the wrong fields in the handler. */
+    const _Py_DebugOffsets *d = &_PyRuntime.debug_offsets;
+    if (memcmp(d->cookie, _Py_Debug_Cookie, sizeof(d->cookie)) != 0) {
+        snprintf(why, cap, "the interpreter's _PyRuntime.debug_offsets has no debug cookie");
+        return -1;
+    }
+    if ((d->version >> 16) != ((unsigned long)PY_VERSION_HEX >> 16)) {
+        snprintf(why, cap, "built for CPython %d.%d, the interpreter says it is 0x%llx", PY_MAJOR_VERSION,
+                 PY_MINOR_VERSION, (unsigned long long)d->version);
+        return -1;
+    }
+    if (d->free_threaded) {
+        snprintf(why, cap, "the interpreter is a free-threaded build");
+        return -1;
+    }
+    struct { const char *name; uint64_t have; size_t want; } c[] = {
+        {"thread_state.current_frame", d->thread_state.current_frame, offsetof(PyThreadState, current_frame)},
+        {"interpreter_frame.previous", d->interpreter_frame.previous, offsetof(_PyInterpreterFrame, previous)},
+        {"interpreter_frame.executable", d->interpreter_frame.executable, offsetof(_PyInterpreterFrame, f_executable)},
+        {"interpreter_frame.instr_ptr", d->interpreter_frame.instr_ptr, offsetof(_PyInterpreterFrame, instr_ptr)},
+        {"interpreter_frame.owner", d->interpreter_frame.owner, offsetof(_PyInterpreterFrame, owner)},
+        {"interpreter_frame.localsplus", d->interpreter_frame.localsplus, offsetof(_PyInterpreterFrame, localsplus)},
+        {"code_object.filename", d->code_object.filename, offsetof(PyCodeObject, co_filename)},
+        {"code_object.name", d->code_object.name, offsetof(PyCodeObject, co_name)},
+        {"code_object.qualname", d->code_object.qualname, offsetof(PyCodeObject, co_qualname)},
+        {"code_object.linetable", d->code_object.linetable, offsetof(PyCodeObject, co_linetable)},
+        {"code_object.firstlineno", d->code_object.firstlineno, offsetof(PyCodeObject, co_firstlineno)},
+        {"code_object.co_code_adaptive", d->code_object.co_code_adaptive, offsetof(PyCodeObject, co_code_adaptive)},
+        {"pyobject.ob_type", d->pyobject.ob_type, offsetof(PyObject, ob_type)},
+        {"bytes_object.ob_size", d->bytes_object.ob_size, offsetof(PyVarObject, ob_size)},
+        {"bytes_object.ob_sval", d->bytes_object.ob_sval, offsetof(PyBytesObject, ob_sval)},
+        {"unicode_object.length", d->unicode_object.length, offsetof(PyASCIIObject, length)},
+        {"unicode_object.asciiobject_size", d->unicode_object.asciiobject_size, sizeof(PyASCIIObject)},
+    };
+    for (size_t i = 0; i < sizeof(c) / sizeof(c[0]); i++) {
+        if (c[i].have != (uint64_t)c[i].want) {
+            snprintf(why, cap, "this CPython's %s is at %llu, asprof was built for %zu (rebuild asprof for it)",
+                     c[i].name, (unsigned long long)c[i].have, c[i].want);
+            return -1;
+        }
+    }
+#endif
+    (void)why; (void)cap;
+    return 0;
+}
 
 __attribute__((unused)) static int is_type(uintptr_t obj, PyTypeObject *type) {
     uintptr_t t;
@@ -276,7 +352,7 @@ int pf_walk(void *tstate_ptr, pf_rawframe *out, int max, int max_frames, int *tr
         if (pf_safe_copy(&fr, f, offsetof(_PyInterpreterFrame, localsplus)) != 0) break;
         if (n + 2 > max) { *truncated = 1; break; }
 #if PY_VERSION_HEX >= 0x030C0000
-        if (fr.owner == FRAME_OWNED_BY_CSTACK) {
+        if (fr.owner == PF_ENTRY_OWNER) {
             /* The entry frame of a _PyEval_EvalFrameDefault call: the Python frames walked
                since the previous boundary ran in that call. */
             put(out, &n, 0, 0, PF_FRAME_BOUNDARY, 0);
@@ -284,7 +360,14 @@ int pf_walk(void *tstate_ptr, pf_rawframe *out, int max, int max_frames, int *tr
             continue;
         }
 #endif
-#if PY_VERSION_HEX >= 0x030D0000
+#if PY_VERSION_HEX >= 0x030E0000
+        if (fr.owner > FRAME_OWNED_BY_INTERPRETER) {  /* not a Python frame (incomplete by definition) */
+            f = (uintptr_t)fr.previous;
+            continue;
+        }
+        uintptr_t code = PF_EXECUTABLE(fr);
+        uintptr_t instr = (uintptr_t)fr.instr_ptr;
+#elif PY_VERSION_HEX >= 0x030D0000
         uintptr_t code = (uintptr_t)fr.f_executable;
         uintptr_t instr = (uintptr_t)fr.instr_ptr;
 #else

@@ -1,6 +1,6 @@
 """Python frames in async-profiler samples (issue #5): join rate, fidelity, safety.
 
-The profiled workloads run in child interpreters (every CPython 3.9-3.13 found under pyenv,
+The profiled workloads run in child interpreters (every CPython 3.9-3.14 found under pyenv,
 with the real async-profiler); this process reads their recordings with asprof.jfr and
 asprof.jfr.pystacks. The file doubles as the child script: ``python tests/real/test_pyframes.py child
 <scenario> <out dir> [seconds]``.
@@ -20,7 +20,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PYENV = os.path.expanduser("~/.pyenv/versions")
-VERSIONS = ("3.9", "3.10", "3.11", "3.12", "3.13")
+VERSIONS = ("3.9", "3.10", "3.11", "3.12", "3.13", "3.14")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -28,7 +28,7 @@ VERSIONS = ("3.9", "3.10", "3.11", "3.12", "3.13")
 # ---------------------------------------------------------------------------------------------
 
 def interpreters():
-    """(version, path) of the CPython 3.9-3.13 interpreters found (pyenv, then this one)."""
+    """(version, path) of the CPython 3.9-3.14 interpreters found (pyenv, then this one)."""
     found = {}
     for v in VERSIONS:
         for path in sorted(glob.glob(os.path.join(PYENV, v + ".*", "bin", "python" + v))):
@@ -120,7 +120,8 @@ def _child(scenario, out_dir, seconds):  # noqa: C901 - a script
     rotate = float(os.environ.get("ASPROF_TEST_ROTATE", "2"))
     opts = ProfilerOptions(cpu_interval=cpu, wall_interval=wall,
                            all_user=os.environ.get("ASPROF_TEST_ALLUSER", "1") == "1",
-                           python_frames=os.environ.get("ASPROF_TEST_PYFRAMES", "1") == "1")
+                           python_frames=os.environ.get("ASPROF_TEST_PYFRAMES", "1") == "1",
+                           python_frames_inline=False)  # this file reads the capture's own events
     engine = NativeEngine(opts, library_path=os.environ.get("ASPROF_LIB"))
     stop = threading.Event()
     info = {"tids": {}, "eintr": 0, "errors": []}
@@ -335,6 +336,16 @@ def thread_lines(lines, tid):
     return [ln for ln in lines if f" tid={tid}]" in ln.split(";", 1)[0]]
 
 
+_PY_FRAME = re.compile(r" \([^;()]*:\d+\)$")
+
+
+def _python_after_native(line):
+    """Whether a collapsed stack has a Python frame leafward of a native one (spliced in)."""
+    frames = line.rsplit(" ", 1)[0].split(";")[1:]
+    native = [i for i, f in enumerate(frames) if not _PY_FRAME.search(f)]
+    return bool(native) and any(_PY_FRAME.search(f) for f in frames[native[0]:])
+
+
 def fidelity_split(res):
     tid = res["info"]["tids"]["fidelity"]
     a = b = 0
@@ -365,7 +376,8 @@ if __name__ != "__main__":
     def _prepared(version):
         python = _python_for(version)
         if python is None:
-            pytest.skip(f"CPython {version} not installed (looked in {PYENV})")
+            pytest.skip(f"CPython {version} not installed (looked in {PYENV}; or run the suite under it, "
+                        "e.g. 3.14 in a Debian sid chroot: docs/python-frames.md)")
         why = build_for(python)
         if why:
             pytest.skip(f"cannot build the extensions for {version}: {why}")
@@ -418,6 +430,10 @@ if __name__ != "__main__":
         res = fidelity_runs(version)
         tid = res["info"]["tids"]["fidelity"]
         pat = re.compile(r"\.alpha \([^;]*\);(?:[^;]*;)*?zlib_compress[^;]*;(?:[^;]*;)*?deflate")
+        alpha = [ln for ln in thread_lines(res["collapsed"]["cpu"], tid) if ".alpha (" in ln]
+        if alpha and not any(_python_after_native(ln) for ln in alpha):
+            pytest.skip("this interpreter's eval loop has no symbol async-profiler can name (a stripped build, "
+                        "e.g. Debian's python3.14 without debug symbols): Python frames cannot be spliced in")
         lines = [ln for ln in thread_lines(res["collapsed"]["cpu"], tid) if pat.search(ln)]
         assert lines, "no alpha -> zlib.compress -> deflate stack"
         # Python frames replaced the eval loop: no _PyEval_EvalFrameDefault left on those stacks
