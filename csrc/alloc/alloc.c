@@ -156,9 +156,13 @@ static int64_t draw(void) {
     return (int64_t)d;
 }
 
-/* The free path's first check: counts of live keys per home slot of the live table (a counting
-   filter: 0 = no sampled block can be at p). 255 sticks (never decremented). */
 static inline uint32_t home_of(uintptr_t p) { return (uint32_t)mix64((uint64_t)p) & (live_slots - 1); }
+
+/* The free path's first check: a counting filter of the live keys, live_slots one-byte counters
+   indexed by a cheap mix of the address bits (0 = no sampled block can be at p); a counter at
+   255 sticks (never decremented). */
+#define UNLIKELY(x) __builtin_expect(!!(x), 0)
+static inline uint32_t filter_of(uintptr_t p) { return (uint32_t)((p >> 4) ^ (p >> 21)) & (live_slots - 1); }
 
 static inline void filter_add(uint32_t home, int delta) {
     uint8_t c = atomic_load_explicit(&filter[home], memory_order_relaxed);
@@ -169,13 +173,11 @@ static inline void filter_add(uint32_t home, int delta) {
     }
 }
 
-/* Removes p from the live set if it is there. Any thread, GIL or not. */
-static void live_remove(uintptr_t p) {
-    if (atomic_load_explicit(&live_count, memory_order_relaxed) == 0) return;
-    uint32_t h = home_of(p);
-    if (atomic_load_explicit(&filter[h], memory_order_relaxed) == 0) return;
+/* Removes p from the live set (found there). Any thread, GIL or not. */
+static __attribute__((noinline)) void live_remove_slow(uintptr_t p) {
     atomic_fetch_add_explicit(&n.filter_hits, 1, memory_order_relaxed);
     uint32_t mask = live_slots - 1;
+    uint32_t h = home_of(p);
     for (uint32_t i = 0; i < AL_LIVE_PROBES; i++) {
         al_live *e = &live[(h + i) & mask];
         uintptr_t k = atomic_load_explicit(&e->key, memory_order_acquire);
@@ -184,12 +186,18 @@ static void live_remove(uintptr_t p) {
             uintptr_t expect = p;
             if (atomic_compare_exchange_strong(&e->key, &expect, TOMBSTONE)) {
                 atomic_fetch_sub(&live_count, 1);
-                filter_add(h, -1);
+                filter_add(filter_of(p), -1);
                 atomic_fetch_add_explicit(&n.frees_tracked, 1, memory_order_relaxed);
             }
             return;
         }
     }
+}
+
+/* The free path's check: nothing sampled is live, or no sampled block can be at p. */
+static inline void live_remove(uintptr_t p) {
+    if (atomic_load_explicit(&live_count, memory_order_relaxed) == 0 || p == 0) return;
+    if (UNLIKELY(atomic_load_explicit(&filter[filter_of(p)], memory_order_relaxed) != 0)) live_remove_slow(p);
 }
 
 /* Adds p (GIL held). 1 when it is tracked, 0 when the live set is full. */
@@ -211,10 +219,10 @@ static int live_insert(uintptr_t p, uint64_t serial) {
         return 0;
     }
     free_slot->serial = serial;
-    filter_add(h, 1);
+    filter_add(filter_of(p), 1);
     uintptr_t k = atomic_load(&free_slot->key);
     /* only this thread (holding the GIL) turns empty/tombstone slots into keys */
-    if (!atomic_compare_exchange_strong(&free_slot->key, &k, p)) { filter_add(h, -1); return 0; }
+    if (!atomic_compare_exchange_strong(&free_slot->key, &k, p)) { filter_add(filter_of(p), -1); return 0; }
     atomic_fetch_add(&live_count, 1);
     return 1;
 }
@@ -311,7 +319,7 @@ static void sample(int domain, void *p, size_t size) {
         return;
     }
     T.countdown = draw();
-    if (!atomic_load_explicit(&enabled, memory_order_relaxed)) return;
+    if (T.in_hook || !atomic_load_explicit(&enabled, memory_order_relaxed)) return;  /* collect()'s own */
     if (!holds_main_gil()) {
         atomic_fetch_add_explicit(&n.no_gil, 1, memory_order_relaxed);
         return;
@@ -345,42 +353,103 @@ static void sample(int domain, void *p, size_t size) {
 
 /* ---- the hooks ---- */
 
+/* OBJ and MEM domains. pymalloc hands blocks above 512 bytes to PyMem_RawMalloc (and frees them
+   with PyMem_RawFree): around those calls the re-entrancy flag tells the RAW hook the block is
+   counted here already. Smaller requests stay in pymalloc (new arenas are mmap-ed; only its
+   rare arena-table resize goes to the RAW domain, counted there).
+
+   The fast path (a small block, no sample due) is the countdown and a tail call to the previous
+   allocator; whether this allocation is sampled is decided before it is made. */
+#define NESTS(size) ((size) > 512)
+
+static __attribute__((noinline)) void *h_malloc_slow(al_ctx *c, size_t size, int due) {
+    int saved = T.in_hook;
+    if (NESTS(size)) T.in_hook = 1;
+    void *p = c->prev.malloc(c->prev.ctx, size);
+    T.in_hook = saved;
+    if (!due) due = (T.countdown -= (int64_t)size) <= 0;
+    if (p != NULL && due) sample(c->domain, p, size);
+    return p;
+}
+
 static void *h_malloc(void *ctx, size_t size) {
     al_ctx *c = (al_ctx *)ctx;
-    if (T.in_hook) return c->prev.malloc(c->prev.ctx, size);
-    T.in_hook = 1;
-    void *p = c->prev.malloc(c->prev.ctx, size);
-    T.in_hook = 0;
-    if (p != NULL && (T.countdown -= (int64_t)size) <= 0) sample(c->domain, p, size);
+    if (UNLIKELY(NESTS(size))) return h_malloc_slow(c, size, 0);
+    if (UNLIKELY((T.countdown -= (int64_t)size) <= 0)) return h_malloc_slow(c, size, 1);
+    return c->prev.malloc(c->prev.ctx, size);
+}
+
+static __attribute__((noinline)) void *h_calloc_slow(al_ctx *c, size_t nelem, size_t elsize, size_t size, int due) {
+    int saved = T.in_hook;
+    if (NESTS(size)) T.in_hook = 1;
+    void *p = c->prev.calloc(c->prev.ctx, nelem, elsize);
+    T.in_hook = saved;
+    if (!due) due = (T.countdown -= (int64_t)(size > INT64_MAX ? INT64_MAX : size)) <= 0;
+    if (p != NULL && due) sample(c->domain, p, size);
     return p;
 }
 
 static void *h_calloc(void *ctx, size_t nelem, size_t elsize) {
     al_ctx *c = (al_ctx *)ctx;
-    if (T.in_hook) return c->prev.calloc(c->prev.ctx, nelem, elsize);
-    T.in_hook = 1;
-    void *p = c->prev.calloc(c->prev.ctx, nelem, elsize);
-    T.in_hook = 0;
-    size_t size = (elsize != 0 && nelem > SIZE_MAX / elsize) ? SIZE_MAX : nelem * elsize;
-    if (p != NULL && (T.countdown -= (int64_t)(size > INT64_MAX ? INT64_MAX : size)) <= 0) sample(c->domain, p, size);
-    return p;
+    size_t size;
+    if (__builtin_mul_overflow(nelem, elsize, &size)) size = SIZE_MAX;
+    if (UNLIKELY(NESTS(size))) return h_calloc_slow(c, nelem, elsize, size, 0);
+    if (UNLIKELY((T.countdown -= (int64_t)size) <= 0)) return h_calloc_slow(c, nelem, elsize, size, 1);
+    return c->prev.calloc(c->prev.ctx, nelem, elsize);
 }
 
 static void *h_realloc(void *ctx, void *ptr, size_t size) {
     al_ctx *c = (al_ctx *)ctx;
-    if (T.in_hook) return c->prev.realloc(c->prev.ctx, ptr, size);
     /* before the block can be handed to another thread */
     if (ptr != NULL) live_remove((uintptr_t)ptr);
-    T.in_hook = 1;
+    int saved = T.in_hook;
+    T.in_hook = 1;  /* a realloc may move a block between pymalloc and the RAW domain */
     void *p = c->prev.realloc(c->prev.ctx, ptr, size);
-    T.in_hook = 0;
+    T.in_hook = saved;
     if (p != NULL && (T.countdown -= (int64_t)size) <= 0) sample(c->domain, p, size);
     return p;
 }
 
 static void h_free(void *ctx, void *ptr) {
     al_ctx *c = (al_ctx *)ctx;
+    live_remove((uintptr_t)ptr);  /* before the block can be handed out again */
+    c->prev.free(c->prev.ctx, ptr);
+}
+
+/* RAW domain: nothing when called from our OBJ/MEM hooks (counted there) or from collect(). */
+static __attribute__((noinline)) void *r_malloc_slow(al_ctx *c, size_t size) {
+    void *p = c->prev.malloc(c->prev.ctx, size);
+    if (p != NULL) sample(c->domain, p, size);
+    return p;
+}
+
+static void *r_malloc(void *ctx, size_t size) {
+    al_ctx *c = (al_ctx *)ctx;
+    if (UNLIKELY(!T.in_hook && (T.countdown -= (int64_t)size) <= 0)) return r_malloc_slow(c, size);
+    return c->prev.malloc(c->prev.ctx, size);
+}
+
+static void *r_calloc(void *ctx, size_t nelem, size_t elsize) {
+    al_ctx *c = (al_ctx *)ctx;
+    void *p = c->prev.calloc(c->prev.ctx, nelem, elsize);
+    size_t size;
+    if (__builtin_mul_overflow(nelem, elsize, &size)) size = SIZE_MAX;
+    if (p != NULL && !T.in_hook && (T.countdown -= (int64_t)(size > INT64_MAX ? INT64_MAX : size)) <= 0)
+        sample(c->domain, p, size);
+    return p;
+}
+
+static void *r_realloc(void *ctx, void *ptr, size_t size) {
+    al_ctx *c = (al_ctx *)ctx;
     if (ptr != NULL && !T.in_hook) live_remove((uintptr_t)ptr);
+    void *p = c->prev.realloc(c->prev.ctx, ptr, size);
+    if (p != NULL && !T.in_hook && (T.countdown -= (int64_t)size) <= 0) sample(c->domain, p, size);
+    return p;
+}
+
+static void r_free(void *ctx, void *ptr) {
+    al_ctx *c = (al_ctx *)ctx;
+    if (!T.in_hook) live_remove((uintptr_t)ptr);
     c->prev.free(c->prev.ctx, ptr);
 }
 
@@ -471,7 +540,8 @@ static PyObject *al_start(PyObject *self, PyObject *args, PyObject *kw) {
         if (chained[d]) continue;  /* still in the chain since an earlier start(): re-used */
         ctxs[d].domain = d;
         PyMem_GetAllocator(doms[d], &ctxs[d].prev);
-        PyMemAllocatorEx ours = {&ctxs[d], h_malloc, h_calloc, h_realloc, h_free};
+        PyMemAllocatorEx ours = d == D_RAW ? (PyMemAllocatorEx){&ctxs[d], r_malloc, r_calloc, r_realloc, r_free}
+                                           : (PyMemAllocatorEx){&ctxs[d], h_malloc, h_calloc, h_realloc, h_free};
         PyMem_SetAllocator(doms[d], &ours);
         chained[d] = 1;
     }
@@ -487,7 +557,7 @@ static PyObject *al_stop(PyObject *self, PyObject *noargs) {
         if (!chained[d]) continue;
         PyMemAllocatorEx cur;
         PyMem_GetAllocator(doms[d], &cur);
-        if (cur.ctx == &ctxs[d] && cur.malloc == h_malloc) {
+        if (cur.ctx == &ctxs[d] && (cur.malloc == h_malloc || cur.malloc == r_malloc)) {
             PyMem_SetAllocator(doms[d], &ctxs[d].prev);
             chained[d] = 0;
         } else {

@@ -1,0 +1,187 @@
+"""Python allocation sampling overhead (issue #16): asprof vs off vs ddtrace's memory profiler
+vs memray, on an allocation-heavy workload, interleaved.
+
+    /work/benchvenv/bin/python benchmarks/bench_alloc.py [--rounds 9] [--units 40] [--seed 1]
+
+Every measurement is a fresh interpreter running one configuration; each round runs every
+configuration once in a shuffled order, and ratios are taken against the unprofiled run of the
+same round (an A/A pair, ``off2``, shows the machine's noise); the medians of the per-round
+ratios are reported, for wall time and for the process's CPU time (all threads, getrusage).
+
+Configurations:
+- ``off``, ``off2``: nothing;
+- ``asprof``: asprof's allocation sampler at its default rate (``python_alloc=True``: 512 KiB),
+  its collector thread and a report at the end (the sampler alone: no CPU/wall engine);
+- ``ddtrace``: ddtrace's memory profiler (``MemoryCollector``, the allocation and heap
+  profiles) at the same 512 KiB sampling interval, heap snapshot at the end;
+- ``memray``: ``memray.Tracker`` to a file (it records every allocation: no sampling).
+
+The workload (``work``): builds dicts, lists and strings, keeps a rolling window of them alive
+(frees as many as it allocates, so the live set stays ~constant) and retains a small steady
+leak. RSS is read at the end of the workload (VmRSS); "RSS added" is the median of per-round
+differences with ``off``. For asprof, the sampler's own memory (C buffers and the live set's
+entries, ``AllocSampler.memory_bytes``) and its live-set size are printed too.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from typing import Any, Callable, Deque, Dict, List, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = ("off", "off2", "asprof", "ddtrace", "memray")
+LEAK: List[Any] = []
+
+
+def work(units: int) -> int:
+    """Allocation-heavy: per unit 20000 dicts, lists and strings; a window of 50000 kept alive."""
+    window: Deque[Any] = deque(maxlen=50000)
+    n = 0
+    for u in range(units):
+        for i in range(20000):
+            d = {"id": i, "name": f"user-{i}", "tags": ["a", "b", str(u)], "score": i * 0.5}
+            s = "-".join((d["name"], str(i), "x" * (i % 64)))
+            lst = [i, s, d]
+            window.append(lst)
+            n += len(s)
+        LEAK.append(bytearray(4096))  # a slow steady leak
+    return n
+
+
+def _rss_kb() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def child(config: str, units: int) -> Dict[str, Any]:
+    stop: Callable[[], None] = lambda: None  # noqa: E731
+    extra: Dict[str, Any] = {}
+    tmp = tempfile.mkdtemp(prefix="bench-alloc-")
+    sampler: Any = None
+    if config == "asprof":
+        from asprof.engines.alloc import AllocSampler
+        from asprof.options import DEFAULT_PYTHON_ALLOC
+
+        sampler = AllocSampler(DEFAULT_PYTHON_ALLOC)
+        sampler.start()
+
+        def stop() -> None:
+            data = sampler.stop()
+            extra["report_bytes"] = len(data or b"")
+    elif config == "ddtrace":
+        from ddtrace.profiling.collector.memalloc import MemoryCollector
+
+        coll = MemoryCollector(heap_sample_size=512 * 1024)
+        coll.start()
+
+        def stop() -> None:
+            coll.snapshot()
+            coll.stop()
+    elif config == "memray":
+        import memray
+
+        tracker = memray.Tracker(os.path.join(tmp, "memray.bin"))
+        tracker.__enter__()
+
+        def stop() -> None:
+            tracker.__exit__(None, None, None)
+            extra["file_bytes"] = os.path.getsize(os.path.join(tmp, "memray.bin"))
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    work(units)
+    wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    rss = _rss_kb()
+    if sampler is not None:
+        st = sampler.stats()
+        extra["sampler_memory_bytes"] = sampler.memory_bytes()
+        extra["live"] = st.get("live", 0)
+        extra["samples"] = st.get("samples", 0)
+    stop()
+    for f in os.listdir(tmp):
+        os.unlink(os.path.join(tmp, f))
+    os.rmdir(tmp)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    return {"config": config, "wall": wall, "cpu": cpu, "rss_kb": rss, **extra}
+
+
+def run_one(config: str, units: int) -> Optional[Dict[str, Any]]:
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               DD_PROFILING_ENABLED="false", DD_TRACE_ENABLED="false", DD_INSTRUMENTATION_TELEMETRY_ENABLED="false")
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", config, "--units", str(units)],
+                       capture_output=True, text=True, env=env, timeout=600)
+    if r.returncode != 0:
+        sys.stderr.write(f"{config}: failed: {r.stderr.strip().splitlines()[-1:] or r.returncode}\n")
+        return None
+    return json.loads(r.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--units", type=int, default=40, help="work units per run (~1.5 s unprofiled on 2 cores)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--json", help="raw results to this file")
+    a = p.parse_args()
+    if a.child:
+        print(json.dumps(child(a.child, a.units)))
+        return 0
+    configs = [c for c in a.configs.split(",") if c]
+    if "off" not in configs:
+        configs.insert(0, "off")
+    rng = random.Random(a.seed)
+    rounds: List[Dict[str, Dict[str, Any]]] = []
+    for i in range(a.rounds):
+        order = configs[:]
+        rng.shuffle(order)
+        res: Dict[str, Dict[str, Any]] = {}
+        for c in order:
+            got = run_one(c, a.units)
+            if got is not None:
+                res[c] = got
+        rounds.append(res)
+        sys.stderr.write(f"round {i + 1}/{a.rounds}: " + ", ".join(
+            f"{c} {res[c]['wall']:.2f}s" for c in configs if c in res) + "\n")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rounds, f, indent=1)
+    print(f"allocation-heavy workload, {a.units} units, {a.rounds} rounds, medians of per-round ratios to 'off'")
+    print(f"{'config':<10} {'wall':>9} {'CPU':>9} {'RSS added':>11}  notes")
+    for c in configs:
+        pairs = [r for r in rounds if c in r and "off" in r]
+        if not pairs:
+            print(f"{c:<10} {'failed':>9}")
+            continue
+        wall = statistics.median(r[c]["wall"] / r["off"]["wall"] for r in pairs)
+        cpu = statistics.median(r[c]["cpu"] / r["off"]["cpu"] for r in pairs)
+        rss = statistics.median((r[c]["rss_kb"] - r["off"]["rss_kb"]) / 1024 for r in pairs)
+        note = ""
+        if c == "asprof":
+            note = (f"sampler memory {statistics.median(r[c]['sampler_memory_bytes'] for r in pairs) / 2**20:.1f} MiB, "
+                    f"live set {statistics.median(r[c]['live'] for r in pairs):.0f} blocks, "
+                    f"{statistics.median(r[c]['samples'] for r in pairs):.0f} samples")
+        elif c == "memray":
+            note = f"file {statistics.median(r[c]['file_bytes'] for r in pairs) / 2**20:.0f} MiB"
+        base = statistics.median(r["off"]["wall"] for r in pairs)
+        if c == "off":
+            note = f"median {base:.2f} s wall"
+        print(f"{c:<10} {100 * (wall - 1):>+8.2f}% {100 * (cpu - 1):>+8.2f}% {rss:>+9.1f} MB  {note}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
