@@ -49,7 +49,8 @@ class Chunk:
     """
 
     def __init__(self, data: "_parser.Buf", offset: int, index: int, source: str,
-                 progress: Optional[Callable[[int], None]] = None) -> None:
+                 progress: Optional[Callable[[int], None]] = None,
+                 metadata_cache: Optional[Dict[bytes, Any]] = None, raw: Any = None) -> None:
         self._data = data
         self.offset = offset
         self.index = index
@@ -83,7 +84,7 @@ class Chunk:
         if not self.features & 1:
             raise JfrError("uncompressed (fixed-width) JFR integers are not supported", offset + 64)
         self.end = offset + self.size
-        self.classes, self.types = _parser.parse_metadata(data, offset + self.meta_offset, self.end)
+        self.classes, self.types = _metadata(data, raw, offset + self.meta_offset, self.end, metadata_cache)
         self.pools: Dict[int, Dict[int, Any]] = {}
         self.stacks = _parser.StackTable()
         self._columns: Dict[Tuple[int, ...], _parser.Columns] = {}
@@ -314,6 +315,28 @@ class Chunk:
             v = ev.values
             out.append(Setting(_int(v.get("id")), _str(v.get("name")) or "", _str(v.get("value"))))
         return out
+
+
+def _metadata(data: "_parser.Buf", raw: Any, start: int, end: int, cache: Optional[Dict[bytes, Any]]) -> Any:
+    """``parse_metadata`` of the metadata event at ``start``, shared by the chunks whose metadata
+    event has the same bytes (every chunk of a recording repeats it: parsed once, a file of many
+    small chunks costs memory in proportion to its size, not ~10x it). ``raw``: the bytes-like
+    object ``data`` views."""
+    if cache is None or raw is None:
+        return _parser.parse_metadata(data, start, end)
+    from asprof.jfrio.decode import ChunkError, varint
+
+    try:
+        size, _ = varint(raw[start:min(start + 9, end)], 0)
+    except ChunkError:
+        size = 0
+    if not 2 <= size <= end - start:
+        return _parser.parse_metadata(data, start, end)  # says what is wrong
+    key = bytes(raw[start:start + size])
+    parsed = cache.get(key)
+    if parsed is None:
+        parsed = cache[key] = _parser.parse_metadata(data, start, end)
+    return parsed
 
 
 def _str(v: Any) -> Optional[str]:

@@ -124,7 +124,8 @@ class Recording:
 
 
 def _chunks_of(data: bytes, source: str, progress: Optional[ProgressFn],
-               done_before: int, grand_total: int, warnings: List[str]) -> List[Chunk]:
+               done_before: int, grand_total: int, warnings: List[str],
+               metadata_cache: Optional[Dict[bytes, Any]] = None) -> List[Chunk]:
     chunks: List[Chunk] = []
     pos = 0
     n = len(data)
@@ -142,7 +143,7 @@ def _chunks_of(data: bytes, source: str, progress: Optional[ProgressFn],
                 progress(done_before + p, grand_total)
 
         try:
-            chunk = Chunk(buf, pos, len(chunks), source, _progress if progress else None)
+            chunk = Chunk(buf, pos, len(chunks), source, _progress if progress else None, metadata_cache, data)
         except JfrError as e:
             if chunks and e.reason.startswith("incomplete chunk"):
                 msg = f"{source}: chunk {len(chunks) + 1} at offset {start} is incomplete and was skipped"
@@ -232,9 +233,10 @@ def open_recording(source: Union[PathOrBytes, Sequence[PathOrBytes]],
     total = read_total + sum(len(b) for _, b, _ in blobs)
     done = read_total
     chunks: List[Chunk] = []
+    metadata_cache: Dict[bytes, Any] = {}  # chunks with the same metadata share its parse
     metas = []
     for name, blob, meta in blobs:
-        chunks.extend(_chunks_of(blob, name, progress, done, total, warnings))
+        chunks.extend(_chunks_of(blob, name, progress, done, total, warnings, metadata_cache))
         done += len(blob)
         if meta:
             metas.append(meta)
