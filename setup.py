@@ -62,6 +62,16 @@ _no_walker = _walker_refusal()
 if _no_walker:
     sys.stderr.write(f"asprof: building without the Python-frame walker: {_no_walker}\n")
 
+# A free-threaded build (issue #14): an extension that does not declare itself safe without the
+# GIL turns the GIL back on when imported. Only asprof._native (a thin wrapper whose every call
+# runs without the GIL, over csrc/core's own locks) is declared; the C modules that rely on the
+# GIL (the built-in engine, labels, signal ownership) are not built there and the package runs
+# without them (each import is optional); the offline reader's _parser is not declared either
+# (it is never imported by the agent).
+FREE_THREADED = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
+if FREE_THREADED:
+    sys.stderr.write("asprof: free-threaded build: only asprof._native (async-profiler) is built for the agent\n")
+
 pyframes_extensions = [
     Extension(
         "asprof._pyframes",
@@ -87,7 +97,7 @@ builtin_extensions = [
         extra_compile_args=CFLAGS,
         define_macros=[("_GNU_SOURCE", "1")] + ([("ASPROF_WALKER", "1")] if _walker else []),
     )
-] if (sys.implementation.name == "cpython" and sys.version_info[:2] >= (3, 9)
+] if (sys.implementation.name == "cpython" and sys.version_info[:2] >= (3, 9) and not FREE_THREADED
       and sys.platform.startswith("linux") and platform.machine() in ("x86_64", "aarch64")
       and glob.glob(os.path.join(HERE, "csrc/builtin/*.c"))) else []
 
@@ -102,7 +112,7 @@ context_extensions = [
         extra_compile_args=CFLAGS,
         define_macros=[("_GNU_SOURCE", "1")],
     )
-] if (sys.implementation.name == "cpython" and sys.platform.startswith("linux")
+] if (sys.implementation.name == "cpython" and sys.platform.startswith("linux") and not FREE_THREADED
       and os.path.exists(os.path.join(HERE, "csrc/context/context.c"))) else []
 
 # Python allocation sampling and the live heap (issue #16; owner: csrc/alloc). Needs the frame
@@ -129,12 +139,25 @@ signals_extensions = [
         extra_compile_args=CFLAGS,
         define_macros=[("_GNU_SOURCE", "1")],
     )
-] if (sys.implementation.name == "cpython" and sys.platform.startswith("linux")
+] if (sys.implementation.name == "cpython" and sys.platform.startswith("linux") and not FREE_THREADED
       and os.path.exists(os.path.join(HERE, "csrc/signals/sigwatch.c"))) else []
+
+
+def _cython_ft_directive() -> dict:
+    """freethreading_compatible (Cython 3.1+) for asprof._native only (see FREE_THREADED)."""
+    import Cython
+
+    major, minor = (int(x) for x in Cython.__version__.split(".")[:2])
+    return {"freethreading_compatible": True} if (major, minor) >= (3, 1) else {}
+
 
 setup(
     ext_modules=cythonize(
-        [native_core, *jfr_extensions],
+        [native_core],
+        language_level="3",
+        compiler_directives={"embedsignature": True, **_cython_ft_directive()},
+    ) + cythonize(
+        jfr_extensions,
         language_level="3",
         compiler_directives={"embedsignature": True},
     ) + pyframes_extensions + builtin_extensions + context_extensions + alloc_extensions

@@ -45,6 +45,10 @@ def unavailable_reason() -> Optional[str]:
     """Why the built-in engine cannot run here, or None when it can."""
     if not sys.platform.startswith("linux"):
         return f"the built-in engine runs on Linux only (this is {sys.platform})"
+    from asprof.pyframes import free_threaded
+
+    if free_threaded():  # issue #14: not built there (setup.py); its module state relies on the GIL
+        return "it is not supported on a free-threaded CPython build yet (async-profiler is)"
     try:
         from asprof.engines import _builtin  # noqa: F401
     except ImportError as e:

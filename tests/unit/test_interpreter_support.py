@@ -103,3 +103,39 @@ def test_builtin_module_reports_its_walker() -> None:
         assert _builtin.python_frames is True and _builtin.python_frames_off is None
     else:
         assert _builtin.python_frames is False and isinstance(_builtin.python_frames_off, str)
+
+
+def test_builtin_engine_unavailable_on_free_threaded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not built there (setup.py) and never imported: an extension that does not declare itself
+    free-threading safe would turn the GIL back on."""
+    from asprof.engines import builtin
+
+    monkeypatch.setattr(pyframes, "free_threaded", lambda config_var=None: True)
+    why = builtin.unavailable_reason()
+    assert why is not None and "free-threaded" in why
+
+
+def test_setup_builds_only_declared_extensions_when_free_threaded() -> None:
+    """setup.py: on a free-threaded build only asprof._native (declared safe) and the offline
+    reader are built; the walker is refused for 3.15+ and free-threaded builds alike."""
+    import ast
+    import os
+
+    src = open(os.path.join(os.path.dirname(__file__), "..", "..", "setup.py")).read()
+    tree = ast.parse(src)
+    names = {n.targets[0].id for n in tree.body if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name)}
+    assert {"FREE_THREADED", "WALKER_VERSIONS"} <= names
+    for ext in ("builtin_extensions", "context_extensions", "signals_extensions"):
+        node = next(n for n in tree.body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == ext)
+        assert "not FREE_THREADED" in ast.get_source_segment(src, node)
+    ns: dict = {}
+    exec(compile(ast.Module([n for n in tree.body if isinstance(n, ast.Import)] + [
+        n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.Assign))
+        and getattr(n, "name", getattr(getattr(n, "targets", [None])[0], "id", "")) in ("WALKER_VERSIONS", "_walker_refusal")
+    ], type_ignores=[]), "setup.py", "exec"), ns)
+    assert ns["_walker_refusal"]() is None  # this interpreter: supported
+    ns["sysconfig"] = types.SimpleNamespace(get_config_var=lambda name: 1)
+    assert "free-threaded" in ns["_walker_refusal"]()
+    ns["sys"] = types.SimpleNamespace(implementation=types.SimpleNamespace(name="cpython"), version_info=(3, 15, 0),
+                                      platform="linux")
+    assert "3.15" in ns["_walker_refusal"]()
