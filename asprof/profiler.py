@@ -21,10 +21,10 @@ from __future__ import annotations
 import logging
 import math
 import os
-import threading
 from types import TracebackType
 from typing import TYPE_CHECKING, Callable, Dict, Mapping, Optional, Type, Union
 
+from asprof import osthreads
 from asprof.agent.lifecycle import launch, restore_sigterm
 from asprof.agent.loop import DEFAULT_STOP_TIMEOUT, _Agent, _Config, current
 from asprof.autostart.values import DEFAULT_REPORTING_INTERVAL, MIN_REPORTING_INTERVAL, disabled_by_environment
@@ -108,7 +108,7 @@ class RunningProfiler:
             return True
         a.request_stop()
         finished = a.wait(timeout)
-        if not finished and threading.current_thread() is not a.thread:
+        if not finished and not osthreads.is_current(a.thread):
             logger.warning("the last report did not finish within %s s; it goes on in the background", timeout)
         restore_sigterm()
         return finished

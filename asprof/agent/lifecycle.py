@@ -10,6 +10,7 @@ import threading
 from types import FrameType
 from typing import Optional
 
+from asprof import osthreads
 from asprof.agent import loop
 from asprof.agent.loop import EXIT_TIMEOUT, _Agent, _Config
 from asprof.errors import ProfilerAlreadyRunningError
@@ -158,8 +159,8 @@ def _after_fork_in_child() -> None:
     # The agent thread does not exist here, and the parent's recording files are
     # guarded by the native core. Start this process's own agent if safe.
     global _forking
-    loop._state_lock = threading.Lock()
-    loop.import_guard = threading.Lock()  # its holder, if any, is the parent's
+    loop._state_lock = osthreads.Lock()
+    loop.import_guard = osthreads.Lock()  # its holder, if any, is the parent's
     parent, _forking = _forking, None
     inherited = loop._active
     loop._active = None

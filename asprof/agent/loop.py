@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
+from asprof import osthreads
 from asprof.engines.base import Engine
 from asprof.errors import ProfilerError
 from asprof.reporter.base import Reporter
@@ -29,7 +29,7 @@ EXIT_TIMEOUT = 10.0
 _OWN_THREADS = ("asprof-agent", "async-profiler", "asprof-pyframes", "asprof-sampler",
                 "asprof-collect")
 
-_state_lock = threading.Lock()
+_state_lock = osthreads.Lock()
 _active: Optional["_Agent"] = None  # async-profiler is process-global: one at a time
 
 
@@ -37,7 +37,7 @@ _active: Optional["_Agent"] = None  # async-profiler is process-global: one at a
 #: ``os.fork()`` (after the engine's lock, the order the agent takes them in): a forked child
 #: never inherits an import left half done by a thread that does not exist there, which would
 #: block every later import of that module in the child.
-import_guard = threading.Lock()
+import_guard = osthreads.Lock()
 
 
 def _import_for_reports() -> None:
@@ -55,6 +55,8 @@ def current() -> Optional["_Agent"]:
 
 
 def _name_os_thread(name: str) -> None:
+    if osthreads.main_thread_native():
+        return  # never rename the process (a patched threading ran us on the main thread)
     try:
         from asprof._native import set_thread_name
 
@@ -130,14 +132,15 @@ class _Agent:
         self.interval = config.interval
         self.metadata = config.metadata
         self.pid = os.getpid()
-        self.cond = threading.Condition()
+        # osthreads: a real OS thread and real locks even under gevent/eventlet monkey-patching
+        self.cond = osthreads.Condition()
         self.stop_requested = False
         self.at_exit = False
-        self.done = threading.Event()
+        self.done = osthreads.Event()
         self.recording_since = time.time()  # a datetime when reported: no datetime import at start
         self.fork_ok = False
         self._error_log: Optional["ReportErrorLog"] = None  # made at the first reporter failure
-        self.thread = threading.Thread(target=self._run, name="asprof-agent", daemon=True)
+        self.thread = osthreads.Thread(self._run, "asprof-agent")
 
     # ---- control, from any thread ----
     def request_stop(self, at_exit: bool = False) -> None:
@@ -147,7 +150,7 @@ class _Agent:
             self.cond.notify_all()
 
     def wait(self, timeout: Optional[float]) -> bool:
-        if threading.current_thread() is self.thread:
+        if osthreads.is_current(self.thread):
             return False  # stop() called from a reporter: the loop ends after this report
         if not self.done.wait(timeout):
             return False

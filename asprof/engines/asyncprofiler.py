@@ -10,10 +10,10 @@ import logging
 import os
 import re
 import sys
-import threading
 import time
 from typing import TYPE_CHECKING, Callable, Dict, FrozenSet, List, Optional, Tuple
 
+from asprof import osthreads
 from asprof.autostart.values import library_from_environment
 from asprof.engines.base import Engine, TickResult
 from asprof.errors import LibraryNotFoundError, ProfilerError, UnsupportedVersionError
@@ -98,7 +98,7 @@ class LibraryInfo:
         return "user_events" in self.capabilities
 
 
-_lock = threading.Lock()
+_lock = osthreads.Lock()  # real locks even under gevent/eventlet monkey-patching
 _loaded: Dict[str, Tuple["Library", LibraryInfo]] = {}
 
 
@@ -270,7 +270,7 @@ class NativeEngine(Engine):
         self._lib, self.info = load_library(library_path)
         self._session = _native.Session(self._lib, options.start_command(), async_profiler_loglevel())
         # Serializes the agent thread's ticks with the forking thread's pause/resume.
-        self._lock = threading.Lock()
+        self._lock = osthreads.Lock()
         self._paused = False
         # Rotation state (see _open_recording).
         self._dump = True
@@ -494,7 +494,7 @@ class NativeEngine(Engine):
             self._lock.release()
 
     def after_fork_in_child(self) -> None:
-        self._lock = threading.Lock()  # the parent's threads are gone; so is whoever held it
+        self._lock = osthreads.Lock()  # the parent's threads are gone; so is whoever held it
         self._paused = False
 
     def memory_bytes(self) -> Optional[int]:

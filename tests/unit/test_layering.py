@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "asprof"
 #: Layers, lowest first. A module belongs to the longest prefix listed; it may import modules
 #: of its own layer (no cycle) or of a lower one. ``asprof.jfr`` (offline) is apart: see OFFLINE.
 LAYERS: List[Tuple[str, ...]] = [
-    ("asprof.errors",),
+    ("asprof.errors", "asprof.osthreads"),
     ("asprof.autostart.values", "asprof.jfrio"),
     ("asprof.autostart.config",),
     ("asprof.options",),

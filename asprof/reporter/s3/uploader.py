@@ -23,12 +23,12 @@ import logging
 import os
 import random
 import re
-import threading
 import time
 import uuid
 from datetime import timedelta
 from typing import Any, Dict, Mapping, Optional, Set, Tuple, Union
 
+from asprof import osthreads
 from asprof.metadata import ReportMetadata
 from asprof.reporter.base import Reporter, ReporterError
 from asprof.reporter.s3.format import (
@@ -202,8 +202,9 @@ class S3Reporter(Reporter):
 
     def _init_threading(self) -> None:
         self._pid = os.getpid()
-        self._cond = threading.Condition(threading.Lock())
-        self._thread: Optional[threading.Thread] = None
+        # osthreads: a real OS thread and locks even under gevent/eventlet monkey-patching
+        self._cond = osthreads.Condition(osthreads.Lock())
+        self._thread: Optional[Any] = None
         self._stop_now = False  # the worker exits at its next step
         self._idle = False  # the worker found nothing to upload since the last report
 
@@ -261,7 +262,7 @@ class S3Reporter(Reporter):
         with self._cond:
             self._stop_now = True
             self._cond.notify_all()
-        if thread is not None and thread is not threading.current_thread():
+        if thread is not None and not osthreads.is_current(thread):
             thread.join(max(0.0, deadline - time.monotonic()))
         with self._cond:
             if isinstance(self._spool, _MemorySpool):
@@ -343,7 +344,7 @@ class S3Reporter(Reporter):
                 return True
             if self._stop_now:
                 return False
-            thread = threading.Thread(target=self._run, name="asprof-s3", daemon=True)
+            thread = osthreads.Thread(self._run, "asprof-s3")
             try:
                 thread.start()
             except RuntimeError:  # interpreter shutting down
