@@ -355,3 +355,44 @@ HOSTILE: Dict[str, Callable[[Path], str]] = {f.__name__: f for f in (
     directory_many_files, jfr_truncated, jfr_huge_chunk_size, jfr_huge_string_count, jfr_huge_string_length,
     jfr_huge_utf16_length, jfr_huge_pool_count, jfr_many_chunks, not_a_profile,
 )}
+
+
+def main() -> int:
+    """``python tests/hostile_inputs.py [NAME...]``: each input through ``asprof summary`` in a
+    child, with its exit status, time, peak RSS (wait4) and first line of stderr."""
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    names = sys.argv[1:] or list(HOSTILE)
+    with tempfile.TemporaryDirectory(prefix="asprof-hostile-") as tmp:
+        for name in names:
+            sub = Path(tmp) / name
+            sub.mkdir()
+            path = HOSTILE[name](sub)
+            size = os.path.getsize(path) if os.path.isfile(path) else 0
+            with tempfile.TemporaryFile() as err:
+                t0 = time.monotonic()
+                proc = subprocess.Popen([sys.executable, "-m", "asprof", "summary", path], stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, stderr=err)
+                while True:
+                    pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+                    if pid:
+                        break
+                    if time.monotonic() - t0 > 30:
+                        proc.kill()
+                    time.sleep(0.01)
+                seconds = time.monotonic() - t0
+                err.seek(0)
+                line = err.read().decode("utf-8", "replace").strip().splitlines()[:1]
+            print(f"{name:24s} {size / 1e6:6.2f} MB  exit {os.waitstatus_to_exitcode(status)}  {seconds:5.2f} s  "
+                  f"{ru.ru_maxrss / 1024:6.1f} MiB  {line[0][:120] if line else ''}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    raise SystemExit(main())

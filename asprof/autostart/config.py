@@ -184,6 +184,10 @@ INTERNAL_VARIABLES: Tuple[Variable, ...] = (
              "(tests of that join on 4.5)."),
     Variable("ASPROF_PYFRAMES_TIMING", "`0`",
              "`1`: the Python-frame capture times its signal-handler work (benchmarks/bench_pyframes.py)."),
+    # read by the reading verbs (asprof convert/summary/top), not by the agent: docs/reading-profiles.md
+    Variable("ASPROF_READ_MAX_SIZE", "`1GiB`",
+             "Largest input or zip entry after decompression for `asprof convert/summary/top` "
+             "(`--max-size` wins)."),
 )
 KNOWN = frozenset(v.name for v in VARIABLES + INTERNAL_VARIABLES)
 
