@@ -1,7 +1,7 @@
 """Python allocation sampling overhead (issue #16): asprof vs off vs ddtrace's memory profiler
 vs memray, on an allocation-heavy workload, interleaved.
 
-    /work/benchvenv/bin/python benchmarks/bench_alloc.py [--rounds 9] [--units 40] [--seed 1]
+    /work/benchvenv/bin/python benchmarks/bench_alloc.py [--rounds 9] [--units 40] [--seed 1] [--instructions 2]
 
 Every measurement is a fresh interpreter running one configuration; each round runs every
 configuration once in a shuffled order, and ratios are taken against the unprofiled run of the
@@ -21,6 +21,11 @@ The workload (``work``): builds dicts, lists and strings, keeps a rolling window
 leak. RSS is read at the end of the workload (VmRSS); "RSS added" is the median of per-round
 differences with ``off``. For asprof, the sampler's own memory (C buffers and the live set's
 entries, ``AllocSampler.memory_bytes``) and its live-set size are printed too.
+
+Wall and CPU times on a shared, loaded machine are noisy (the A/A line says by how much):
+``--instructions N`` also counts the instructions each configuration executes (all threads)
+under valgrind, for N and 2N work units (the difference cancels start-up): deterministic,
+and what the overhead is on a quiet machine, cache effects aside.
 """
 from __future__ import annotations
 
@@ -42,9 +47,13 @@ CONFIGS = ("off", "off2", "asprof", "ddtrace", "memray")
 LEAK: List[Any] = []
 
 
+WINDOW: Deque[Any] = deque(maxlen=50000)
+
+
 def work(units: int) -> int:
-    """Allocation-heavy: per unit 20000 dicts, lists and strings; a window of 50000 kept alive."""
-    window: Deque[Any] = deque(maxlen=50000)
+    """Allocation-heavy: per unit 20000 dicts, lists and strings; a window of the last 50000 is
+    kept alive (also after the workload: the live set when RSS and the sampler are measured)."""
+    window = WINDOW
     n = 0
     for u in range(units):
         for i in range(20000):
@@ -128,6 +137,41 @@ def run_one(config: str, units: int) -> Optional[Dict[str, Any]]:
     return json.loads(r.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
+def instructions(config: str, units: int) -> Optional[int]:
+    """Instructions the process executes (all threads), counted by valgrind's callgrind."""
+    import re
+
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               DD_PROFILING_ENABLED="false", DD_TRACE_ENABLED="false", DD_INSTRUMENTATION_TELEMETRY_ENABLED="false")
+    r = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
+                        os.path.abspath(__file__), "--child", config, "--units", str(units)],
+                       capture_output=True, text=True, env=env, timeout=3600)
+    m = re.search(r"Collected : (\d+)", r.stderr)
+    if r.returncode != 0 or m is None:
+        sys.stderr.write(f"{config}: valgrind run failed: {r.stderr.strip().splitlines()[-1:]}\n")
+        return None
+    return int(m.group(1))
+
+
+def instruction_table(configs: List[str], units: int) -> None:
+    """The instructions the workload's ``units`` more units cost per configuration (two runs,
+    ``units`` and ``2 * units``: the interpreter's start-up and the profiler's start cancel)."""
+    print(f"instructions (valgrind callgrind, all threads) of {units} work units, relative to 'off'")
+    base: Optional[float] = None
+    for c in configs:
+        if c == "off2":
+            continue
+        a1, a2 = instructions(c, units), instructions(c, 2 * units)
+        if a1 is None or a2 is None:
+            print(f"{c:<10} failed")
+            continue
+        d = a2 - a1
+        if c == "off":
+            base = d
+        rel = f"{100 * (d / base - 1):+8.2f}%" if base else "        "
+        print(f"{c:<10} {rel} {d / 1e6:10.1f} M instructions")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=9)
@@ -136,6 +180,8 @@ def main() -> int:
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--json", help="raw results to this file")
+    p.add_argument("--instructions", type=int, metavar="UNITS", default=0,
+                   help="also count instructions under valgrind (UNITS and 2*UNITS work units; 0: no)")
     a = p.parse_args()
     if a.child:
         print(json.dumps(child(a.child, a.units)))
@@ -143,6 +189,10 @@ def main() -> int:
     configs = [c for c in a.configs.split(",") if c]
     if "off" not in configs:
         configs.insert(0, "off")
+    if a.instructions:
+        instruction_table(configs, a.instructions)
+        if a.rounds == 0:
+            return 0
     rng = random.Random(a.seed)
     rounds: List[Dict[str, Dict[str, Any]]] = []
     for i in range(a.rounds):

@@ -465,11 +465,14 @@ static void drop_pages(void *p, size_t bytes) {
 }
 
 static void reset_batch(void) {
+    /* zero-filled pages again: the tables cost memory only for what the next period touches */
     nsamples = 0;
     nstacks = 0;
     frames_used = 0;
-    memset(stacks, 0, sizeof(al_stack) * AL_STACK_CAP);
-    pf_codetable_clear(codes);
+    drop_pages(stacks, sizeof(al_stack) * AL_STACK_CAP);
+    drop_pages(frames, sizeof(al_frame) * AL_FRAME_CAP);
+    drop_pages(samples, sizeof(al_sample) * AL_SAMPLE_CAP);
+    drop_pages(codes, sizeof(pf_codetable));  /* = pf_codetable_clear: entries, count, arena_used zero */
 }
 
 static void reset_live(void) {
@@ -484,9 +487,7 @@ static void atfork_child(void) {
     T.tid = 0;
     T.in_hook = 0;
     if (samples != NULL) {
-        nsamples = 0; nstacks = 0; frames_used = 0;
-        drop_pages(stacks, sizeof(al_stack) * AL_STACK_CAP);
-        pf_codetable_clear(codes);
+        reset_batch();
         reset_live();
     }
 }
@@ -697,12 +698,15 @@ static PyObject *al_live_serials(PyObject *self, PyObject *noargs) {
 static PyObject *al_stats(PyObject *self, PyObject *noargs) {
     unsigned long long mem = 0;
     if (samples != NULL) {
+        /* what the current period has touched (whole pages at most) and the live set */
         mem = (unsigned long long)nsamples * sizeof(al_sample) + (unsigned long long)frames_used * sizeof(al_frame) +
-              sizeof(al_stack) * (unsigned long long)AL_STACK_CAP + (sizeof(al_live) + 1) * (unsigned long long)live_slots + atomic_load(&codes->arena_used) + sizeof(codes->entries);
+              (unsigned long long)nstacks * 4096 + (unsigned long long)atomic_load(&codes->count) * 4096 +
+              atomic_load(&codes->arena_used) + (sizeof(al_live) + 1) * (unsigned long long)live_slots;
     }
 #define C(x) #x, (unsigned long long)atomic_load(&n.x)
     return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsIsIsKsi}", C(samples), C(lost), C(live_overflow), C(no_stack),
-                         C(no_gil), C(no_guard), C(truncated), C(frees_tracked), C(filter_hits), C(collects), "live", (unsigned int)atomic_load(&live_count), "live_cap", live_cap,
+                         C(no_gil), C(no_guard), C(truncated), C(frees_tracked), C(filter_hits), C(collects),
+                         "live", (unsigned int)atomic_load(&live_count), "live_cap", live_cap,
                          "memory_bytes", mem, "pending", (int)nsamples);
 #undef C
 }
