@@ -30,7 +30,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 __all__ = ["AsyncProfilerSignals", "Conflicts", "address_owner", "foreign_at_start", "handler_report", "owner",
            "signal_name", "REPORTED_SIGNALS"]
@@ -80,6 +80,9 @@ def owner(info: Dict[str, Any], sig: Optional[int] = None) -> str:
     if kind == "default":
         return "the default action (SIG_DFL)"
     if kind == "ignore":
+        if sig is not None and sig in _wanted_default:
+            return "signal.signal(..., SIG_DFL) (SIG_IGN in its place while asprof samples with it: " \
+                   "the default action would end the process)"
         return "SIG_IGN (ignored)"
     if info.get("asprof"):
         return "asprof"
@@ -128,6 +131,93 @@ def handler_report(signals: Sequence[int] = REPORTED_SIGNALS) -> List[Dict[str, 
         out.append({"signal": int(sig), "name": signal_name(int(sig)), "kind": info.get("kind"),
                     "owner": "asprof" if mine else owner(info, int(sig)), "asprof": mine})
     return out
+
+
+# -- Python's signal.signal() while asprof samples with the signal ------------------------------
+#
+# CPython does not know about handlers installed in C: for SIGPROF it reports SIG_DFL even while
+# asprof's handler is in place. A program (or a timeout helper) that saves the "previous" handler
+# and puts it back later thus sets SIG_DFL, and the next profiling signal (a perf-event overflow,
+# a timer) would end the process. While asprof samples with a signal, ``_signal.signal`` (which
+# ``signal.signal`` calls) is wrapped: SIG_DFL becomes SIG_IGN for real (the application's own
+# signals are dropped either way; asprof's keep coming through the trampoline), the application
+# still sees SIG_DFL (``getsignal``, the value returned next time), and SIG_DFL is put back when
+# asprof stops sampling with the signal. Any handler set from Python is also checked at once (not
+# at the next 100 ms check), so the application's handler sees none of asprof's signals.
+
+_sampling: Dict[int, List[Callable[[], None]]] = {}  # signal -> each sampling engine's resync
+_wanted_default: Set[int] = set()  # signals the application set to SIG_DFL (SIG_IGN for real)
+_orig: Dict[str, Any] = {}
+
+
+def _is_default(handler: object) -> bool:
+    return isinstance(handler, int) and not isinstance(handler, bool) and int(handler) == int(signal.SIG_DFL)
+
+
+def _guarded_signal(signalnum: int, handler: Any) -> Any:
+    orig = _orig["signal"]
+    sig = int(signalnum)
+    if sig not in _sampling:
+        _wanted_default.discard(sig)
+        return orig(signalnum, handler)
+    was_default = sig in _wanted_default
+    if _is_default(handler):
+        prev = orig(signalnum, int(signal.SIG_IGN))
+        _wanted_default.add(sig)
+    else:
+        prev = orig(signalnum, handler)
+        _wanted_default.discard(sig)
+    for resync in list(_sampling.get(sig, ())):
+        try:
+            resync()  # asprof's handler in front now, not at the next 100 ms check
+        except Exception:  # noqa: BLE001 - the watcher does it within 100 ms
+            pass
+    if was_default and isinstance(prev, int) and int(prev) == int(signal.SIG_IGN):
+        return int(signal.SIG_DFL)
+    return prev
+
+
+def _guarded_getsignal(signalnum: int) -> Any:
+    h = _orig["getsignal"](signalnum)
+    if int(signalnum) in _wanted_default and isinstance(h, int) and int(h) == int(signal.SIG_IGN):
+        return int(signal.SIG_DFL)
+    return h
+
+
+def sampling_with(sigs: Sequence[int], resync: Callable[[], None]) -> None:
+    """An engine samples with these signals now (until :func:`not_sampling_with`); ``resync``
+    puts its handler back in front (and re-arms what stopped) after Python code set one."""
+    import _signal
+
+    if "signal" not in _orig:
+        _orig["signal"] = _signal.signal
+        _orig["getsignal"] = _signal.getsignal
+        try:
+            _signal.signal = _guarded_signal
+            _signal.getsignal = _guarded_getsignal
+        except (AttributeError, TypeError):  # a read-only module: nothing wrapped
+            logger.debug("signal.signal could not be wrapped")
+    for sig in sigs:
+        _sampling.setdefault(int(sig), []).append(resync)
+
+
+def not_sampling_with(sigs: Sequence[int], resync: Callable[[], None]) -> None:
+    """The engine stopped sampling with these signals: SIG_DFL back where the application set it."""
+    ext = _ext()
+    for sig in sigs:
+        left = [r for r in _sampling.get(int(sig), []) if r != resync]
+        if left:
+            _sampling[int(sig)] = left
+            continue
+        _sampling.pop(int(sig), None)
+        if int(sig) in _wanted_default and ext is not None:
+            try:
+                info = ext.handler_info(int(sig))
+                # SIG_IGN in its place, or CPython's handler that the built-in engine put back
+                if info.get("kind") == "ignore" or info.get("python"):
+                    ext.set_default(int(sig))
+            except (OSError, ValueError):
+                pass
 
 
 class Conflicts:
@@ -188,6 +278,7 @@ class AsyncProfilerSignals:
         self.conflicts = Conflicts()
         self._warned_start: Set[int] = set()
         self.watched: List[int] = []
+        self._events_lost = int(self._ext.stats().get("events_lost", 0)) if self._ext is not None else 0
 
     def _bases(self) -> List[int]:
         ext = self._ext
@@ -215,7 +306,10 @@ class AsyncProfilerSignals:
                 logger.debug("signal ownership not watched: async-profiler's load address is unknown")
                 return
             held = [s for s in _candidates() if _holds(ext, s, bases)]
-            self.watched = list(ext.watch(bases, _wall_signal(held, self._wall)))
+            watched = list(ext.watch(bases, _wall_signal(held, self._wall)))
+            sampling_with(watched, ext.check)
+            not_sampling_with(self.watched, ext.check)
+            self.watched = watched
         except Exception as e:  # noqa: BLE001 - profiling goes on without the watch
             logger.debug("signal ownership not watched: %r", e)
             return
@@ -241,6 +335,12 @@ class AsyncProfilerSignals:
             events = ext.poll()
         except Exception:  # noqa: BLE001
             return
+        try:
+            lost = int(ext.stats().get("events_lost", 0)) - self._events_lost
+            self._events_lost += lost
+            self.conflicts.count += max(0, lost)  # takeovers beyond the C queue: counted, not named
+        except Exception:  # noqa: BLE001
+            pass
         for sig, address, _flags in events:
             who = address_owner(address, sig)
             self.conflicts.report(sig, f"{signal_name(sig)} was taken over by {who} while profiling: asprof put "
@@ -256,6 +356,8 @@ class AsyncProfilerSignals:
             self._ext.unwatch()
         except Exception:  # noqa: BLE001
             logger.debug("stopping the signal watcher failed", exc_info=True)
+        not_sampling_with(self.watched, self._ext.check)
+        self.watched = []
 
     def stats(self) -> Dict[str, Any]:
         return dict(self._ext.stats()) if self._ext is not None else {}

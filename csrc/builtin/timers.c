@@ -414,6 +414,23 @@ static void keep_in_front(void) {
 #endif
 }
 
+/* issue #13: keep_in_front now (the application just set SIGPROF's handler from Python), and every
+   perf event of ours re-armed: one whose overflow signal went to that handler (or was ignored)
+   stays disabled until refreshed. An event still armed only gets its limit raised by one (the
+   handler refreshes it at each overflow anyway). */
+void bi_sampler_recheck(void) {
+    pthread_mutex_lock(&S.lock);
+    if (S.running) {
+        keep_in_front();
+        for (int i = 0; i < S.nthreads; i++) {
+            thread_t *t = &S.threads[i];
+            if (t->tid != 0 && t->has_timer && t->perf_fd >= 0 && perf_fd_is_ours(t))
+                ioctl(t->perf_fd, PERF_EVENT_IOC_REFRESH, 1);
+        }
+    }
+    pthread_mutex_unlock(&S.lock);
+}
+
 static void *sampler_main(void *arg) {
     (void)arg;
     prctl(PR_SET_NAME, "asprof-sampler", 0, 0, 0);

@@ -481,6 +481,23 @@ static PyObject *py_check(PyObject *self, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_set_default(PyObject *self, PyObject *arg) {
+    /* sig back to SIG_DFL (the application asked for the default action while asprof sampled with
+       the signal: asprof set SIG_IGN instead, which cannot end the process) */
+    long sig = PyLong_AsLong(arg);
+    if (sig == -1 && PyErr_Occurred()) return NULL;
+    if (sig <= 0 || sig >= NSIG) {
+        PyErr_Format(PyExc_ValueError, "not a signal number: %ld", sig);
+        return NULL;
+    }
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = SIG_DFL;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction((int)sig, &sa, NULL) != 0) return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_stats(PyObject *self, PyObject *unused) {
     PyObject *watched = PyList_New(0), *front = PyList_New(0);
     if (watched == NULL || front == NULL) {
@@ -524,6 +541,7 @@ static PyMethodDef methods[] = {
     {"unwatch", py_unwatch, METH_NOARGS, "unwatch() -> None: watcher stopped, application handlers given back"},
     {"poll", py_poll, METH_NOARGS, "poll() -> [(sig, address, flags)]: takeovers since the last poll"},
     {"check", py_check, METH_NOARGS, "check() -> None: one check now"},
+    {"set_default", py_set_default, METH_O, "set_default(sig) -> None: SIG_DFL for sig"},
     {"stats", py_stats, METH_NOARGS, "stats() -> dict of counters"},
     {NULL, NULL, 0, NULL},
 };
