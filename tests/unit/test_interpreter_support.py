@@ -139,3 +139,26 @@ def test_setup_builds_only_declared_extensions_when_free_threaded() -> None:
     ns["sys"] = types.SimpleNamespace(implementation=types.SimpleNamespace(name="cpython"), version_info=(3, 15, 0),
                                       platform="linux")
     assert "3.15" in ns["_walker_refusal"]()
+
+
+def test_packaging_covers_every_supported_version() -> None:
+    """Classifiers, the cibuildwheel matrix and the test workflow list each supported CPython
+    (3.9-3.14); no free-threaded wheel is built (the frame walk is refused there)."""
+    import os
+    import re
+
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
+    with open(os.path.join(root, "pyproject.toml")) as f:
+        pyproject = f.read()
+    with open(os.path.join(root, ".github", "workflows", "tests.yml")) as f:
+        workflow = f.read()
+    build = re.search(r'^build = "([^"]*)"', pyproject, re.M)
+    skip = re.search(r'^skip = "([^"]*)"', pyproject, re.M)
+    matrix = re.search(r"python: \[([^\]]*)\]", workflow)
+    assert build and skip and matrix
+    lo, hi = SUPPORTED_VERSIONS
+    for minor in range(lo[1], hi[1] + 1):
+        assert f'"Programming Language :: Python :: 3.{minor}"' in pyproject
+        assert f"cp3{minor}-*" in build.group(1).split()
+        assert f'"3.{minor}"' in matrix.group(1)
+    assert "cp31?t-*" in skip.group(1).split()
