@@ -78,6 +78,8 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
                     "directories, S3 credentials (never printed) and metadata endpoints. Exit status 0 when "
                     "profiling would start, 1 when not.")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--pid", type=int, default=None, metavar="PID",
+                   help="also report the profiling signals' dispositions in running process PID (issue #13)")
     p.add_argument("--offline", action="store_true",
                    help="no network: skip the metadata endpoints and credential providers that need it")
     p.add_argument("--timeout", type=float, default=1.0, metavar="SECONDS",
@@ -87,7 +89,7 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 def run(args: argparse.Namespace) -> int:
-    d = diagnose(offline=args.offline, timeout=max(0.05, args.timeout))
+    d = diagnose(offline=args.offline, timeout=max(0.05, args.timeout), pid=getattr(args, "pid", None))
     out = sys.stdout
     if args.json:
         json.dump(d.as_dict(), out, indent=2)
@@ -118,8 +120,10 @@ def format_text(d: Diagnosis) -> str:
 
 
 def diagnose(environ: Optional[Mapping[str, str]] = None, *, offline: bool = False,
-             timeout: float = 1.0) -> Diagnosis:
-    """Runs every check; never raises (a failing check is a FAIL line)."""
+             timeout: float = 1.0, pid: Optional[int] = None) -> Diagnosis:
+    """Runs every check; never raises (a failing check is a FAIL line). ``pid``: also the
+    profiling signals of that running process (their handlers in this one are always reported:
+    call ``diagnose()`` inside a service to see its own)."""
     env = os.environ if environ is None else environ
     d = Diagnosis(False, "")
     blockers: List[str] = []
@@ -227,6 +231,9 @@ def diagnose(environ: Optional[Mapping[str, str]] = None, *, offline: bool = Fal
         d.add("Native memory", "sampling", INFO, "off (ASPROF_NATIVE_MEM)" + (
             f"; it would be refused here: {hazard}" if hazard else "; it would work with this interpreter"))
 
+    # -- signals (issue #13)
+    _guard(lambda: _signal_checks(d, pid))
+
     # -- container
     _container_checks(d, env)
 
@@ -255,6 +262,66 @@ def diagnose(environ: Optional[Mapping[str, str]] = None, *, offline: bool = Fal
     d.would_profile = not blockers
     d.summary = what_text if not blockers else "; ".join(blockers)
     return d
+
+
+def _signal_checks(d: Diagnosis, pid: Optional[int]) -> None:
+    """Who holds SIGPROF, SIGVTALRM and SIGALRM here (and in process ``pid``): a handler that is not
+    asprof's on a profiling signal is a conflict (engines/signals.py: what each engine does)."""
+    from asprof.engines.signals import handler_report, signal_name
+
+    section = "Signals"
+    rows = handler_report()
+    if not rows:
+        d.add(section, "handlers", INFO, "asprof.engines._signals is not built for this interpreter: not checked")
+    for row in rows:
+        name, who = row["name"], row["owner"]
+        if row["kind"] != "handler" or row["asprof"]:
+            d.add(section, name, OK, f"in this process: {who}")
+        elif name == "SIGALRM":
+            d.add(section, name, INFO, f"in this process: {who} (asprof does not sample with SIGALRM: no conflict)")
+        else:
+            d.add(section, name, WARN, f"in this process: {who}, not asprof's: a conflict. async-profiler samples "
+                  "with another signal when it finds it taken at start (SIGSTKFLT, SIGPWR, ...); the built-in engine "
+                  "goes in front of it and passes it the signals that are not its own; taken over later, asprof "
+                  "puts its handler back in front and warns once (docs/builtin-engine.md, Signals)")
+    try:
+        from asprof.agent.loop import current
+
+        running = current()
+        if running is not None:
+            n = int(running.engine.signal_conflicts())
+            d.add(section, "conflicts", WARN if n else OK, f"the running profiler counted {n} signal conflict(s)")
+    except Exception:  # noqa: BLE001 - not running, or an engine without the counter
+        pass
+    if pid is None:
+        return
+    status = read_file(f"/proc/{pid}/status")
+    if status is None:
+        d.add(section, f"pid {pid}", WARN, f"/proc/{pid}/status cannot be read (no such process, or not yours)")
+        return
+    masks = {}
+    for line in status.splitlines():
+        key, _, value = line.partition(":")
+        if key in ("SigCgt", "SigIgn", "SigBlk"):
+            try:
+                masks[key] = int(value.strip(), 16)
+            except ValueError:
+                pass
+    maps = read_file(f"/proc/{pid}/maps") or ""
+    profiled = [what for what, mark in (("async-profiler", "libasyncProfiler"), ("the built-in engine", "_builtin."),
+                                         ("asprof's signal watch", "_signals.")) if mark in maps]
+    import signal as _signal
+
+    for sig in (int(_signal.SIGPROF), int(_signal.SIGVTALRM), int(_signal.SIGALRM)):
+        bit = 1 << (sig - 1)
+        state = ("caught (a handler)" if masks.get("SigCgt", 0) & bit else
+                 "ignored" if masks.get("SigIgn", 0) & bit else "default action")
+        if masks.get("SigBlk", 0) & bit:
+            state += ", blocked in its main thread"
+        d.add(section, f"pid {pid} {signal_name(sig)}", INFO, state)
+    d.add(section, f"pid {pid} asprof", INFO,
+          ("loaded: " + ", ".join(profiled) + "; its reports carry signal_conflicts (ReportMetadata) and its log "
+           "one WARNING per signal taken over") if profiled else "asprof's engines are not loaded in that process")
 
 
 def _known() -> "frozenset[str]":

@@ -187,8 +187,9 @@ def _guarded_getsignal(signalnum: int) -> Any:
 def sampling_with(sigs: Sequence[int], resync: Callable[[], None]) -> None:
     """An engine samples with these signals now (until :func:`not_sampling_with`); ``resync``
     puts its handler back in front (and re-arms what stopped) after Python code set one."""
-    import _signal
+    import importlib
 
+    _signal: Any = importlib.import_module("_signal")  # what signal.signal/getsignal call
     if "signal" not in _orig:
         _orig["signal"] = _signal.signal
         _orig["getsignal"] = _signal.getsignal
