@@ -9,6 +9,7 @@ kills land inside a write.
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import random
 import signal
@@ -17,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Dict
+
+import pytest
 
 from asprof.jfrio.decode import chunks
 from tests.conftest import ROOT, child_env
@@ -108,9 +111,10 @@ def test_local_reporter_killed_mid_report(tmp_path: Path) -> None:
     print("kills:", ROUNDS, seen)
 
 
-def test_spool_killed_mid_put(tmp_path: Path) -> None:
+def test_spool_killed_mid_put(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from asprof.reporter.s3.spool import _DirSpool
 
+    caplog.set_level(logging.INFO, logger="asprof.s3")
     data = _big_jfr(tmp_path)
     out = tmp_path / "spool"
     rng = random.Random(14)
@@ -131,4 +135,9 @@ def test_spool_killed_mid_put(tmp_path: Path) -> None:
         spool.done(entry)
         n += 1
     assert list(out.iterdir()) == []  # nothing else was left
-    print("spool kills:", ROUNDS, "partials found:", left, "profiles:", n)
+    messages = [r.getMessage() for r in caplog.records]
+    recovered = sum(m.startswith("recovered") for m in messages)
+    removed = sum(m.startswith("removed") for m in messages)
+    assert recovered + removed == left
+    print("spool kills:", ROUNDS, "partials found:", left, "recovered:", recovered, "removed:", removed,
+          "profiles:", n)
