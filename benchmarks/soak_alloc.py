@@ -100,6 +100,7 @@ def main() -> int:
     max_live = max_mem = 0
     rows: List[Dict[str, Any]] = []
     next_fork = t0 + 10
+    base = None
     while time.monotonic() < deadline:
         time.sleep(1)
         now = time.monotonic()
@@ -142,6 +143,8 @@ def main() -> int:
                    "forks": forks}
             rows.append(row)
             print(row, flush=True)
+            if base is None and now - t0 >= 30:  # the workers' windows are full by now
+                base = (row["rss_mb"], row["leak_mb"])
     stop.set()
     for t in threads:
         t.join(5)
@@ -165,11 +168,14 @@ def main() -> int:
             bad.append(f"{f}: {e}")
     with LEAK_LOCK:
         leak_mb = len(LEAK) * 1033 / 2**20
-    growth = rss1 - rss0 - leak_mb
+    if base is None:
+        base = (rss0, 0.0)
+    growth = rss1 - base[0] - (leak_mb - base[1])
     print(f"\nsoak: {a.minutes:g} min, interval {a.interval}, live cap {a.live_cap}, {forks} forks "
           f"({fork_failures} failed or hung), {len(files)} reports ({len(parent)} of the parent, {len(bad)} unreadable), "
           f"{alloc_events} allocation and {live_events} live events in the parent's reports")
-    print(f"RSS {rss0:.0f} -> {rss1:.0f} MB (workload leak {leak_mb:.0f} MB, growth beyond it {growth:+.0f} MB); "
+    print(f"RSS {rss0:.0f} at start, {base[0]:.0f} after 30 s, {rss1:.0f} MB at the end (workload leak {leak_mb:.0f} MB; "
+          f"growth after 30 s beyond the leak's {growth:+.0f} MB); "
           f"sampler memory max {max_mem / 2**20:.1f} MB; live set max {max_live} (cap {a.live_cap})")
     ok = (fork_failures == 0 and not bad and alloc_events > 0 and live_events > 0 and max_live <= a.live_cap
           and max_mem < 64 * 2**20 and growth < 100)

@@ -45,6 +45,8 @@ DOMAINS = ("PyMem_RawMalloc", "PyMem_Malloc", "PyObject_Malloc")
 COLLECT_EVERY = 2.0
 MAX_FRAMES = 128
 LIVE_CAP = 65536
+#: Allocation samples held for one report at most (~200 bytes each); more are counted as lost.
+MAX_PENDING = 200_000
 #: The allocation chunk's metadata id: not the one of the chunk it follows (see ChunkWriter).
 METADATA_ID = 0x7FFF0016
 #: ... and pool keys no async-profiler chunk uses (its ids are far below; jfrconv reads keys as 32-bit ints).
@@ -208,10 +210,15 @@ class AllocSampler:
             resolved.append(self._frames.setdefault(fr, fr))
         pending = self._pending
         live = self._live
+        room = MAX_PENDING - len(pending)
         for t, serial, _size, weight, tid, sid, domain, is_live in _RECORD.iter_unpack(data):
             sfr = resolved[sid] if 0 <= sid < len(resolved) else None
             rec = (t, tid, sfr, domain, weight)
-            pending.append(rec)
+            if room > 0:
+                pending.append(rec)
+                room -= 1
+            else:
+                self._lost += 1  # the report's share of memory is full: counted, said at the report
             if is_live:
                 live[serial] = rec
         self._prune()
@@ -278,7 +285,7 @@ class AllocSampler:
             return False
         if lost:
             self._lost_total += lost
-            logger.warning("Python allocation sampling lost %d samples since the last report (buffers full)", lost)
+            logger.warning("Python allocation sampling lost %d samples since the last report (its buffers were full)", lost)
         return True
 
     def _write(self, w: "ChunkWriter", end: Tuple[int, int],
@@ -420,4 +427,4 @@ def wrap(engine: Engine, options: "ProfilerOptions") -> Engine:
     if why is not None:
         logger.warning("Python allocation sampling is off: %s", why)
         return engine
-    return AllocEngine(engine, AllocSampler(int(interval)))
+    return AllocEngine(engine, AllocSampler(int(interval), LIVE_CAP))
