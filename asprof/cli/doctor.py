@@ -467,16 +467,22 @@ def _directory_checks(d: Diagnosis, cfg: Any) -> bool:
         ok = False
     if cfg is None or not cfg.enabled:
         return ok
+    from asprof.reporter.files import directory_problem  # issue #13: the reporters' own rules
+
     if cfg.s3_bucket is None:
         good, why = writable_dir(cfg.directory or "profiles")
-        d.add("Directories", "profiles", OK if good else FAIL, why,
-              None if good else "set ASPROF_REPORTER to a writable directory (e.g. /tmp/profiles) or fix permissions")
-        ok = ok and good
+        problem = directory_problem(cfg.directory or "profiles", "LocalReporter") if good else None
+        d.add("Directories", "profiles", OK if good and problem is None else FAIL, problem or why,
+              None if good and problem is None else
+              "set ASPROF_REPORTER to a private writable directory (a new path is created 0700) or fix permissions")
+        ok = ok and good and problem is None
     elif cfg.s3_spool_dir:
         good, why = writable_dir(cfg.s3_spool_dir)
-        d.add("Directories", "S3 spool", OK if good else FAIL, why,
-              None if good else "set ASPROF_S3_SPOOL_DIR to a writable directory, or unset it (memory spool)")
-        ok = ok and good
+        problem = directory_problem(cfg.s3_spool_dir, "S3Reporter", "spool directory", 0o077) if good else None
+        d.add("Directories", "S3 spool", OK if good and problem is None else FAIL, problem or why,
+              None if good and problem is None else
+              "set ASPROF_S3_SPOOL_DIR to a private writable directory, or unset it (memory spool)")
+        ok = ok and good and problem is None
     return ok
 
 

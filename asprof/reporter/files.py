@@ -24,7 +24,8 @@ from typing import Optional, Union
 
 from asprof.autostart.values import file_mode_problem
 
-__all__ = ["DEFAULT_FILE_MODE", "check_file_mode", "directory_mode", "secure_directory", "create_locked",
+__all__ = ["DEFAULT_FILE_MODE", "check_file_mode", "directory_mode", "directory_problem", "secure_directory",
+           "create_locked",
            "try_lock_abandoned", "maybe_being_created"]
 
 log = logging.getLogger("asprof")
@@ -69,6 +70,24 @@ def _check_existing(path: str, st: os.stat_result, who: str, what: str, forbidde
             f"{who}: {what} {path!r} can be reached by other users (mode {_describe_mode(st.st_mode)}); asprof "
             f"never changes the mode of an existing directory: run `chmod {'700' if forbidden & 0o044 else 'go-w'} "
             f"{path}` if it is yours alone, or give a new path (created private)")
+
+
+def directory_problem(directory: Union[str, "os.PathLike[str]"], who: str, what: str = "directory",
+                      forbidden: int = 0o022) -> Optional[str]:
+    """Why :func:`secure_directory` would refuse the existing ``directory`` (None when it
+    would accept it, or when it does not exist yet and would be created private). Changes nothing."""
+    path = os.path.abspath(os.fspath(directory))
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return f"{who}: cannot use {what} {path!r}: {e.strerror}"
+    try:
+        _check_existing(path, st, who, what, forbidden)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def secure_directory(directory: Union[str, "os.PathLike[str]"], who: str, what: str = "directory",

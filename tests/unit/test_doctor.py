@@ -222,3 +222,19 @@ def test_with_the_real_library(tmp_path: Path) -> None:
     r = doctor("--offline", cwd=tmp_path)
     assert r.returncode == 0, r.stdout
     assert "[ ok ] library: " in r.stdout and "libasyncProfiler.so, version " in r.stdout
+
+
+def test_directories_the_reporters_would_refuse(tmp_path: Path, stub_lib: Path) -> None:
+    """issue #13: doctor applies the reporters' rules (an existing directory others can write in, or
+    a symlink, is refused, never changed) without touching anything."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    r = doctor("--json", "--offline", cwd=tmp_path, ASPROF_LIB=str(stub_lib), ASPROF_REPORTER=str(shared))
+    c = checks(r)["Directories/profiles"]
+    assert c["status"] == "fail" and "can be reached by other users (mode 0777)" in c["detail"], c
+    assert (shared.stat().st_mode & 0o777) == 0o777
+    link = tmp_path / "link"
+    link.symlink_to(shared)
+    r = doctor("--json", "--offline", cwd=tmp_path, ASPROF_LIB=str(stub_lib), ASPROF_REPORTER=str(link))
+    assert "is a symbolic link" in checks(r)["Directories/profiles"]["detail"]
