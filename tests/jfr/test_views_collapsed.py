@@ -103,3 +103,18 @@ def test_profile_items_root_first() -> None:
     s.thread(1, "t")
     s.exec_sample(1, 1, ["root", "mid", "leaf"])
     assert _stack_weights(J.open(s.build()).samples("cpu")) == {"root;mid;leaf": 1}
+
+
+def test_deep_and_branching_stacks_fold_to_their_paths() -> None:
+    """Stacks ending at inner nodes, siblings after a deep branch, and one very deep stack
+    (the folding joins names once per line, not a prefix per level)."""
+    from asprof.jfr.profile import Profile
+
+    prof = Profile(kind="cpu", unit="samples")
+    deep = [f"d{i}" for i in range(3000)]
+    stacks = {("a",): 1, ("a", "b"): 2, ("a", "b", "c"): 3, ("a", "x"): 4, ("z",): 5,
+              tuple(["a", "b"] + deep): 6}
+    for names, w in stacks.items():
+        prof.add(tuple(prof.intern(n, 3) for n in names), w, w)
+    got = dict(J.views.collapsed.collapsed_lines(prof))
+    assert got == {";".join(k): v for k, v in stacks.items()}

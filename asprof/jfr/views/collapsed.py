@@ -30,16 +30,19 @@ def collapsed_lines(profile: Profile) -> Iterator[Tuple[str, int]]:
     """(folded stack, weight) pairs in sorted order."""
     root = build_tree(profile)
     out: List[Tuple[str, int]] = []
-    # iterative DFS: (node, prefix)
-    stack: List[Tuple[Node, str]] = [(c, "") for c in root.children.values()]
+    # iterative DFS over (node, depth), the names from the root in ``parts``: a line is joined only
+    # where a stack ends, so a deep stack costs its length, not its length squared (a prefix
+    # string per level took 18 s for one stack of 200,000 frames)
+    parts: List[str] = []
+    stack: List[Tuple[Node, int]] = [(c, 0) for c in root.children.values()]
     while stack:
-        node, prefix = stack.pop()
-        path = prefix + node.name + _suffix(node.display_type())
+        node, depth = stack.pop()
+        del parts[depth:]
+        parts.append(node.name + _suffix(node.display_type()))
         if node.self > 0:
-            out.append((path, node.self))
+            out.append((";".join(parts), node.self))
         if node.children:
-            p2 = path + ";"
-            stack.extend((c, p2) for c in node.children.values())
+            stack.extend((c, depth + 1) for c in node.children.values())
     out.sort()
     return iter(out)
 
