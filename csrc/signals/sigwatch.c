@@ -80,8 +80,9 @@ static struct {
     _Atomic uint64_t takeovers, to_asprof, to_app, dropped, loops, rearmed, checks, events_lost;
 } W = {.lock = PTHREAD_MUTEX_INITIALIZER};
 
-/* Set while this thread runs a handler the trampoline called. */
-static __thread int in_fwd __attribute__((tls_model("initial-exec")));
+/* Bit sig set while this thread runs a handler the trampoline called for sig (per signal: another
+   profiling signal may interrupt that handler and must go through). */
+static __thread uint64_t in_fwd __attribute__((tls_model("initial-exec")));
 
 /* ------------------------------------------------------------ trampoline ---- */
 
@@ -122,13 +123,14 @@ static void trampoline(int sig, siginfo_t *info, void *uc) {
     }
     sigslot *s = &W.s[sig];
     int ours = is_asprof_signal(sig, info);
-    if (in_fwd) {
+    uint64_t bit = 1ull << (sig - 1);  /* sig in 1..64 */
+    if (in_fwd & bit) {
         /* called back by the handler we called (it chains to what it found installed: us) */
         atomic_fetch_add_explicit(&W.loops, 1, memory_order_relaxed);
         errno = saved_errno;
         return;
     }
-    in_fwd = 1;
+    in_fwd |= bit;
     if (ours) {
         atomic_fetch_add_explicit(&W.to_asprof, 1, memory_order_relaxed);
         call(atomic_load_explicit(&s->head_fn, memory_order_acquire),
@@ -141,7 +143,7 @@ static void trampoline(int sig, siginfo_t *info, void *uc) {
            end the process for these signals; a signal that is not asprof's is dropped.) */
         atomic_fetch_add_explicit(&W.dropped, 1, memory_order_relaxed);
     }
-    in_fwd = 0;
+    in_fwd &= ~bit;
     errno = saved_errno;
 }
 

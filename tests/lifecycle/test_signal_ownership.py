@@ -196,3 +196,87 @@ def test_saved_and_restored_default_does_not_end_the_process(engine: str) -> Non
     assert len(out["warnings"]) == 1, out
     if engine == "async-profiler":
         assert out["final"] == 0, out  # SIG_DFL for real once profiling stopped
+
+
+CHAINING_HANDLER = r"""
+#include <signal.h>
+#include <string.h>
+static struct sigaction old;
+static volatile long n;
+/* a native handler that passes every signal on to the handler it replaced, as libraries do */
+static void h(int sig, siginfo_t *si, void *uc) {
+    n++;
+    if (old.sa_flags & SA_SIGINFO) {
+        if (old.sa_sigaction) old.sa_sigaction(sig, si, uc);
+    } else if (old.sa_handler != SIG_DFL && old.sa_handler != SIG_IGN) {
+        old.sa_handler(sig);
+    }
+}
+int install(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_sigaction = h;
+    sa.sa_flags = SA_SIGINFO | SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    return sigaction(SIGPROF, &sa, &old);
+}
+long count(void) { return n; }
+"""
+
+CHAIN_CHILD = r"""
+import ctypes, json, logging, signal, sys, time
+records = []
+class Capture(logging.Handler):
+    def emit(self, record):
+        records.append((record.levelname, record.getMessage()))
+logging.getLogger("asprof").addHandler(Capture())
+import asprof
+from asprof.jfr import open_recording
+lib = ctypes.CDLL(LIB)
+reports = []
+class Keep(asprof.Reporter):
+    def report(self, jfr, metadata):
+        reports.append(jfr)
+    def report_blocking(self, jfr, metadata):
+        self.report(jfr, metadata)
+def burn(seconds):
+    t = time.thread_time()
+    while time.thread_time() - t < seconds:
+        x = 0
+        for i in range(20000):
+            x += i
+running = asprof.Profiler(reporter=Keep(), reporting_interval=60.0, agent_metadata=asprof.NoMetadata(),
+                          options=asprof.ProfilerOptions(cpu_interval=0.001, wall_interval=0.1, engine=ENGINE)).start()
+assert lib.install() == 0
+burn(0.3)  # asprof back in front, this handler behind it
+assert lib.install() == 0  # again: it now saved asprof's handler in front, and chains to it
+signal.setitimer(signal.ITIMER_PROF, 0.02, 0.02)
+cpu0 = time.thread_time()
+burn(1.0)
+cpu = time.thread_time() - cpu0 + 0.3
+signal.setitimer(signal.ITIMER_PROF, 0, 0)
+running.stop()
+samples = sum(open_recording(j).counts.get("jdk.ExecutionSample", (0, 0))[0] for j in reports)
+print(json.dumps({"samples": samples, "expected": cpu / 0.001, "cpu": cpu, "app": lib.count(),
+                  "warnings": [m for lvl, m in records if lvl == "WARNING"]}))
+"""
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_handler_chaining_back_to_asprof_does_not_loop(engine: str, tmp_path: Any) -> None:
+    import shutil
+    import subprocess
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler for the chaining handler")
+    src, lib = tmp_path / "chain.c", tmp_path / "libchain.so"
+    src.write_text(CHAINING_HANDLER)
+    subprocess.run([cc, "-shared", "-fPIC", "-O1", "-o", str(lib), str(src)], check=True)
+    r = run_python(CHAIN_CHILD.replace("LIB)", f"{str(lib)!r})").replace("engine=ENGINE", f"engine={engine!r}"),
+                   timeout=120)
+    assert r.returncode == 0, f"the child died (status {r.returncode}): {r.stderr[-3000:]}"
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert_sampled(out)
+    assert out["app"] >= 0.5 * out["cpu"] / 0.02, out  # its own ITIMER_PROF ticks (and no endless recursion)
+    assert len(out["warnings"]) == 1 and "libchain.so" in out["warnings"][0], out
