@@ -108,10 +108,15 @@ def jfr_string(b: bytes, i: int) -> Tuple[Optional[str], int]:
     raise ChunkError(f"string encoding {enc}")
 
 
+#: The longest LEB128 integer read: 10 bytes hold 64 bits (csrc/pyframes writes at most that).
+ULEB128_MAX_BYTES = 10
+
+
 def uleb128(b: bytes, i: int) -> Tuple[int, int]:
-    """A plain LEB128 unsigned integer at ``i``: (value, next index)."""
+    """A plain LEB128 unsigned integer of at most 64 bits at ``i``: (value, next index).
+    Longer runs are malformed (unbounded, they cost time quadratic in their length)."""
     v = shift = 0
-    while True:
+    for _ in range(ULEB128_MAX_BYTES):
         if i >= len(b):
             raise ChunkError("truncated integer")
         c = b[i]
@@ -120,6 +125,7 @@ def uleb128(b: bytes, i: int) -> Tuple[int, int]:
         if not c & 0x80:
             return v, i
         shift += 7
+    raise ChunkError(f"integer longer than {ULEB128_MAX_BYTES} bytes")
 
 
 def leb_string(b: bytes, i: int) -> Tuple[str, int]:

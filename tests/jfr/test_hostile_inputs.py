@@ -260,3 +260,13 @@ def test_a_zip_needing_an_unknown_version_is_a_jfr_error() -> None:
     struct.pack_into("<H", d, d.find(b"PK\x01\x02") + 6, 255)  # version needed to extract: 25.5
     with pytest.raises(JfrError, match="not a valid zip file"):
         J.open(bytes(d))
+
+
+def test_leb128_integers_are_bounded() -> None:
+    """The Python-frame events' integers: 64 bits at most; a long run of continuation bytes is
+    malformed at once (unbounded, its decoding took time quadratic in its length)."""
+    from asprof.jfrio.decode import ChunkError, uleb128
+
+    assert uleb128(b"\xff" * 9 + b"\x01", 0) == ((1 << 64) - 1, 10)
+    with pytest.raises(ChunkError, match="longer than 10 bytes"):
+        uleb128(b"\xff" * 1_000_000 + b"\x00", 0)
