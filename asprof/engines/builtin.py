@@ -219,6 +219,7 @@ class BuiltinEngine(Engine):
 
         self._conflicts = Conflicts()
         self._reinstalled = 0  # the C module's handler_reinstalled at the last look
+        self._itimer_taken = 0  # and its itimer_taken
 
     # -- Engine -------------------------------------------------------------------------
 
@@ -313,7 +314,9 @@ class BuiltinEngine(Engine):
         from asprof.engines.signals import foreign_at_start
 
         try:
-            self._reinstalled = int(self._mod.stats().get("handler_reinstalled", 0))
+            st = self._mod.stats()
+            self._reinstalled = int(st.get("handler_reinstalled", 0))
+            self._itimer_taken = int(st.get("itimer_taken", 0))
             who = foreign_at_start(signal.SIGPROF)
         except Exception:  # noqa: BLE001 - profiling starts anyway
             return
@@ -329,15 +332,24 @@ class BuiltinEngine(Engine):
         try:
             st = self._mod.stats()
             n = int(st.get("handler_reinstalled", 0))
-            if n <= self._reinstalled:
+            timer = int(st.get("itimer_taken", 0))
+            if n <= self._reinstalled and timer <= self._itimer_taken:
                 return
-            self._reinstalled = n
+            took_handler, took_timer = n > self._reinstalled, timer > self._itimer_taken
+            self._reinstalled, self._itimer_taken = n, timer
             who = address_owner(int(st.get("foreign_handler", 0)), signal.SIGPROF)
         except Exception:  # noqa: BLE001 - never stop a report for this
             return
-        self._conflicts.report(signal.SIGPROF, f"SIGPROF was taken over by {who} while profiling: the built-in "
-                               "engine put its handler back in front and passes the signals that are not its "
-                               "own on to that handler")
+        parts = []
+        if took_handler:
+            parts.append(f"SIGPROF was taken over by {who} while profiling: the built-in engine put its handler "
+                         "back in front and passes the signals that are not its own on to that handler")
+        if took_timer:
+            parts.append("the application re-armed ITIMER_PROF, which this engine samples with here (there is "
+                         "one per process): its ticks are now both the CPU samples (at the application's "
+                         "interval) and the application's own, passed on to its handler; the engine arms its "
+                         "own again when the application disarms it")
+        self._conflicts.report(signal.SIGPROF, "; ".join(parts))
 
     def cpu_seconds_elsewhere(self) -> float:
         """The signal handler's time on the application's threads (the C module measures it)."""

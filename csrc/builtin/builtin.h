@@ -117,6 +117,10 @@ typedef struct {
 extern struct bi_state {
     _Atomic int enabled;              /* the handler records our signals */
     _Atomic int itimer_mode;          /* SI_KERNEL SIGPROF are ours */
+    /* issue #13: the application re-armed ITIMER_PROF (one per process) over ours: its ticks are
+       recorded and also passed on to the handler behind ours; itimer_taken counts the times. */
+    _Atomic int itimer_shared;
+    _Atomic uint64_t itimer_taken;
     _Atomic int guard_ok;             /* the fault guard for frame reads is in place */
     int max_frames;
     _Atomic int cur;                  /* the half handlers write to */

@@ -210,6 +210,9 @@ void bi_handler(int sig, siginfo_t *info, void *ucontext) {
         wall_slot = (int)((v >> 12) & 0xFFFFFu);
     } else if (info != NULL && info->si_code == SI_KERNEL && atomic_load_explicit(&bi.itimer_mode, memory_order_relaxed)) {
         kind = 0; state = 0;
+        /* issue #13: the ITIMER_PROF is the application's now (it re-armed it): its handler gets
+           every tick too (first: what follows may return early) */
+        if (atomic_load_explicit(&bi.itimer_shared, memory_order_relaxed)) call_prev(sig, info, ucontext);
     } else {
         atomic_fetch_add_explicit(&bi.n.chained, 1, memory_order_relaxed);
         call_prev(sig, info, ucontext);

@@ -38,6 +38,7 @@ static void atfork_child(void) {
     /* The child has no sampler and no timers; the parent's samples are not the child's. */
     atomic_store(&bi.enabled, 0);
     atomic_store(&bi.itimer_mode, 0);
+    atomic_store(&bi.itimer_shared, 0);  /* issue #13 */
     bi_atfork_child();
     bi_handler_atfork_child();
     started = 0;
@@ -619,6 +620,8 @@ static PyObject *bi_stats(PyObject *self, PyObject *noargs) {
     rc |= put(d, "excluded_threads", (unsigned long long)bi_sampler_excluded());
     rc |= put(d, "perf_events", (unsigned long long)bi_sampler_perf_events());
     rc |= put(d, "foreign_handler", (unsigned long long)atomic_load(&bi_foreign_fn));  /* issue #13 */
+    rc |= put(d, "itimer_taken", (unsigned long long)atomic_load(&bi.itimer_taken));
+    rc |= put(d, "itimer_shared", (unsigned long long)atomic_load(&bi.itimer_shared));
 #ifdef ASPROF_WALKER
     rc |= put(d, "faults_recovered", pf_safeload_faults());
 #else

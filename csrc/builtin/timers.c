@@ -395,6 +395,35 @@ static void close_task_dir(void) {
     S.task_dir = -1;
 }
 
+/* issue #13: with the ITIMER_PROF fallback, the application may re-arm the process's one
+   ITIMER_PROF (setitimer) over ours. Its ticks then stand for our samples too, and its handler
+   (behind ours) gets each of them (bi.itimer_shared); samples follow its interval, not ours. When
+   it disarms it, ours is armed again. */
+static void arm_itimer(void) {
+    struct itimerval it;
+    it.it_interval.tv_sec = (time_t)(S.cpu_ns / 1000000000ull);
+    it.it_interval.tv_usec = (suseconds_t)((S.cpu_ns % 1000000000ull) / 1000);
+    if (it.it_interval.tv_sec == 0 && it.it_interval.tv_usec == 0) it.it_interval.tv_usec = 1;
+    it.it_value = it.it_interval;
+    setitimer(ITIMER_PROF, &it, NULL);
+}
+
+static void check_itimer(void) {
+    struct itimerval cur;
+    if (getitimer(ITIMER_PROF, &cur) != 0) return;
+    uint64_t ours_us = S.cpu_ns / 1000 ? S.cpu_ns / 1000 : 1;
+    uint64_t now_us = (uint64_t)cur.it_interval.tv_sec * 1000000ull + (uint64_t)cur.it_interval.tv_usec;
+    if (now_us == 0 && cur.it_value.tv_sec == 0 && cur.it_value.tv_usec == 0) {
+        atomic_store(&bi.itimer_shared, 0);  /* disarmed by the application: ours again */
+        arm_itimer();
+    } else if (now_us != ours_us && !atomic_load(&bi.itimer_shared)) {
+        atomic_store(&bi.itimer_shared, 1);
+        atomic_fetch_add(&bi.itimer_taken, 1);
+    } else if (now_us == ours_us && atomic_load(&bi.itimer_shared)) {
+        atomic_store(&bi.itimer_shared, 0);  /* ours again (the application set our interval back) */
+    }
+}
+
 static void keep_in_front(void) {
     if (S.task_dir >= 0 && !task_dir_ours()) {
         S.task_dir = -1;  /* closed by the application: forget the number, open ours again */
@@ -408,6 +437,7 @@ static void keep_in_front(void) {
                                                                                   : (void *)cur.sa_handler));
         if (bi_handler_install() == 0) atomic_fetch_add(&bi.n.handler_reinstalled, 1);
     }
+    if (S.itimer) check_itimer();  /* issue #13 */
 #ifdef ASPROF_WALKER
     if (!pf_safeload_active()) pf_safeload_install();
     atomic_store(&bi.guard_ok, pf_safeload_active());
@@ -474,6 +504,7 @@ static void delete_all(void) {
         setitimer(ITIMER_PROF, &zero, NULL);
         S.itimer = 0;
         atomic_store(&bi.itimer_mode, 0);
+        atomic_store(&bi.itimer_shared, 0);
     }
     S.cpu_thread = 0;
 }
