@@ -216,11 +216,27 @@ class _OSThread:
         return True
 
 
+class _Thread(threading.Thread):
+    """threading.Thread, surviving a monkey-patching done while it runs (``asprof run``
+    starts profiling before a gevent worker patches): its exit then looks itself up by the
+    patched, green ``get_ident`` and threading would print a KeyError to stderr."""
+
+    def _delete(self) -> None:
+        try:
+            super()._delete()  # type: ignore[misc]
+        except KeyError:
+            lock = getattr(threading, "_active_limbo_lock", None)
+            active = getattr(threading, "_active", None)
+            if lock is not None and isinstance(active, dict):
+                with lock:
+                    active.pop(self.ident, None)
+
+
 def Thread(target: Callable[[], object], name: str) -> Any:  # noqa: N802
     """A daemon thread running ``target``; a real OS thread even under monkey-patching."""
     o = _originals()
     if o is None:
-        return threading.Thread(target=target, name=name, daemon=True)
+        return _Thread(target=target, name=name, daemon=True)
     return _OSThread(o, target, name)
 
 

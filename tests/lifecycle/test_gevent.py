@@ -80,6 +80,35 @@ def test_async_profiler_engine_under_gevent(tmp_path: Path) -> None:
     _check(_run(tmp_path, "async-profiler"))
 
 
+@pytest.mark.parametrize("engine", ["builtin", "async-profiler"])
+def test_patched_after_profiling_started(tmp_path: Path, engine: str) -> None:
+    """As under `asprof run` with a gevent worker: profiling starts, then the program patches.
+    Reports go on while it never yields, stop() works, nothing is printed (threading would print a
+    KeyError when a thread started before the patching exits)."""
+    if engine == "async-profiler" and REAL_LIB is None:
+        pytest.skip("async-profiler is not installed")
+    out = tmp_path / "out"
+    r = run_python(f"""
+        import json, os, time
+        import asprof
+        p = asprof.start_profiling(asprof.LocalReporter({str(out)!r}), reporting_interval=0.3,
+                                   options=asprof.ProfilerOptions(engine={engine!r}))
+        from gevent import monkey
+        monkey.patch_all()
+        t0 = time.monotonic()
+        files = 0
+        while time.monotonic() - t0 < 30 and files < 3:
+            sum(range(20000))
+            files = len(os.listdir({str(out)!r}))
+        stopped = p.stop(10)
+        print(json.dumps({{"files": files, "stopped": stopped, "comm": open("/proc/self/comm").read().strip()}}))
+        """, timeout=90)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["files"] >= 3 and got["stopped"] is True and got["comm"] != "asprof-agent", got
+    assert r.stderr == "", r.stderr
+
+
 def test_s3_uploader_runs_on_a_real_thread_under_gevent(tmp_path: Path) -> None:
     pytest.importorskip("boto3", reason="boto3 is not installed")
     r = run_python("""
