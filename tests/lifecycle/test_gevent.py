@@ -4,6 +4,8 @@ asprof's threads, and the process is not renamed. Both engines; skipped without 
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 from typing import Any, Dict
 
@@ -186,3 +188,68 @@ def test_osthreads_primitives_under_patching() -> None:
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got["type"] == "_OSThread" and got["alive"] is False and got["timed_out"] is False
     assert got["seen"][0] != got["pid"] and got["seen"][1] is True
+
+
+GUNICORN_APP = """
+import os, time
+
+def app(environ, start_response):
+    # CPU-bound, never yields to gevent's hub, until this worker has 3 reports of its own
+    # (asprof's agent must run beside it on a real OS thread), or 30 s.
+    out, pid, t0, n = os.environ["TEST_PROFILES"], os.getpid(), time.monotonic(), 0
+    while time.monotonic() - t0 < 30 and n < 3:
+        sum(range(20000))
+        n = len([f for f in os.listdir(out) if f.endswith("_%d.jfr" % pid)])
+    comm = open("/proc/self/comm").read().strip()
+    body = ("%d %d %s\\n" % (pid, n, comm)).encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+"""
+
+
+def test_gunicorn_gevent_worker_under_asprof_run(tmp_path: Path) -> None:
+    """`asprof run -- gunicorn -k gevent`: profiling starts in the master, the worker forks and then
+    patches; a request that computes without yielding still sees the worker's reports arrive."""
+    pytest.importorskip("gunicorn", reason="gunicorn is not installed")
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    from aws_test_servers import free_port
+    from conftest import child_env
+
+    port = free_port()
+    (tmp_path / "app.py").write_text(GUNICORN_APP)
+    profiles = tmp_path / "profiles"
+    env = child_env(TEST_PROFILES=str(profiles), ASPROF_REPORTER=str(profiles), ASPROF_REPORTING_INTERVAL="300ms",
+                    ASPROF_ENGINE="builtin", ASPROF_LOG_LEVEL="warning")
+    cmd = [sys.executable, "-m", "asprof", "run", "--", sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", "1",
+           "-b", f"127.0.0.1:{port}", "--timeout", "60", "app:app"]
+    log = open(tmp_path / "gunicorn.log", "wb")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        body = ""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not body:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=45) as r:
+                    body = r.read().decode().strip()
+            except OSError:
+                assert proc.poll() is None, (tmp_path / "gunicorn.log").read_text()
+                time.sleep(0.2)
+        pid, n, comm = body.split()
+        assert int(n) >= 3, body  # reports while the worker never yielded
+        assert comm != "asprof-agent", body
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        log.close()
+    out = (tmp_path / "gunicorn.log").read_text(errors="replace")
+    assert "Traceback" not in out and "KeyError" not in out, out
