@@ -366,19 +366,27 @@ class _Chunk:
 
     # -- events ---------------------------------------------------------------------------
 
-    def events(self) -> List[Tuple[int, int, int]]:
-        """(offset, size, type id) of each event but the metadata and checkpoints."""
+    def events(self) -> List[Tuple[int, int, int, int]]:
+        """(offset, size, type id, offset of the first field) of each event but the metadata
+        and checkpoints."""
         b = self.b
         out = []
         i = self.off + HEADER_SIZE
         end = self.end
         while i < end:
-            size, j = _varint(b, i)
-            etype, j = _varint(b, j)
+            size = b[i]  # most sizes and types are one byte (async-profiler's samples)
+            j = i + 1
+            if size >= 0x80:
+                size, j = _varint(b, i)
+            etype = b[j]
+            if etype < 0x80:
+                j += 1
+            else:
+                etype, j = _varint(b, j)
             if size <= 0 or i + size > end:
                 raise ChunkError(f"bad event size at byte {i}")
             if etype > 1:
-                out.append((i, size, etype))
+                out.append((i, size, etype, j))
             i += size
         return out
 
@@ -395,6 +403,56 @@ class _Chunk:
 
 
 # ---------------------------------------------------------------------- the Python stacks
+
+
+def _plain_sample(c: _Chunk, cls: _Class) -> bool:
+    """Are the fields of ``cls`` (startTime, thread, stack, state, ...) four varints then
+    fields without pool references, as async-profiler writes its samples?"""
+    f = cls.fields
+    kinds = [c.classes[x.type].kind if x.type in c.classes else None for x in f]
+    return (len(f) >= 4 and not f[0].cpool and kinds[0] == "v" and all(x.cpool and not x.array for x in f[1:4])
+            and all(not x.cpool and not x.array and k == "v" for x, k in zip(f[4:], kinds[4:])))
+
+
+def _read4(b: bytes, i: int) -> Tuple[Tuple[int, int, int, int], int]:
+    """Four JFR varints at ``i`` (IndexError when cut)."""
+    out = []
+    for _ in range(4):
+        c = b[i]
+        i += 1
+        if c < 0x80:
+            out.append(c)
+            continue
+        v = c & 0x7F
+        shift = 7
+        while True:
+            c = b[i]
+            i += 1
+            if shift == 56:
+                v |= c << 56
+                break
+            v |= (c & 0x7F) << shift
+            if c < 0x80:
+                break
+            shift += 7
+        out.append(v)
+    return (out[0], out[1], out[2], out[3]), i
+
+
+def _ulebs(b: bytes, i: int) -> List[int]:
+    """Every LEB128 integer from ``i`` to the end (a payload made of integers only)."""
+    vals = []
+    v = shift = 0
+    for c in b[i:]:
+        v |= (c & 0x7F) << shift
+        if c & 0x80:
+            shift += 7
+        else:
+            vals.append(v)
+            v = shift = 0
+    if shift:
+        raise ChunkError("truncated integer")
+    return vals
 
 
 class _PyStacks:
@@ -427,32 +485,37 @@ class _PyStacks:
                 fn, i = leb_string(b, i)
                 self.codes[cid] = (first, gid, qn, fn)
         elif etype == "asprof.PyStack":
-            while i < n:
-                sid, i = uleb128(b, i)
-                trunc, i = uleb128(b, i)
-                count, i = uleb128(b, i)
+            vals = _ulebs(b, 1)
+            k, nv = 0, len(vals)
+            while k < nv:
+                sid, trunc, count = vals[k], vals[k + 1], vals[k + 2]
+                k += 3
                 entries: List[Tuple[int, int]] = []
                 for _ in range(count):
-                    v, i = uleb128(b, i)
+                    v = vals[k]
                     if v >= 2:
-                        line, i = uleb128(b, i)
-                        entries.append((v - 2, line))
+                        entries.append((v - 2, vals[k + 1]))
+                        k += 2
                     else:
                         entries.append((-1 - v, 0))  # -1 boundary, -2 unknown code
+                        k += 1
                 self.raw_stacks[sid] = (bool(trunc), entries)
         elif etype == "asprof.PySample":
-            while i < n:
-                tid, i = uleb128(b, i)
-                counter, i = uleb128(b, i)
-                tsc, i = uleb128(b, i)
-                mono, i = uleb128(b, i)
-                sid, i = uleb128(b, i)
-                self.samples += 1
-                self.threads.add(tid)
+            vals = _ulebs(b, 1)
+            if len(vals) % 5:
+                raise ChunkError("truncated PySample record")
+            exact, by_tsc, by_mono, threads = self.exact, self.by_tsc, self.by_mono, self.threads
+            for k in range(0, len(vals), 5):
+                tid, counter, tsc, mono, sid = vals[k:k + 5]
+                if tid not in threads:
+                    threads.add(tid)
+                    by_tsc[tid] = []
+                    by_mono[tid] = []
                 if counter:
-                    self.exact[(tid, counter)] = sid
-                self.by_tsc.setdefault(tid, []).append((tsc, sid))
-                self.by_mono.setdefault(tid, []).append((mono, sid))
+                    exact[(tid, counter)] = sid
+                by_tsc[tid].append((tsc, sid))
+                by_mono[tid].append((mono, sid))
+            self.samples += len(vals) // 5
         elif etype == "asprof.PyModule":
             while i < n:
                 gid, i = uleb128(b, i)
@@ -536,6 +599,8 @@ class _Out:
         self.evals: Dict[int, Tuple[bool, ...]] = {}
         self.pyframes: Dict[Tuple[str, str], int] = {}  # (module, qualname) -> output method key
         self.joined: Dict[Tuple[int, int], int] = {}  # (input stack key, Python stack id) -> output key
+        self.translated: Dict[int, Tuple[bool, List[Tuple[int, int, int]]]] = {}  # input stack -> output frames
+        self.pygroups: Dict[int, Tuple[Tuple[Tuple[int, int, int], ...], ...]] = {}  # Python stack -> frames
         ft = c.pool("jdk.types.FrameType")
         self.frame_types: Dict[int, str] = {k: _simple_str(v) for k, v in ft.items()}
         self.native_is_c = any(v in ("Kernel", "Python") for v in self.frame_types.values())
@@ -640,6 +705,7 @@ class _Out:
             k = self.natives[skey] = self.w.stack(frames, trunc)
             self.names[skey] = names
             self.evals[skey] = evals
+            self.translated[skey] = (trunc, frames)
         return k
 
     def carry_key(self, skey: int) -> Tuple[str, ...]:
@@ -659,27 +725,28 @@ class _Out:
         k = self.joined.get((skey, sid))
         if k is not None:
             return k
-        groups = py.stack(sid) or ()
+        groups = self.pygroups.get(sid)
+        if groups is None:
+            groups = self.pygroups[sid] = tuple(tuple((self._pyframe(mod, qn), pline, FRAME_PYTHON)
+                                                      for mod, qn, pline in g) for g in py.stack(sid) or ())
         self.native_stack(skey)
-        st = self.c.stacks.get(skey)
-        ntrunc, nframes = st if st is not None else (False, [])
+        ntrunc, nframes = self.translated[skey]
         evals = self.evals[skey]
         frames: List[Tuple[int, int, int]] = []
         gi = 0
         ng = len(groups)
-        for idx, (m, line, _bci, ft) in enumerate(nframes):
+        for idx, f in enumerate(nframes):
             if evals[idx] and gi < ng:
                 g = groups[gi]
                 gi += 1
                 if g:
-                    frames.extend((self._pyframe(mod, qn), pline, FRAME_PYTHON) for mod, qn, pline in g)
+                    frames += g
                     continue
-            key, otype, _d = self.method(m, ft)
-            frames.append((key, line, otype))
+            frames.append(f)
         # Python frames of eval-loop calls whose native frames are missing (a native stack
         # cut at its root side): kept, outermost last
         for g in groups[gi:]:
-            frames.extend((self._pyframe(mod, qn), pline, FRAME_PYTHON) for mod, qn, pline in g)
+            frames += g
         if py.truncated.get(sid):
             frames.append((self._pyframe("", TRUNCATED), 0, FRAME_PYTHON))
         k = self.joined[(skey, sid)] = self.w.stack(frames, ntrunc)
@@ -712,7 +779,7 @@ class _Rewriter:
             user = c.by_name.get("profiler.UserEvent")
             setting = c.by_name.get("jdk.ActiveSetting")
             types = self._user_types(ci, c)
-            for off, _size, etype in c.events():
+            for off, _size, etype, _body in c.events():
                 if user is not None and etype == user.id:
                     vals, _ = c.fields(off, user)
                     d = dict(zip((f.name for f in user.fields), vals))
@@ -756,18 +823,29 @@ class _Rewriter:
             for cls in (exec_cls, wall_cls):
                 if cls is not None and tuple(f.name for f in cls.fields[:4]) == _SAMPLE_FIELDS:
                     samples[cls.id] = cls
-            for off, _size, etype in c.events():
+            fast = {k for k, cls in samples.items() if _plain_sample(c, cls)}
+            state_out: Dict[int, int] = {}
+            b = c.b
+            for off, size, etype, body in c.events():
                 cls = samples.get(etype)
                 if cls is not None:
-                    vals, _ = c.fields(off, cls)
-                    t, th, sk, state = vals[0], vals[1], vals[2], vals[3]
-                    if not (isinstance(t, int) and isinstance(th, _Ref) and isinstance(sk, _Ref)
-                            and isinstance(state, _Ref)):
-                        raise ChunkError(f"sample event at byte {off}: unexpected field types")
-                    tid = o.thread(th.key)
-                    is_cpu = cls is exec_cls and (not cpu_states or state.key in cpu_states)
-                    sid, how = py.lookup(th.key, t, self.monotonic, tps) if py.samples else (None, "none")
-                    ckey = (is_cpu, th.key, o.carry_key(sk.key))
+                    if etype in fast:  # four varints, then fields without pool references: copied
+                        (t, thk, skk, stk), j = _read4(b, body)
+                        if j > off + size:
+                            raise ChunkError(f"sample event at byte {off}: fields beyond its size")
+                        tail = b[j:off + size]
+                        vals: List[Any] = []
+                    else:
+                        vals, _ = c.fields(off, cls)
+                        t, th, sk, state = vals[0], vals[1], vals[2], vals[3]
+                        if not (isinstance(t, int) and isinstance(th, _Ref) and isinstance(sk, _Ref)
+                                and isinstance(state, _Ref)):
+                            raise ChunkError(f"sample event at byte {off}: unexpected field types")
+                        thk, skk, stk = th.key, sk.key, state.key
+                    tid = o.thread(thk)
+                    is_cpu = cls is exec_cls and (not cpu_states or stk in cpu_states)
+                    sid, how = py.lookup(thk, t, self.monotonic, tps) if py.samples else (None, "none")
+                    ckey = (is_cpu, thk, o.carry_key(skk))
                     if sid is not None and py.stack(sid) is not None:
                         carry[ckey] = sid
                         if how == "exact":
@@ -780,17 +858,23 @@ class _Rewriter:
                         sid = carry.get(ckey)
                         if sid is not None:
                             stats.carried += 1
-                        elif th.key in py.threads and any(o.evals[sk.key]):
+                        elif thk in py.threads and any(o.evals[skk]):
                             stats.unmatched_python_threads += 1
                         else:
                             stats.no_python += 1
-                    out_stack = o.py_stack(sk.key, sid, py) if sid is not None else o.native_stack(sk.key)
-                    sname = states.get(state.key, "STATE_DEFAULT")
-                    ostate = _STATE_BY_NAME.get(sname)
+                    out_stack = o.py_stack(skk, sid, py) if sid is not None else o.native_stack(skk)
+                    ostate = state_out.get(stk)
                     if ostate is None:
-                        raise ChunkError(f"thread state {sname!r} cannot be written")
-                    rest = [self._carry_value(o, cls.fields[j], vals[j]) for j in range(4, len(vals))]
-                    w.event(cls.name, t, tid, out_stack, ostate, *rest)
+                        sname = states.get(stk, "STATE_DEFAULT")
+                        ostate = _STATE_BY_NAME.get(sname)
+                        if ostate is None:
+                            raise ChunkError(f"thread state {sname!r} cannot be written")
+                        state_out[stk] = ostate
+                    if etype in fast:
+                        w.sample(cls.name, t, tid, out_stack, ostate, tail)
+                    else:
+                        rest = [self._carry_value(o, cls.fields[j], vals[j]) for j in range(4, len(vals))]
+                        w.event(cls.name, t, tid, out_stack, ostate, *rest)
                     stats.samples += 1
                     continue
                 ecls = c.classes.get(etype)
@@ -798,8 +882,8 @@ class _Rewriter:
                     raise ChunkError(f"event of undeclared type {etype} at byte {off}")
                 vals, _ = c.fields(off, ecls)
                 if ecls is user:
-                    t = vals[2] if len(vals) > 2 else None
-                    if isinstance(t, _Ref) and (ci, t.key) in self.join_types:
+                    ut = vals[2] if len(vals) > 2 else None
+                    if isinstance(ut, _Ref) and (ci, ut.key) in self.join_types:
                         stats.side_events += 1
                         continue
                 self._copy(o, ecls, vals)

@@ -291,6 +291,8 @@ class ChunkWriter:
         self._method_rows: List[Tuple[int, int, int, int]] = []
         self._stacks: Dict[Tuple[bool, Tuple[Tuple[int, int, int], ...]], int] = {}
         self._stack_rows: List[bytes] = []
+        self._frame_bytes: Dict[Tuple[int, int, int], bytes] = {}
+        self._sample_rests: Dict[Tuple[int, int, int, int, bytes], bytes] = {}
         self._threads: Dict[int, Tuple[str, Optional[str], int]] = {}
         self._thread_refs: set[int] = set()
         self._strings: Dict[str, int] = {}
@@ -362,15 +364,15 @@ class ChunkWriter:
         k = self._stacks.get(key)
         if k is None:
             k = self._stacks[key] = len(self._stack_rows) + 1 + self.key_base
-            row = bytearray(varint(k))
-            row.append(1 if truncated else 0)
-            row += varint(len(fr))
-            for m, line, ftype in fr:
-                row += varint(m)
-                row += varint(line)
-                row.append(0)
-                row.append(ftype)
-            self._stack_rows.append(bytes(row))
+            parts = [varint(k), b"\x01" if truncated else b"\x00", varint(len(fr))]
+            enc = self._frame_bytes
+            for f in fr:
+                e = enc.get(f)
+                if e is None:  # frames recur across stacks: each encoded once
+                    m, line, ftype = f
+                    e = enc[f] = varint(m) + varint(line) + bytes((0, ftype))
+                parts.append(e)
+            self._stack_rows.append(b"".join(parts))
         return k
 
     def thread(self, tid: int, name: str, java_name: Optional[str] = None, java_id: int = 0) -> int:
@@ -472,6 +474,21 @@ class ChunkWriter:
         self.event("jdk.OSInformation", self.start_ticks, f"uname: {u.sysname} {u.release} {u.version} {u.machine}")
         n = os.cpu_count() or 1
         self.event("jdk.CPUInformation", self.start_ticks, u.machine, _cpu_description(), 1, n, n)
+
+    def sample(self, type_name: str, ticks: int, tid: int, stack: int, state: int, tail: bytes = b"") -> None:
+        """The fast path of :meth:`event` for a sample whose first fields are (startTime, thread,
+        stackTrace, state), as ``jdk.ExecutionSample`` and ``profiler.WallClockSample``:
+        ``tail`` is the other fields already encoded (none of them a pool reference; for a
+        wall-clock sample ``samples`` and ``timeSpan``), e.g. copied from another recording."""
+        tid_ = self._types[type_name].id
+        key = (tid_, tid, stack, state, tail)
+        rest = self._sample_rests.get(key)
+        if rest is None:  # samples repeat (thread, stack, state): their encoding is kept
+            self._thread_refs.add(tid)
+            rest = self._sample_rests[key] = varint(tid) + varint(stack) + varint(state) + tail
+        if ticks > self.last_ticks:
+            self.last_ticks = ticks
+        self._events += _framed(tid_, varint(ticks) + rest)
 
     def samples_from(self, packed: Union[bytes, bytearray, memoryview], stack_keys: Sequence[int],
                      skip_tids: Collection[int] = ()) -> int:
