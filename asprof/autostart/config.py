@@ -153,7 +153,9 @@ VARIABLES: Tuple[Variable, ...] = (
              "line), `async-profiler` (an error when it is missing) or `builtin` (asprof's own sampler: "
              "CPU and wall-clock samples with Python stacks, no native memory).", "--engine"),
     Variable("ASPROF_LIB", "bundled, then the linker's search",
-             "Path of `libasyncProfiler.so` (must exist).", "--lib"),
+             "Absolute path of `libasyncProfiler.so` (must exist; a relative path is refused, blanks mean "
+             "unset). Without it asprof resolves the linker's search itself (absolute `LD_LIBRARY_PATH` entries, "
+             "`/etc/ld.so.cache`, system directories), never the working directory.", "--lib"),
     Variable("ASPROF_LOG_LEVEL", "`warning`",
              "Level of the `asprof` logger: `debug`, `info`, `warning`, `error`, `critical`, `off`. "
              "Until the application configures logging, asprof's lines go to stderr.", "--log-level"),
