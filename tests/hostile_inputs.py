@@ -343,6 +343,42 @@ def jfr_many_chunks(d: Path) -> str:
     return _write(d, "chunks.jfr", good_jfr() * 5000)
 
 
+def fanout_jfr(nthreads: int = 2000, fan: int = 30, depth: int = 64) -> bytes:
+    """Threads whose fields refer 30 times to a pool entry that refers 30 times to the next, 64
+    deep: resolved as a tree, 30**64 values (85 KB)."""
+    t_fan = 300
+    classes = [c for c in B.standard_classes() if c.id != B.T_THREAD]
+    classes.append(B.Class(B.T_THREAD, "java.lang.Thread", [B.Field("osName", B.T_STRING), B.Field("osThreadId", B.T_LONG)]
+                           + [B.Field(f"f{i}", t_fan, cp=True) for i in range(fan)]))
+    classes.append(B.Class(t_fan, "x.Fan", [B.Field(f"g{i}", t_fan, cp=True) for i in range(fan)]))
+    fan_pool = [(k, B.varint(k + 1) * fan) for k in range(depth)]
+    threads = [(t, B.utf8(f"t{t}") + B.varint(t) + B.varint(0) * fan) for t in range(1, nthreads + 1)]
+    return B.chunk([], classes, pools=[(t_fan, fan_pool), (B.T_THREAD, threads)])
+
+
+def jfr_fanout_refs(d: Path) -> str:
+    """A reference fan-out in the constant pools (before: minutes per `asprof summary`)."""
+    return _write(d, "fanout.jfr", fanout_jfr())
+
+
+def jfr_deep_stack(d: Path, depth: int = 200_000) -> str:
+    """One CPU sample whose stack has 200,000 frames (800 KB)."""
+    nm = 50
+    frames = b"".join(B.varint(1 + i % nm) + B.varint(0) + B.varint(0) + B.varint(3) for i in range(depth))
+    pools = [
+        (B.T_FRAME_TYPE, [(k, B.utf8(v)) for k, v in B.FRAME_TYPES]),
+        (B.T_THREAD_STATE, [(k, B.utf8(v)) for k, v in B.THREAD_STATES]),
+        (B.T_THREAD, [(1, B.thread_entry("main", 1))]),
+        (B.T_STACK_TRACE, [(1, b"\x00" + B.varint(depth) + frames)]),
+        (B.T_METHOD, [(1 + i, B.method_entry(1, 2 + i)) for i in range(nm)]),
+        (B.T_CLASS, [(1, B.class_entry(1))]),
+        (B.T_SYMBOL, [(1, B.utf8("libapp.so"))] + [(2 + i, B.utf8(f"f{i}")) for i in range(nm)]),
+        (B.T_STRING, [(0, B.utf8(None))]),
+    ]
+    ev = B.event(B.T_EXEC, B.varint(1001) + B.varint(1) + B.varint(1) + B.varint(0))
+    return _write(d, "deep.jfr", B.chunk([ev], pools=pools))
+
+
 def not_a_profile(d: Path) -> str:
     return _write(d, "random.jfr", os.urandom(4096))
 
@@ -353,8 +389,10 @@ HOSTILE: Dict[str, Callable[[Path], str]] = {f.__name__: f for f in (
     gzip_bomb, gzip_members, gzip_truncated, gzip_of_zip, gzip_garbage,
     fifo, fifo_in_directory, socket_file, char_device, symlink_loop, symlink_loop_pair, directory_of_loops,
     directory_many_files, jfr_truncated, jfr_huge_chunk_size, jfr_huge_string_count, jfr_huge_string_length,
-    jfr_huge_utf16_length, jfr_huge_pool_count, jfr_many_chunks, not_a_profile,
+    jfr_huge_utf16_length, jfr_huge_pool_count, jfr_many_chunks, not_a_profile, jfr_fanout_refs, jfr_deep_stack,
 )}
+#: Inputs that are valid JFR, hostile by their shape: read, within the same bounds.
+VALID = ("jfr_many_chunks", "jfr_fanout_refs", "jfr_deep_stack")
 
 
 def main() -> int:

@@ -34,6 +34,8 @@ HEADER_SIZE = 68
 MAX_RESOLVE_DEPTH = 64
 MAX_RESOLVE_NODES = 1_000_000
 
+_UNRESOLVED = object()
+
 #: Pseudo type names that ``jfr summary`` uses for the metadata and checkpoint events.
 _SPECIAL_TYPES = {0: "jdk.Metadata", 1: "jdk.CheckPoint"}
 
@@ -87,6 +89,7 @@ class Chunk:
         self.classes, self.types = _metadata(data, raw, offset + self.meta_offset, self.end, metadata_cache)
         self.pools: Dict[int, Dict[int, Any]] = {}
         self.stacks = _parser.StackTable()
+        self._resolved: Dict[Tuple[int, int], Any] = {}
         self._columns: Dict[Tuple[int, ...], _parser.Columns] = {}
         counts: Dict[int, List[int]] = {}
         checkpoints: List[int] = []
@@ -173,6 +176,10 @@ class Chunk:
         Cyclic references resolve to ``None``; so does anything past
         ``MAX_RESOLVE_DEPTH`` references deep or past a budget of
         ``MAX_RESOLVE_NODES`` values (a hostile file cannot make this explode).
+        Each constant-pool entry is resolved once per chunk and its value shared by every
+        value that refers to it (treat resolved values as read-only): entries that refer
+        to each other many times over (a fan-out of references, 85 KB of them) cost their
+        size, not a budget per thread or method (that took minutes).
         """
         budget = [MAX_RESOLVE_NODES]
         return self._resolve(value, 0, (), budget)
@@ -191,10 +198,16 @@ class Chunk:
                 return None if st is None else self._stack_dict(st)
             if depth >= MAX_RESOLVE_DEPTH or (tid, key) in path:
                 return None  # too deep, or a cyclic reference
+            done = self._resolved.get((tid, key), _UNRESOLVED)
+            if done is not _UNRESOLVED:
+                return done
             target = self.pools.get(tid, {}).get(key)
             if target is None:
                 return None
-            return self._resolve(target, depth + 1, path + ((tid, key),), budget)
+            out = self._resolve(target, depth + 1, path + ((tid, key),), budget)
+            if budget[0] >= 0:  # complete: each entry is resolved once per chunk
+                self._resolved[(tid, key)] = out
+            return out
         if isinstance(value, dict):
             return {k: self._resolve(v, depth, path, budget) for k, v in value.items()}
         if isinstance(value, list):

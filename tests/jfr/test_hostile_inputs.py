@@ -89,7 +89,7 @@ def run_cli(*argv: str, env: Optional[Dict[str, str]] = None) -> Tuple[int, str,
 
 
 def test_every_hostile_input_has_an_expectation() -> None:
-    assert set(EXPECTED) == set(H.HOSTILE) - {"jfr_many_chunks"}
+    assert set(EXPECTED) == set(H.HOSTILE) - set(H.VALID)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -103,11 +103,24 @@ def test_hostile_input_is_refused_quickly_in_one_line_and_bounded_memory(name: s
     assert rss < RSS_LIMIT_MIB, f"{name}: peak RSS {rss:.0f} MiB"
 
 
-def test_many_small_chunks_read_within_bounds(tmp_path: Path) -> None:
-    """A valid 10 MB file of 5,000 chunks: read, in bounded time and memory."""
-    code, err, seconds, rss = run_cli("summary", H.jfr_many_chunks(tmp_path))
-    assert code == 0, err
-    assert rss < RSS_LIMIT_MIB, f"peak RSS {rss:.0f} MiB"
+@pytest.mark.parametrize("name, verb", [("jfr_many_chunks", "summary"), ("jfr_fanout_refs", "summary"),
+                                        ("jfr_deep_stack", "convert")])
+def test_valid_but_hostile_shapes_are_read_within_bounds(name: str, verb: str, tmp_path: Path) -> None:
+    """5,000 small chunks (10 MB); a fan-out of references between pool entries (85 KB); one
+    stack of 200,000 frames converted to folded stacks: read in time, in bounded memory."""
+    path = H.HOSTILE[name](tmp_path)
+    argv = ("convert", path, "-o", str(tmp_path / "out.collapsed")) if verb == "convert" else ("summary", path)
+    code, err, seconds, rss = run_cli(*argv)
+    assert code == 0, f"{name}: exit {code} after {seconds:.1f} s: {err}"
+    assert rss < RSS_LIMIT_MIB, f"{name}: peak RSS {rss:.0f} MiB"
+    if verb == "convert":
+        assert (tmp_path / "out.collapsed").read_text().count(";") == 199_999
+
+
+def test_pool_references_resolve_once_per_entry() -> None:
+    rec = J.open(H.fanout_jfr(nthreads=50))
+    threads = rec.threads
+    assert len(threads) == 50 and {t.name for t in threads} == {f"t{i}" for i in range(1, 51)}
 
 
 def test_a_bomb_through_convert_and_top(tmp_path: Path) -> None:
