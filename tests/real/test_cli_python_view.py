@@ -45,7 +45,10 @@ def test_python_views_from_the_command_line(tmp_path: Path) -> None:
     assert "__main__.alpha" in python and "Py_RunMain" not in python      # Python only
     assert "__main__.alpha" not in native and "_PyEval_EvalFrameDefault" in native  # as recorded
     # alpha -> zlib: one mixed stack holds the Python caller and the native callee
-    assert any("__main__.<module>" in line and "zlib_compress" in line for line in mixed.splitlines())
+    # (deflate: libz's exported symbol; zlib_compress has no symbol in a stripped interpreter
+    # with zlib built in, as Debian's python3.14)
+    assert any("__main__.<module>" in line and ("zlib_compress" in line or ";deflate" in line)
+               for line in mixed.splitlines())
 
 
 FORK_APP = """
