@@ -162,6 +162,9 @@ def create_locked(path: str, file_mode: int) -> int:
 
 
 YOUNG_EMPTY_SECONDS = 60.0
+#: How often a long-running reporter looks again for files a killed writer left (a process
+#: sharing the directory, e.g. a pre-fork server's worker, may die at any time).
+RECOVERY_PERIOD = 60.0
 
 
 def maybe_being_created(size: int, mtime: float, writer_pid: int) -> bool:

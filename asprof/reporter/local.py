@@ -5,11 +5,13 @@ import errno
 import logging
 import os
 import re
+import time
 from typing import TYPE_CHECKING, Tuple, Union
 
 from asprof.reporter.base import Reporter, ReporterError
 from asprof.reporter.files import (
     DEFAULT_FILE_MODE,
+    RECOVERY_PERIOD,
     check_file_mode,
     create_locked,
     directory_mode,
@@ -55,7 +57,7 @@ class LocalReporter(Reporter):
 
     A profile being written is a hidden ``.{name}.N.{pid}.partial`` file locked by its
     writer. One left by a killed process is dealt with by the next report into
-    the directory: renamed to its profile name when it holds complete JFR
+    the directory (the first report, then at most once a minute): renamed to its profile name when it holds complete JFR
     chunks, removed otherwise, with a log line either way.
     """
 
@@ -66,7 +68,7 @@ class LocalReporter(Reporter):
         self.file_mode = check_file_mode(file_mode, "LocalReporter")
         self.directory = secure_directory(directory, "LocalReporter", "directory",
                                           mode=directory_mode(self.file_mode), forbidden=0o022)
-        self._recovered = False
+        self._next_recovery = 0.0  # monotonic time of the next look for abandoned .partial files
 
     def __repr__(self) -> str:
         return f"LocalReporter({self.directory!r})"
@@ -79,8 +81,9 @@ class LocalReporter(Reporter):
 
     def write(self, jfr: bytes, metadata: ReportMetadata) -> str:
         """Write one profile and return its path."""
-        if not self._recovered:
-            self._recovered = True
+        now = time.monotonic()
+        if now >= self._next_recovery:  # before the first report, then at most once a minute
+            self._next_recovery = now + RECOVERY_PERIOD
             self.recover_partials()
         stem = f"{profile_time(metadata.end)}_{metadata.pid}"
         tmp, fd = self._write_temp(jfr, stem)

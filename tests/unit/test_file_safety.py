@@ -308,3 +308,22 @@ def test_spool_partial_recovered_or_removed(tmp_path: Path, caplog: pytest.LogCa
     assert entry is not None and entry.key == "k1" and entry.body == body
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "recovered" in messages and "1 profile lost" in messages
+
+
+def test_a_long_running_reporter_looks_again_every_minute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process sharing the directory (a pre-fork server's worker) may be killed long after
+    this reporter's first report: its .partial is dealt with at most a minute later."""
+    import asprof.reporter.local as local
+
+    clock = [1000.0]
+    monkeypatch.setattr(local.time, "monotonic", lambda: clock[0])
+    out = tmp_path / "p"
+    r = asprof.LocalReporter(out)
+    r.report(JFR, meta(pid=5))
+    _abandon(out, JFR, pid=77)  # killed after our first report
+    clock[0] += 30
+    r.report(JFR, meta(pid=6))
+    assert any(p.name.endswith(".partial") for p in out.iterdir())  # not yet: once a minute
+    clock[0] += 31
+    r.report(JFR, meta(pid=7))
+    assert sorted(p.name for p in out.iterdir()) == [f"2025-01-02T03-04-05Z_{pid}.jfr" for pid in (5, 6, 7, 77)]

@@ -10,10 +10,17 @@ import json
 import logging
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Deque, List, Optional, Set, Tuple
 
-from asprof.reporter.files import create_locked, maybe_being_created, secure_directory, try_lock_abandoned
+from asprof.reporter.files import (
+    RECOVERY_PERIOD,
+    create_locked,
+    maybe_being_created,
+    secure_directory,
+    try_lock_abandoned,
+)
 
 log = logging.getLogger("asprof.s3")
 
@@ -115,10 +122,15 @@ class _DirSpool:
         self._seq = 0
         self._claimed: Optional[_Entry] = None
         self.recover_partials()
+        self._next_recovery = time.monotonic() + RECOVERY_PERIOD
 
     # -- writing (agent thread)
 
     def put(self, entry: _Entry, end_ns: int) -> int:
+        now = time.monotonic()
+        if now >= self._next_recovery:  # a process sharing the directory may have been killed since
+            self._next_recovery = now + RECOVERY_PERIOD
+            self.recover_partials()
         self._seq += 1
         name = f"{max(end_ns, 0):020d}-{self._seq % 10**10:010d}-{entry.id}-{self.tag}.asprof-s3"
         header = json.dumps({"id": entry.id, "key": entry.key, "bucket": entry.bucket}).encode("utf-8")
