@@ -61,6 +61,23 @@ typedef struct {
 } bi_wall_last;
 extern bi_wall_last bi_wall_lasts[BI_MAX_THREADS];
 
+/* A thread's last CPU sample, written by its handler, read by the sampler: a thread that ran
+   through the wall interval and had a CPU sample taken in its second half gets that stack as its
+   wall sample (state running) instead of a signal of its own: at 1 ms CPU + 10 ms wall, one
+   signal fewer per busy thread per wall tick. gen is odd while being written. */
+typedef struct {
+    _Atomic uint32_t gen;
+    uint32_t epoch;      /* of the half the stack index belongs to; 0 = none */
+    uint32_t stack;
+    uint32_t label;
+    uint32_t tid;        /* the thread that wrote it (a slot is reused when its thread ends) */
+    uint64_t pc;
+    uint64_t time;       /* pf_mono_ns() of the sample */
+} bi_cpu_last;
+extern bi_cpu_last bi_cpu_lasts[BI_MAX_THREADS];
+/* The sampler's slot + 1 of the thread a perf event of ours belongs to, by fd (0: unknown). */
+extern _Atomic uint16_t bi_perf_slot[BI_PERF_FD_MAX];
+
 /* The last handler found in our place on SIGPROF (timers.c, before it put ours back in front;
    0 = none yet): the application's, named in the takeover warning (issue #13). */
 extern _Atomic uintptr_t bi_foreign_fn;
@@ -111,7 +128,8 @@ typedef struct {
 typedef struct {
     _Atomic uint64_t signals, samples, lost, chained, no_python, truncated, handler_calls,
         handler_ns, handler_slow, inert, no_guard, masked, unknown_code, foreign_kernel, handler_reinstalled,
-        wall_sent, wall_failed, timer_failed, collects, collect_timeouts, perf_rearmed, chain_loops, wall_repeated;
+        wall_sent, wall_failed, timer_failed, collects, collect_timeouts, perf_rearmed, chain_loops, wall_repeated,
+        wall_from_cpu;
 } bi_counters;
 
 extern struct bi_state {

@@ -195,12 +195,15 @@ void bi_handler(int sig, siginfo_t *info, void *ucontext) {
     int saved_errno = errno;
     uint64_t t0 = pf_mono_ns();
     unsigned kind, state, extra = 0;
-    int perf_fd = -1, wall_slot = -1;
+    int perf_fd = -1, wall_slot = -1, cpu_slot = -1;
     uint64_t v = info != NULL ? (uint64_t)(uintptr_t)info->si_value.sival_ptr : 0;
     if (info != NULL && (perf_fd = our_perf_fd(info)) >= 0) {
         kind = 0; state = 0;  /* one perf task-clock period of this thread's CPU */
-    } else if (info != NULL && info->si_code == SI_TIMER && v == (BI_MAGIC | BI_VAL_CPU)) {
+        cpu_slot = (int)atomic_load_explicit(&bi_perf_slot[perf_fd], memory_order_relaxed) - 1;
+    } else if (info != NULL && info->si_code == SI_TIMER && (v & BI_MAGIC_MASK) == BI_MAGIC &&
+               (v & 0xF00u) == BI_VAL_CPU) {
         kind = 0; state = 0;
+        cpu_slot = (int)((v >> 12) & 0xFFFFFu);
         /* Thread CPU-clock timers expire on scheduler ticks: at intervals shorter than a tick,
            one signal stands for 1 + si_overrun intervals (collect repeats the record). */
         extra = info->si_overrun > 0 ? (info->si_overrun > 31 ? 31u : (unsigned)info->si_overrun) : 0u;
@@ -286,6 +289,18 @@ void bi_handler(int sig, siginfo_t *info, void *ucontext) {
            for the whole wait (issue #15: an event-loop stall showed the code before it). */
         w->sleeping = state == 2u;
         atomic_fetch_add(&w->gen, 1);
+    }
+    if (cpu_slot >= 0 && cpu_slot < BI_MAX_THREADS && extra == 0) {
+        /* what the sampler takes as this thread's wall sample while it keeps running */
+        bi_cpu_last *cl = &bi_cpu_lasts[cpu_slot];
+        atomic_fetch_add(&cl->gen, 1);
+        cl->epoch = atomic_load(&hf->epoch);
+        cl->stack = stack;
+        cl->pc = s->pc;
+        cl->label = s->label;
+        cl->time = t0;
+        cl->tid = s->tid;
+        atomic_fetch_add(&cl->gen, 1);
     }
     atomic_fetch_sub(&hf->pins, 1);  /* seq_cst: the record is complete before the unpin */
     atomic_fetch_add_explicit(&bi.n.samples, 1, memory_order_relaxed);

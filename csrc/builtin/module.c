@@ -612,7 +612,7 @@ static PyObject *bi_stats(PyObject *self, PyObject *noargs) {
     int rc = C(signals) | C(samples) | C(lost) | C(chained) | C(no_python) | C(truncated) | C(handler_calls) |
              C(handler_ns) | C(handler_slow) | C(inert) | C(no_guard) | C(masked) | C(unknown_code) | C(handler_reinstalled) |
              C(wall_sent) | C(wall_failed) | C(timer_failed) | C(collects) | C(collect_timeouts) |
-             C(perf_rearmed) | C(chain_loops) | C(wall_repeated);
+             C(perf_rearmed) | C(chain_loops) | C(wall_repeated) | C(wall_from_cpu);
 #undef C
     rc |= put(d, "memory_bytes", (unsigned long long)bi_store_resident());
     rc |= put(d, "threads", (unsigned long long)bi_sampler_threads());

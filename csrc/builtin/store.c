@@ -16,6 +16,8 @@
 
 struct bi_state bi;
 bi_wall_last bi_wall_lasts[BI_MAX_THREADS];
+bi_cpu_last bi_cpu_lasts[BI_MAX_THREADS];
+_Atomic uint16_t bi_perf_slot[BI_PERF_FD_MAX];
 static _Atomic uint32_t epochs;
 
 static void *map_anon(size_t n) {

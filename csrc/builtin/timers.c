@@ -95,7 +95,7 @@ static int create_timer(thread_t *t) {
     memset(&sev, 0, sizeof(sev));
     sev.sigev_notify = SIGEV_THREAD_ID;
     sev.sigev_signo = SIGPROF;
-    sev.sigev_value.sival_ptr = (void *)(uintptr_t)(BI_MAGIC | BI_VAL_CPU);
+    sev.sigev_value.sival_ptr = (void *)(uintptr_t)(BI_MAGIC | BI_VAL_CPU | ((uint64_t)(t - S.threads) << 12));
     sev.sigev_notify_thread_id = t->tid;
     timer_t timer;
     if (timer_create(thread_cpu_clock(t->tid), &sev, &timer) != 0) return -1;
@@ -148,6 +148,7 @@ static int create_perf(thread_t *t) {
         errno = e;
         return -1;
     }
+    atomic_store(&bi_perf_slot[fd], (uint16_t)(t - S.threads + 1));
     perf_fd_mark(fd, 1);
     if (ioctl(fd, PERF_EVENT_IOC_RESET, 0) != 0 || ioctl(fd, PERF_EVENT_IOC_REFRESH, 1) != 0) {
         int e = errno;
@@ -252,6 +253,9 @@ static int scan(int strict) {
             atomic_fetch_add(&bi_wall_lasts[i].gen, 1);
             bi_wall_lasts[i].epoch = 0;  /* nothing to repeat for the new thread */
             atomic_fetch_add(&bi_wall_lasts[i].gen, 1);
+            atomic_fetch_add(&bi_cpu_lasts[i].gen, 1);
+            bi_cpu_lasts[i].epoch = 0;
+            atomic_fetch_add(&bi_cpu_lasts[i].gen, 1);
         }
         thread_t *t = &S.threads[i];
         t->seen = 1;
@@ -349,15 +353,35 @@ static void send_wall(void) {
             uint32_t g1 = atomic_load(&w->gen);
             uint32_t epoch = w->epoch, stack = w->stack, label = w->label;
             uint64_t pc = w->pc;
-            if (!(g1 & 1u) && atomic_load(&w->gen) == g1 && epoch != 0 &&
+            if (!(g1 & 1u) && atomic_load(&w->gen) == g1 && epoch != 0 && w->sleeping &&
                 bi_store_append(now, (uint32_t)tid, stack, pc, 1, 2, epoch, label) == 0) {
                 t->wall_cpu = cpu;
                 atomic_fetch_add_explicit(&bi.n.wall_repeated, 1, memory_order_relaxed);
                 continue;
             }
         }
+        /* Busy for at least half the interval: running (its /proc state would say R all but
+           never, and reading it costs the sampler an open, a read and a close per thread per tick).
+           Otherwise the kernel's word for it now. */
+        int busy = t->wall_cpu != 0 && cpu - t->wall_cpu >= S.wall_ns / 2;
+        if (busy) {
+            /* Its latest CPU sample, if taken in the second half of this interval, stands for the
+               wall sample: the thread has been running all along. */
+            bi_cpu_last *c = &bi_cpu_lasts[i];
+            uint32_t g1 = atomic_load(&c->gen);
+            uint32_t epoch = c->epoch, stack = c->stack, label = c->label;
+            uint64_t pc = c->pc, when = c->time;
+            int same = c->tid == (uint32_t)tid;
+            if (!(g1 & 1u) && atomic_load(&c->gen) == g1 && epoch != 0 && same && when <= now &&
+                now - when <= S.wall_ns / 2 &&
+                bi_store_append(now, (uint32_t)tid, stack, pc, 1, 1, epoch, label) == 0) {
+                t->wall_cpu = cpu;
+                atomic_fetch_add_explicit(&bi.n.wall_from_cpu, 1, memory_order_relaxed);
+                continue;
+            }
+        }
+        unsigned state = busy ? 1u : thread_state(tid);
         t->wall_cpu = cpu;
-        unsigned state = thread_state(tid);
         if (state == 0) continue;  /* gone */
         siginfo_t si;
         memset(&si, 0, sizeof(si));
