@@ -127,7 +127,12 @@ def secure_directory(directory: Union[str, "os.PathLike[str]"], who: str, what: 
         except OSError as e:
             raise ValueError(f"{who}: cannot open the {what} {component!r} just created: {e.strerror}") from e
         try:
+            st = os.fstat(fd)
+            if st.st_uid != os.geteuid():  # replaced by someone else's between mkdir and open
+                raise ValueError(f"{who}: {what} {component!r} was replaced by another user's directory")
             os.fchmod(fd, mode)
+        except OSError as e:
+            raise ValueError(f"{who}: cannot set the mode of {what} {component!r}: {e.strerror}") from e
         finally:
             os.close(fd)
     try:
