@@ -1,0 +1,112 @@
+"""WSGI and ASGI middleware that label each request's samples by route (issue #15).
+
+    app = asprof.context.middleware.ASGILabels(app)                 # endpoint=<route>, method=GET
+    app = asprof.context.middleware.WSGILabels(app, route=my_route)
+
+The label is ``endpoint`` (``key=`` to change it) and, unless ``method=False``, ``method``.
+The route is, by default, the framework's route template when the server or framework puts one
+in the ASGI scope (``scope["route"].path``, as Starlette and FastAPI do once routed;
+``scope["route"]`` when it is a string), else the raw path. Raw paths with ids in them
+(``/users/123``) make one label set per id: pass ``route=`` (a function of the scope / the WSGI
+environ returning the template) for those; past the per-report cap of distinct label sets the
+samples are labelled ``asprof.overflow=true``.
+
+Labels are set for the whole request: the ASGI application's coroutine runs in its own
+context (a task per request, as ASGI servers do), the WSGI application inside
+``asprof.labels`` on the worker thread, generator responses included.
+"""
+from __future__ import annotations
+
+from typing import Any, Awaitable, Callable, Dict, Iterable, Iterator
+
+from asprof.context import labels
+
+__all__ = ["ASGILabels", "WSGILabels", "asgi_route", "wsgi_route"]
+
+Scope = Dict[str, Any]
+ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
+WSGIApp = Callable[[Dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+def asgi_route(scope: Scope) -> str:
+    """The route template of an ASGI scope when known, else its path."""
+    r = scope.get("route")
+    if isinstance(r, str) and r:
+        return r
+    path = getattr(r, "path", None) or getattr(r, "path_format", None)
+    if isinstance(path, str) and path:
+        return path
+    p = scope.get("path")
+    return p if isinstance(p, str) and p else "/"
+
+
+def wsgi_route(environ: Dict[str, Any]) -> str:
+    """The path of a WSGI request (``SCRIPT_NAME`` + ``PATH_INFO``)."""
+    p = (environ.get("SCRIPT_NAME") or "") + (environ.get("PATH_INFO") or "")
+    return p or "/"
+
+
+class ASGILabels:
+    """ASGI middleware: each HTTP / WebSocket request runs inside ``asprof.labels(endpoint=...)``."""
+
+    def __init__(self, app: ASGIApp, route: Callable[[Scope], str] = asgi_route, key: str = "endpoint",
+                 method: bool = True) -> None:
+        self.app = app
+        self.route = route
+        self.key = key
+        self.method = method
+
+    async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Any]],
+                       send: Callable[[Any], Awaitable[None]]) -> None:
+        if scope.get("type") not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        kv: Dict[str, object] = {self.key: self.route(scope)}
+        if self.method and scope.get("method"):
+            kv["method"] = scope["method"]
+        with labels(**kv):
+            await self.app(scope, receive, send)
+
+
+class WSGILabels:
+    """WSGI middleware: each request (its call and its response iteration) runs inside
+    ``asprof.labels(endpoint=...)``."""
+
+    def __init__(self, app: WSGIApp, route: Callable[[Dict[str, Any]], str] = wsgi_route,
+                 key: str = "endpoint", method: bool = True) -> None:
+        self.app = app
+        self.route = route
+        self.key = key
+        self.method = method
+
+    def __call__(self, environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        kv: Dict[str, object] = {self.key: self.route(environ)}
+        if self.method and environ.get("REQUEST_METHOD"):
+            kv["method"] = environ["REQUEST_METHOD"]
+        with labels(**kv):
+            result = self.app(environ, start_response)
+        return _Labelled(result, kv)
+
+
+class _Labelled:
+    """A WSGI response whose iteration (and close) runs with the request's labels."""
+
+    def __init__(self, result: Iterable[bytes], kv: Dict[str, object]) -> None:
+        self._result = result
+        self._kv = kv
+
+    def __iter__(self) -> Iterator[bytes]:
+        it = iter(self._result)
+        while True:
+            with labels(**self._kv):
+                try:
+                    chunk = next(it)
+                except StopIteration:
+                    return
+            yield chunk
+
+    def close(self) -> None:
+        close = getattr(self._result, "close", None)
+        if close is not None:
+            with labels(**self._kv):
+                close()
