@@ -89,7 +89,7 @@ async def serve_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
             async def receive() -> Dict[str, Any]:
                 return {"type": "http.request", "body": b"", "more_body": False}
 
-            async def send(msg: Dict[str, Any]) -> None:
+            async def send(msg: Dict[str, Any], out: Dict[str, Any] = out) -> None:
                 out.setdefault("status", msg.get("status"))
                 if msg["type"] == "http.response.body":
                     out["body"] = msg.get("body", b"")
