@@ -283,7 +283,7 @@ def _signal_checks(d: Diagnosis, pid: Optional[int]) -> None:
             d.add(section, name, WARN, f"in this process: {who}, not asprof's: a conflict. async-profiler samples "
                   "with another signal when it finds it taken at start (SIGSTKFLT, SIGPWR, ...); the built-in engine "
                   "goes in front of it and passes it the signals that are not its own; taken over later, asprof "
-                  "puts its handler back in front and warns once (docs/builtin-engine.md, Signals)")
+                  "puts its handler back in front and warns once (docs/signals.md)")
     try:
         from asprof.agent.loop import current
 
