@@ -379,6 +379,29 @@ def jfr_deep_stack(d: Path, depth: int = 200_000) -> str:
     return _write(d, "deep.jfr", B.chunk([ev], pools=pools))
 
 
+def _pool_of_empty_frames(generic: bool) -> bytes:
+    """4,000 stacks of 6,000 frames of a StackFrame type without fields (frames that take no
+    bytes): 21 KB that made 24M frames (543 MB). ``generic``: a StackFrame the fast path does
+    not take (an array field elsewhere in StackTrace), the same through the generic decoder."""
+    classes = [c for c in B.standard_classes() if c.id not in (B.T_STACK_FRAME, B.T_STACK_TRACE)]
+    classes.append(B.Class(B.T_STACK_FRAME, "jdk.types.StackFrame", []))
+    extra = [B.Field("tags", B.T_INT, array=True)] if generic else []
+    classes.append(B.Class(B.T_STACK_TRACE, "jdk.types.StackTrace", [B.Field("truncated", B.T_BOOLEAN),
+                                                                     B.Field("frames", B.T_STACK_FRAME, array=True)]
+                           + extra))
+    tail = B.varint(0) if generic else b""
+    stacks = [(k, b"\x00" + B.varint(6000) + tail) for k in range(1, 4001)]
+    return B.chunk([], classes, pools=[(B.T_STACK_TRACE, stacks)])
+
+
+def jfr_empty_frames(d: Path) -> str:
+    return _write(d, "empty-frames.jfr", _pool_of_empty_frames(False))
+
+
+def jfr_empty_frames_generic(d: Path) -> str:
+    return _write(d, "empty-frames-generic.jfr", _pool_of_empty_frames(True))
+
+
 def not_a_profile(d: Path) -> str:
     return _write(d, "random.jfr", os.urandom(4096))
 
@@ -390,6 +413,7 @@ HOSTILE: Dict[str, Callable[[Path], str]] = {f.__name__: f for f in (
     fifo, fifo_in_directory, socket_file, char_device, symlink_loop, symlink_loop_pair, directory_of_loops,
     directory_many_files, jfr_truncated, jfr_huge_chunk_size, jfr_huge_string_count, jfr_huge_string_length,
     jfr_huge_utf16_length, jfr_huge_pool_count, jfr_many_chunks, not_a_profile, jfr_fanout_refs, jfr_deep_stack,
+    jfr_empty_frames, jfr_empty_frames_generic,
 )}
 #: Inputs that are valid JFR, hostile by their shape: read, within the same bounds.
 VALID = ("jfr_many_chunks", "jfr_fanout_refs", "jfr_deep_stack")
@@ -397,7 +421,7 @@ VALID = ("jfr_many_chunks", "jfr_fanout_refs", "jfr_deep_stack")
 
 def main() -> int:
     """``python tests/hostile_inputs.py [NAME...]``: each input through ``asprof summary`` in a
-    child, with its exit status, time, peak RSS (wait4) and first line of stderr."""
+    child, with its exit status, wall and CPU time, peak RSS (wait4) and first line of stderr."""
     import subprocess
     import sys
     import tempfile
@@ -424,8 +448,8 @@ def main() -> int:
                 seconds = time.monotonic() - t0
                 err.seek(0)
                 line = err.read().decode("utf-8", "replace").strip().splitlines()[:1]
-            print(f"{name:24s} {size / 1e6:6.2f} MB  exit {os.waitstatus_to_exitcode(status)}  {seconds:5.2f} s  "
-                  f"{ru.ru_maxrss / 1024:6.1f} MiB  {line[0][:120] if line else ''}")
+            print(f"{name:24s} {size / 1e6:6.2f} MB  exit {os.waitstatus_to_exitcode(status)}  {seconds:5.2f} s "
+                  f"({ru.ru_utime + ru.ru_stime:5.2f} s CPU)  {ru.ru_maxrss / 1024:6.1f} MiB  {line[0][:100] if line else ''}")
     return 0
 
 

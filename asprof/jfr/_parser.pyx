@@ -389,10 +389,21 @@ cdef class Cursor:
         raise JfrError(f"invalid string encoding {enc}", start)
 
     cdef object value(self, MetaField f, dict classes, object string_type_id, int depth):
-        cdef Py_ssize_t n, k
+        cdef Py_ssize_t n, k, start
+        cdef list out
         if f.dimension:
             n = self.count("array element")
-            return [self.single(f, classes, string_type_id, depth) for k in range(n)]
+            if n == 0:
+                return []
+            start = self.pos
+            out = [self.single(f, classes, string_type_id, depth)]
+            if n > 1 and self.pos == start:
+                # elements of a type without bytes: the count alone (bounded by the bytes left)
+                # would make every array of the pool that large, their total quadratic in the size
+                raise JfrError(f"array of {n} elements of a type that takes no bytes", start)
+            for k in range(1, n):
+                out.append(self.single(f, classes, string_type_id, depth))
+            return out
         return self.single(f, classes, string_type_id, depth)
 
     cdef object single(self, MetaField f, dict classes, object string_type_id, int depth):
@@ -789,6 +800,19 @@ cdef void _read_stack_pool(Cursor c, MetaClass st, dict classes, object string_t
         return
     sf = classes[(<MetaField>st.field("frames")).type_id]
     nfields = len(sf.fields)
+    if sf.nops == 0:
+        # frames without fields take no bytes: a count bounded by the bytes left, in every stack of
+        # the pool, would make the table quadratic in the size of the file
+        for k in range(count):
+            c.var()
+            for f in st.fields:
+                if f.name == "frames":
+                    start = c.pos
+                    if c.count("stack frame") > 0:
+                        raise JfrError("stack frames of a type without fields", start)
+                else:
+                    c.single(f, classes, string_type_id, 0)
+        return
     for k in range(count):
         key = c.var()
         truncated = 0
