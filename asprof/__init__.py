@@ -19,6 +19,7 @@ import importlib
 from typing import TYPE_CHECKING, Any, Optional
 
 if TYPE_CHECKING:
+    from asprof.context import clear_labels, get_labels, labels, reset_labels, set_labels
     from asprof.engines.asyncprofiler import LibraryInfo
     from asprof.errors import (
         AsprofError,
@@ -56,6 +57,12 @@ _LAZY = {
     "LocalReporter": "asprof.reporter.local",
     "MultiReporter": "asprof.reporter.multi",
     "S3Reporter": "asprof.reporter.s3",
+    # issue #15: request labels (docs/labels.md)
+    "labels": "asprof.context",
+    "set_labels": "asprof.context",
+    "reset_labels": "asprof.context",
+    "get_labels": "asprof.context",
+    "clear_labels": "asprof.context",
 }
 
 __version__ = "0.1.0"
@@ -82,6 +89,11 @@ __all__ = [
     "UnsupportedVersionError",
     "ProfilerError",
     "ProfilerAlreadyRunningError",
+    "labels",
+    "set_labels",
+    "reset_labels",
+    "get_labels",
+    "clear_labels",
 ]
 
 

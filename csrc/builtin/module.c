@@ -96,9 +96,15 @@ static PyObject *bi_start(PyObject *self, PyObject *args, PyObject *kw) {
     }
     if (bi_ctx_sample == NULL) {
         /* issue #15: samples carry the thread's label-set id (asprof.context._ctx), when built */
-        asprof_ctx_hooks *hk = PyCapsule_Import("asprof.context._ctx._hooks", 0);
+        /* (the module itself: PyCapsule_Import walks attributes, and asprof.context may not be
+           an attribute of asprof yet) */
+        PyObject *cm = PyImport_ImportModule("asprof.context._ctx");
+        PyObject *cap = cm != NULL ? PyObject_GetAttrString(cm, "_hooks") : NULL;
+        asprof_ctx_hooks *hk = cap != NULL ? PyCapsule_GetPointer(cap, "asprof.context._ctx._hooks") : NULL;
         if (hk != NULL && hk->version == ASPROF_CTX_HOOKS_VERSION) bi_ctx_sample = hk->sample;
-        else PyErr_Clear();
+        Py_XDECREF(cap);
+        Py_XDECREF(cm);
+        PyErr_Clear();
     }
     bi.max_frames = max_frames > BI_MAX_FRAMES ? BI_MAX_FRAMES : max_frames;
     /* A fresh store: nothing of a previous run is reported as this one's. */

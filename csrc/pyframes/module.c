@@ -206,9 +206,15 @@ static PyObject *py_install(PyObject *module, PyObject *args, PyObject *kw) {
     }
     if (pf_ctx_sample == NULL) {
         /* issue #15: samples carry the thread's label-set id (asprof.context._ctx), when built */
-        asprof_ctx_hooks *hk = PyCapsule_Import("asprof.context._ctx._hooks", 0);
+        /* (the module itself: PyCapsule_Import walks attributes, and asprof.context may not be
+           an attribute of asprof yet) */
+        PyObject *cm = PyImport_ImportModule("asprof.context._ctx");
+        PyObject *cap = cm != NULL ? PyObject_GetAttrString(cm, "_hooks") : NULL;
+        asprof_ctx_hooks *hk = cap != NULL ? PyCapsule_GetPointer(cap, "asprof.context._ctx._hooks") : NULL;
         if (hk != NULL && hk->version == ASPROF_CTX_HOOKS_VERSION) pf_ctx_sample = hk->sample;
-        else PyErr_Clear();
+        Py_XDECREF(cap);
+        Py_XDECREF(cm);
+        PyErr_Clear();
     }
     asp_session_hooks h = {pf_before_start, pf_after_start, pf_before_stop, pf_after_stop,
                       pf_before_flush, pf_after_flush};
