@@ -414,10 +414,13 @@ def _plain_sample(c: _Chunk, cls: _Class) -> bool:
             and all(not x.cpool and not x.array and k == "v" for x, k in zip(f[4:], kinds[4:])))
 
 
-def _read4(b: bytes, i: int) -> Tuple[Tuple[int, int, int, int], int]:
-    """Four JFR varints at ``i`` (IndexError when cut)."""
+def _read4(b: bytes, i: int) -> Tuple[Tuple[int, int, int, int], int, int]:
+    """Four JFR varints at ``i``, where the first ends, where the last ends (IndexError when cut)."""
     out = []
-    for _ in range(4):
+    first = 0
+    for n in range(4):
+        if n == 1:
+            first = i
         c = b[i]
         i += 1
         if c < 0x80:
@@ -436,7 +439,7 @@ def _read4(b: bytes, i: int) -> Tuple[Tuple[int, int, int, int], int]:
                 break
             shift += 7
         out.append(v)
-    return (out[0], out[1], out[2], out[3]), i
+    return (out[0], out[1], out[2], out[3]), first, i
 
 
 def _ulebs(b: bytes, i: int) -> List[int]:
@@ -586,7 +589,8 @@ def _module_from_file(filename: str) -> str:
 class _Out:
     """One output chunk: a ChunkWriter and the translation of one input chunk's keys."""
 
-    def __init__(self, c: _Chunk, index: int, key_base: int, user_types: Dict[str, int]) -> None:
+    def __init__(self, c: _Chunk, index: int, key_base: int, user_types: Dict[str, int],
+                 name_ids: Dict[Tuple[str, ...], int]) -> None:
         h = c.h
         self.c = c
         self.user_types = user_types
@@ -596,6 +600,8 @@ class _Out:
         self.methods: Dict[Tuple[int, int], Tuple[int, int, str]] = {}  # -> (out key, out type, display)
         self.natives: Dict[int, int] = {}  # input stack key -> output stack key
         self.names: Dict[int, Tuple[str, ...]] = {}  # input stack key -> frame names (the carry key)
+        self.carry_ids: Dict[int, int] = {}
+        self.name_ids = name_ids
         self.evals: Dict[int, Tuple[bool, ...]] = {}
         self.pyframes: Dict[Tuple[str, str], int] = {}  # (module, qualname) -> output method key
         self.joined: Dict[Tuple[int, int], int] = {}  # (input stack key, Python stack id) -> output key
@@ -708,10 +714,15 @@ class _Out:
             self.translated[skey] = (trunc, frames)
         return k
 
-    def carry_key(self, skey: int) -> Tuple[str, ...]:
-        if skey not in self.names:
-            self.native_stack(skey)
-        return self.names[skey]
+    def carry_key(self, skey: int) -> int:
+        """The carry key of an input stack: one number per sequence of frame names (pystacks
+        carries by names), the same across the chunks of the file."""
+        k = self.carry_ids.get(skey)
+        if k is None:
+            if skey not in self.names:
+                self.native_stack(skey)
+            k = self.carry_ids[skey] = self.name_ids.setdefault(self.names[skey], len(self.name_ids))
+        return k
 
     def _pyframe(self, mod: str, qn: str) -> int:
         k = self.pyframes.get((mod, qn))
@@ -805,11 +816,12 @@ class _Rewriter:
     def write(self) -> bytes:
         stats = self.stats
         py = self.py
-        carry: Dict[Tuple[bool, int, Tuple[str, ...]], int] = {}  # -> Python stack id
+        carry: Dict[Tuple[bool, int, int], int] = {}  # (cpu, thread, carry key) -> Python stack id
+        name_ids: Dict[Tuple[str, ...], int] = {}
         outs: List[_Out] = []
         inl = self.inliner
         for ci, c in enumerate(self.chunks):
-            o = _Out(c, inl.chunks, inl.key_base, inl.user_types)
+            o = _Out(c, inl.chunks, inl.key_base, inl.user_types, name_ids)
             inl.chunks += 1
             outs.append(o)
             w = o.w
@@ -830,7 +842,7 @@ class _Rewriter:
                 cls = samples.get(etype)
                 if cls is not None:
                     if etype in fast:  # four varints, then fields without pool references: copied
-                        (t, thk, skk, stk), j = _read4(b, body)
+                        (t, thk, skk, stk), tend, j = _read4(b, body)
                         if j > off + size:
                             raise ChunkError(f"sample event at byte {off}: fields beyond its size")
                         tail = b[j:off + size]
@@ -871,7 +883,7 @@ class _Rewriter:
                             raise ChunkError(f"thread state {sname!r} cannot be written")
                         state_out[stk] = ostate
                     if etype in fast:
-                        w.sample(cls.name, t, tid, out_stack, ostate, tail)
+                        w.sample(cls.name, t, tid, out_stack, ostate, tail, b[body:tend])
                     else:
                         rest = [self._carry_value(o, cls.fields[j], vals[j]) for j in range(4, len(vals))]
                         w.event(cls.name, t, tid, out_stack, ostate, *rest)

@@ -475,11 +475,13 @@ class ChunkWriter:
         n = os.cpu_count() or 1
         self.event("jdk.CPUInformation", self.start_ticks, u.machine, _cpu_description(), 1, n, n)
 
-    def sample(self, type_name: str, ticks: int, tid: int, stack: int, state: int, tail: bytes = b"") -> None:
+    def sample(self, type_name: str, ticks: int, tid: int, stack: int, state: int, tail: bytes = b"",
+               ticks_bytes: Optional[bytes] = None) -> None:
         """The fast path of :meth:`event` for a sample whose first fields are (startTime, thread,
         stackTrace, state), as ``jdk.ExecutionSample`` and ``profiler.WallClockSample``:
         ``tail`` is the other fields already encoded (none of them a pool reference; for a
-        wall-clock sample ``samples`` and ``timeSpan``), e.g. copied from another recording."""
+        wall-clock sample ``samples`` and ``timeSpan``), e.g. copied from another recording;
+        ``ticks_bytes``, if given, is ``ticks`` already encoded (``varint(ticks)``)."""
         tid_ = self._types[type_name].id
         key = (tid_, tid, stack, state, tail)
         rest = self._sample_rests.get(key)
@@ -488,7 +490,7 @@ class ChunkWriter:
             rest = self._sample_rests[key] = varint(tid) + varint(stack) + varint(state) + tail
         if ticks > self.last_ticks:
             self.last_ticks = ticks
-        self._events += _framed(tid_, varint(ticks) + rest)
+        self._events += _framed(tid_, (varint(ticks) if ticks_bytes is None else ticks_bytes) + rest)
 
     def samples_from(self, packed: Union[bytes, bytearray, memoryview], stack_keys: Sequence[int],
                      skip_tids: Collection[int] = ()) -> int:
