@@ -402,6 +402,29 @@ def jfr_empty_frames_generic(d: Path) -> str:
     return _write(d, "empty-frames-generic.jfr", _pool_of_empty_frames(True))
 
 
+def jfr_deep_json(d: Path) -> str:
+    """An asprof.PyStats user event whose JSON nests 200,000 arrays (json.loads raised
+    RecursionError: a traceback) and an asprof.PyStack one of 100,000 continuation bytes."""
+    s = B.Simple()
+    s.thread(1, "main")
+    s.exec_sample(1001, 1, ["main", "a"])
+    s.events.append(B.event(B.T_USER, B.varint(1002) + B.varint(1) + B.varint(1) + B.utf8("[" * 200_000)))
+    s.events.append(B.event(B.T_USER, B.varint(1003) + B.varint(1) + B.varint(2) + B.utf8("\x01" + "\xff" * 100_000)))
+    pools = [
+        (B.T_FRAME_TYPE, [(k, B.utf8(v)) for k, v in B.FRAME_TYPES]),
+        (B.T_THREAD_STATE, [(k, B.utf8(v)) for k, v in B.THREAD_STATES]),
+        (B.T_THREAD, [(1, B.thread_entry("main", 1))]),
+        (B.T_STACK_TRACE, [(key, B.stack_entry([(s.methods[f], f[2]) for f in reversed(frames)]))
+                           for frames, key in s.stacks.items()]),
+        (B.T_METHOD, [(mk, B.method_entry(s.classes[owner], s.symbols[name])) for (name, owner, _t), mk in s.methods.items()]),
+        (B.T_CLASS, [(ck, B.class_entry(s.symbols[owner])) for owner, ck in s.classes.items()]),
+        (B.T_SYMBOL, [(k, B.utf8(x)) for x, k in s.symbols.items()]),
+        (B.T_STRING, [(0, B.utf8(None))]),
+        (B.T_USER_TYPE, [(1, B.utf8("asprof.PyStats")), (2, B.utf8("asprof.PyStack"))]),
+    ]
+    return _write(d, "deep-json.jfr", B.chunk(s.events, pools=pools))
+
+
 def not_a_profile(d: Path) -> str:
     return _write(d, "random.jfr", os.urandom(4096))
 
@@ -413,10 +436,10 @@ HOSTILE: Dict[str, Callable[[Path], str]] = {f.__name__: f for f in (
     fifo, fifo_in_directory, socket_file, char_device, symlink_loop, symlink_loop_pair, directory_of_loops,
     directory_many_files, jfr_truncated, jfr_huge_chunk_size, jfr_huge_string_count, jfr_huge_string_length,
     jfr_huge_utf16_length, jfr_huge_pool_count, jfr_many_chunks, not_a_profile, jfr_fanout_refs, jfr_deep_stack,
-    jfr_empty_frames, jfr_empty_frames_generic,
+    jfr_empty_frames, jfr_empty_frames_generic, jfr_deep_json,
 )}
 #: Inputs that are valid JFR, hostile by their shape: read, within the same bounds.
-VALID = ("jfr_many_chunks", "jfr_fanout_refs", "jfr_deep_stack")
+VALID = ("jfr_many_chunks", "jfr_fanout_refs", "jfr_deep_stack", "jfr_deep_json")
 
 
 def main() -> int:

@@ -116,6 +116,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, MemoryError) as e:
         _err(str(e) or type(e).__name__)
         return 1
+    except RecursionError:  # a last resort: a reader step that recursed on deeply nested input
+        _err("the input is nested too deeply to read (recursion limit)")
+        return 1
     except KeyboardInterrupt:
         _err("interrupted")
         return 130

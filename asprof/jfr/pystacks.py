@@ -193,7 +193,7 @@ class PythonStacks:
             try:
                 payload = data.encode("latin-1")
                 self._decode(src, etype, payload)
-            except (IndexError, UnicodeError, ValueError):
+            except (IndexError, UnicodeError, ValueError, RecursionError):  # RecursionError: JSON nested too deep
                 src.bad_events += 1
         if src.bad_events:
             log.debug("asprof: %d malformed Python stack events in %s", src.bad_events, getattr(chunk, "source", "?"))

@@ -111,12 +111,13 @@ def test_hostile_input_is_refused_quickly_in_one_line_and_bounded_memory(name: s
 
 
 @pytest.mark.parametrize("name, verb", [("jfr_many_chunks", "summary"), ("jfr_fanout_refs", "summary"),
-                                        ("jfr_deep_stack", "convert")])
+                                        ("jfr_deep_stack", "convert"), ("jfr_deep_json", "top")])
 def test_valid_but_hostile_shapes_are_read_within_bounds(name: str, verb: str, tmp_path: Path) -> None:
     """5,000 small chunks (10 MB); a fan-out of references between pool entries (85 KB); one
-    stack of 200,000 frames converted to folded stacks: read in time, in bounded memory."""
+    stack of 200,000 frames converted to folded stacks; Python-frame events with absurdly nested
+    JSON and endless integers: read in time, in bounded memory."""
     path = H.HOSTILE[name](tmp_path)
-    argv = ("convert", path, "-o", str(tmp_path / "out.collapsed")) if verb == "convert" else ("summary", path)
+    argv = ("convert", path, "-o", str(tmp_path / "out.collapsed")) if verb == "convert" else (verb, path)
     code, err, seconds, rss = run_cli(*argv)
     assert code == 0, f"{name}: exit {code} after {seconds:.1f} CPU s: {err}"
     assert seconds < TIME_LIMIT, f"{name}: {seconds:.1f} CPU s"
