@@ -66,8 +66,8 @@ def main() -> int:  # noqa: C901 - a script
     ap.add_argument("--cpu", type=float, default=0.001)
     ap.add_argument("--wall", type=float, default=0.01)
     ap.add_argument("--tick", type=float, default=2.0, help="seconds between ticks (reports)")
-    ap.add_argument("--busy", type=int, default=12, help="long-lived busy threads")
-    ap.add_argument("--sleepers", type=int, default=24, help="mostly idle threads (wall samples)")
+    ap.add_argument("--busy", type=int, default=4, help="long-lived busy threads")
+    ap.add_argument("--sleepers", type=int, default=8, help="mostly idle threads (wall samples)")
     ap.add_argument("--min-signals", type=int, default=500_000)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
@@ -173,6 +173,7 @@ def main() -> int:  # noqa: C901 - a script
     t0 = time.monotonic()
     rss: List[tuple] = []
     reports = sizes = ticks = 0
+    tick_max = 0.0
     last = None
     deadline = t0 + a.seconds
     while True:
@@ -184,7 +185,9 @@ def main() -> int:  # noqa: C901 - a script
         except InterruptedError:
             count("eintr")
         rss.append((time.monotonic() - t0, rss_bytes()))
+        t_tick = time.monotonic()
         res = engine.tick()
+        tick_max = max(tick_max, time.monotonic() - t_tick)
         ticks += 1
         if res.recording:
             reports += 1
@@ -234,7 +237,8 @@ def main() -> int:  # noqa: C901 - a script
     result = {
         "engine": a.engine, "python": sys.version.split()[0], "seconds": round(took, 1),
         "signals": signals, "samples": int(stats.get("samples", 0)), "reports": reports,
-        "report_bytes": sizes, "ticks": ticks, "eintr": info["eintr"], "errors": info["errors"][:10], "hung": hung,
+        "report_bytes": sizes, "ticks": ticks, "tick_max_s": round(tick_max, 2), "eintr": info["eintr"],
+        "errors": info["errors"][:10], "hung": hung,
         "threads_started": info["threads_started"], "codes_created": info["codes_created"],
         "asyncio_tasks": info["tasks"], "rss_mib_after_warmup": round(rss_start / 2**20, 1),
         "rss_mib_end": round(rss_end / 2**20, 1), "rss_growth_mib": round(growth / 2**20, 1),
