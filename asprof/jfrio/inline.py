@@ -201,6 +201,26 @@ def _metadata(b: bytes, off: int) -> Dict[int, _Class]:
     return classes
 
 
+_META_CACHE: Dict[bytes, Dict[int, _Class]] = {}
+_META_CACHE_SIZE = 8
+
+
+def _metadata_cached(b: bytes, off: int) -> Dict[int, _Class]:
+    """:func:`_metadata`, remembered for the few metadata events a process's reports repeat
+    (async-profiler's, the settings chunk's): parsed once, not at every report."""
+    size, _ = _varint(b, off)
+    if size <= 0 or off + size > len(b):
+        raise ChunkError("metadata event beyond the chunk")
+    key = bytes(b[off:off + size])
+    got = _META_CACHE.get(key)
+    if got is None:
+        got = _metadata(b, off)
+        if len(_META_CACHE) >= _META_CACHE_SIZE:
+            _META_CACHE.pop(next(iter(_META_CACHE)))
+        _META_CACHE[key] = got
+    return got
+
+
 class _Chunk:
     """One input chunk, decoded: header, classes, constant pools, events' offsets."""
 
@@ -213,7 +233,7 @@ class _Chunk:
             raise ChunkError(f"metadata offset outside the chunk at byte {off}")
         if h.ticks_per_second <= 0:
             raise ChunkError(f"invalid ticks per second at byte {off}")
-        self.classes = _metadata(b, off + h.meta_offset)
+        self.classes = _metadata_cached(b, off + h.meta_offset)
         self.by_name = {c.name: c for c in self.classes.values()}
         self.string_type = self._id("java.lang.String")
         self.pools: Dict[int, Dict[int, Any]] = {}

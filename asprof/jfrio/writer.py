@@ -574,6 +574,25 @@ class ChunkWriter:
         return b"".join((header, meta, bytes(self._events), cpool))
 
     def _metadata(self) -> bytes:
+        sig = tuple((t.name, t.id, t.label, t.simple, t.category, tuple(t.fields), t.event)
+                    for t in self._types.values())
+        tail = _METADATA_TAILS.get(sig)
+        if tail is None:  # the same types give the same strings and classes: built once
+            tail = self._metadata_tail()
+            if len(_METADATA_TAILS) >= 16:
+                _METADATA_TAILS.pop(next(iter(_METADATA_TAILS)))
+            _METADATA_TAILS[sig] = tail
+        body = bytearray(varint(0))  # type 0 = metadata
+        body += varint(self.start_ticks)
+        body += varint(0)
+        body += varint(self.metadata_id)
+        body += tail
+        total = len(body) + 5
+        return bytes(((total & 0x7F) | 0x80, ((total >> 7) & 0x7F) | 0x80, ((total >> 14) & 0x7F) | 0x80,
+                      ((total >> 21) & 0x7F) | 0x80, (total >> 28) & 0x7F)) + bytes(body)
+
+    def _metadata_tail(self) -> bytes:
+        """The metadata event's strings and element tree (what follows its metadata id)."""
         strings: Dict[str, int] = {"": 0}
 
         def sid(s: str) -> int:
@@ -652,17 +671,11 @@ class ChunkWriter:
                                              ("superType", "java.lang.annotation.Annotation")], ch))
         root = element("root", [], [element("metadata", [], classes),
                                     element("region", [("locale", "en_US"), ("gmtOffset", "0")], [])])
-        body = bytearray(varint(0))  # type 0 = metadata
-        body += varint(self.start_ticks)
-        body += varint(0)
-        body += varint(self.metadata_id)
-        body += varint(len(strings))
+        body = bytearray(varint(len(strings)))
         for s in strings:
             _put_string(body, s)
         body += root
-        total = len(body) + 5
-        return bytes(((total & 0x7F) | 0x80, ((total >> 7) & 0x7F) | 0x80, ((total >> 14) & 0x7F) | 0x80,
-                      ((total >> 21) & 0x7F) | 0x80, (total >> 28) & 0x7F)) + bytes(body)
+        return bytes(body)
 
     def _cpool(self) -> bytes:
         pools: List[bytes] = []
@@ -724,6 +737,8 @@ class ChunkWriter:
 
 
 _cpu_desc: Optional[str] = None
+#: ChunkWriter._metadata: the strings and classes of a set of types, by their signature.
+_METADATA_TAILS: Dict[Tuple[object, ...], bytes] = {}
 
 
 def _cpu_description() -> str:
