@@ -93,6 +93,8 @@ static PyObject *c_set_label(PyObject *self, PyObject *arg) {
     if (label_arg(arg, &id) != 0) return NULL;
     PyThreadState *ts = PyThreadState_Get();
     put_pair(id, id ? (uintptr_t)ts->context : 0);
+    /* a step that started without labels is described by the first ones set during it */
+    if (id != 0 && slot.step_label == 0) slot.step_label = id;
     Py_RETURN_NONE;
 }
 
@@ -123,8 +125,8 @@ static PyObject *c_leave(PyObject *self, PyObject *noargs) {
     Py_RETURN_FALSE;
 }
 
-/* last_step() -> (tid, start_ns, end_ns, samples, label at the start) of the step leave() said
-   True for. */
+/* last_step() -> (tid, start_ns, end_ns, samples, label) of the step leave() said True for; the
+   label is the one at its start, else the first set during it. */
 static PyObject *c_last_step(PyObject *self, PyObject *noargs) {
     ctx_slot *s = &slot;
     if (s->tid == 0) s->tid = (int)syscall(SYS_gettid);
