@@ -26,9 +26,9 @@ import logging
 import os
 import struct
 import sys
-import threading
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
+from asprof import osthreads
 from asprof.engines.base import Engine, TickResult
 
 if TYPE_CHECKING:
@@ -85,7 +85,7 @@ class AllocSampler:
         self.interval = int(interval)
         self.live_cap = live_cap
         self._names = _Names()
-        self._lock = threading.Lock()
+        self._lock = osthreads.Lock()
         self._running = False
         self._orphan = False
         # pending allocation samples of the report being built: (ticks, tid, frames, domain, weight)
@@ -95,8 +95,8 @@ class AllocSampler:
         self._lost = 0
         self._lost_total = 0
         self._overflow_seen = 0
-        self._wake = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._wake = osthreads.Event()
+        self._thread: Optional[Any] = None  # osthreads: a real OS thread even under gevent
         self._start_pair: Tuple[int, int] = (0, 0)
 
     # -- life-cycle -------------------------------------------------------------------------
@@ -111,7 +111,7 @@ class AllocSampler:
             self._running = True
             self._wake.clear()
             try:
-                self._thread = threading.Thread(target=self._loop, name="asprof-alloc", daemon=True)
+                self._thread = osthreads.Thread(self._loop, "asprof-alloc")
                 self._thread.start()
             except Exception:
                 self._running = False
@@ -156,7 +156,7 @@ class AllocSampler:
     def after_fork_in_child(self) -> None:
         # the C module's atfork handler emptied its state; the child's agent starts its own sampler
         self._orphan = True
-        self._lock = threading.Lock()
+        self._lock = osthreads.Lock()
         self._pending = []
         self._live = {}
         self._frames = {}
@@ -192,7 +192,7 @@ class AllocSampler:
     def _join(self) -> None:
         self._wake.set()
         t, self._thread = self._thread, None
-        if t is not None and t is not threading.current_thread():
+        if t is not None and not osthreads.is_current(t):
             t.join(5.0)
 
     def _collect(self) -> None:
