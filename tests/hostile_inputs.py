@@ -88,9 +88,20 @@ def zip_bomb(d: Path) -> str:
 
 def zip_bomb_small_declared(d: Path) -> str:
     """The same bomb declaring 1 KiB uncompressed and 1 KiB compressed (sizes that lie)."""
-    data, crc = deflate_zeros(1 * GiB)
+    data, crc = deflate_zeros(1 * GiB, good_jfr()[:68])
     z = bytearray(raw_zip([("x.jfr", 8, data, crc, 1024)]))
     return _write(d, "liar.zip", bytes(z))
+
+
+def zip_bomb_not_jfr(d: Path) -> str:
+    """2 GiB of zeros (no JFR header): stopped at the first bytes."""
+    data, crc = deflate_zeros(2 * GiB)
+    return _write(d, "zeros.zip", raw_zip([("async_profiler_dump_0.jfr", 8, data, crc, 2 * GiB)]))
+
+
+def gzip_bomb_not_jfr(d: Path) -> str:
+    data, _ = deflate_zeros(2 * GiB)
+    return _write(d, "zeros.jfr.gz", b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff" + data + struct.pack("<II", 0, 0))
 
 
 def zip_many_entries(d: Path) -> str:
@@ -102,7 +113,7 @@ def zip_many_entries(d: Path) -> str:
 def zip_overlapping(d: Path) -> str:
     """2,000 central-directory entries sharing one 15 MiB kernel (a non-recursive bomb: each
     entry stays under the ratio floor, the zip as a whole does not)."""
-    data, crc = deflate_zeros(15 * MiB)
+    data, crc = deflate_zeros(15 * MiB, good_jfr()[:68])
     z = raw_zip([("k.jfr", 8, data, crc, 15 * MiB)])
     # rebuild with 2000 central entries all pointing at offset 0
     cd_entry_start = z.index(b"PK\x01\x02")
@@ -189,8 +200,9 @@ def gzip_bomb(d: Path) -> str:
 
 def gzip_members(d: Path) -> str:
     """Thousands of concatenated gzip members of 1 MiB of zeros each."""
+    first = gzip.compress(good_jfr()[:68] + bytes(MiB), 9)
     one = gzip.compress(bytes(MiB), 9)
-    return _write(d, "members.jfr.gz", one * 3000)
+    return _write(d, "members.jfr.gz", first + one * 3000)
 
 
 def gzip_truncated(d: Path) -> str:
@@ -430,7 +442,7 @@ def not_a_profile(d: Path) -> str:
 
 
 HOSTILE: Dict[str, Callable[[Path], str]] = {f.__name__: f for f in (
-    zip_bomb, zip_bomb_small_declared, zip_many_entries, zip_overlapping, zip_nested, zip_of_zips,
+    zip_bomb, zip_bomb_small_declared, zip_bomb_not_jfr, gzip_bomb_not_jfr, zip_many_entries, zip_overlapping, zip_nested, zip_of_zips,
     zip_control_chars, zip_bzip2, zip_truncated, zip_huge_eocd_count,
     gzip_bomb, gzip_members, gzip_truncated, gzip_of_zip, gzip_garbage,
     fifo, fifo_in_directory, socket_file, char_device, symlink_loop, symlink_loop_pair, directory_of_loops,

@@ -231,9 +231,11 @@ def _size(n: int) -> str:
 
 
 def _inflate(read: Callable[[int], bytes], budgets: List[_Budget],
-             progress: Optional[Callable[[int], None]], block_size: int = _BLOCK) -> bytearray:
+             progress: Optional[Callable[[int], None]], block_size: int = _BLOCK,
+             head: Optional[Callable[[bytes], None]] = None) -> bytearray:
     """Read blocks from ``read`` into one bytearray, each block checked against ``budgets``
-    before it is kept (so at most one block past a limit is ever held)."""
+    before it is kept (so at most one block past a limit is ever held); ``head(first 4 bytes)``
+    as soon as there are 4 (what is not a JFR stops at once, not after inflating)."""
     out = bytearray()
     while True:
         block = read(block_size)
@@ -242,15 +244,23 @@ def _inflate(read: Callable[[int], bytes], budgets: List[_Budget],
         for b in budgets:
             b.add(len(block))
         out += block
+        if head is not None and len(out) >= 4:
+            head(bytes(out[:4]))
+            head = None
         if progress is not None:
             progress(budgets[0].counter.count)
 
 
-def _container_inside(data: Any, what: str, label: str) -> None:
-    head = bytes(data[:4])
-    if head.startswith((ZIP_MAGIC, EMPTY_ZIP_MAGIC, GZIP_MAGIC)):
-        kind = "gzip" if head.startswith(GZIP_MAGIC) else "zip"
-        raise JfrError(f"{what} is itself a {kind} file: containers inside containers are not read", None, label)
+def _jfr_head(what: str, label: str) -> Callable[[bytes], None]:
+    """A check of the first bytes of ``what``: a JFR chunk, not another container."""
+    def check(head: bytes) -> None:
+        if head.startswith((ZIP_MAGIC, EMPTY_ZIP_MAGIC, GZIP_MAGIC)):
+            kind = "gzip" if head.startswith(GZIP_MAGIC) else "zip"
+            raise JfrError(f"{what} is itself a {kind} file: containers inside containers are not read", None, label)
+        if head != JFR_MAGIC:
+            raise JfrError(f"{what} is not a JFR file (bad magic, expected 'FLR\\0')", None, label)
+
+    return check
 
 
 # ---------------------------------------------------------------- gzip
@@ -264,14 +274,13 @@ def _read_gzip(f: io.BufferedIOBase, label: str, limits: ReadLimits,
     budget = _Budget(label, limits, "the gzip content", counter)
     try:
         with gzip.GzipFile(fileobj=counter, mode="rb") as g:
-            data = _inflate(g.read, [budget], progress)
+            data = _inflate(g.read, [budget], progress, head=_jfr_head("the gzip content", label))
     except JfrError:
         raise
     except EOFError:
         raise JfrError("truncated gzip file (it ends before its end-of-stream marker)", None, label) from None
     except (OSError, zlib.error, ValueError) as e:
         raise JfrError(f"not a valid gzip file ({shown(str(e))})", None, label) from None
-    _container_inside(data, "the gzip content", label)
     return data
 
 
@@ -365,14 +374,13 @@ def _read_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, counter: _Counting, 
         with zf.open(info) as ef:
             # small reads: zipfile reads as many compressed bytes as output asked for, and the
             # ratio is judged on what was read
-            data = _inflate(ef.read, budgets, progress, _ZIP_BLOCK)
+            data = _inflate(ef.read, budgets, progress, _ZIP_BLOCK,
+                            _jfr_head(f"zip entry {name}", label) if max_size is None else None)
     except JfrError:
         raise
     except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, RuntimeError, NotImplementedError,
             struct.error, KeyError, IndexError) as e:
         raise JfrError(f"cannot read zip entry {name} ({shown(str(e)) or type(e).__name__})", None, label) from None
-    if max_size is None:
-        _container_inside(data, f"zip entry {name}", label)
     return data
 
 
@@ -386,6 +394,8 @@ def _load(f: io.BufferedIOBase, size: int, label: str, limits: ReadLimits,
         return _read_gzip(f, label, limits, progress), None, []
     if head in (ZIP_MAGIC, EMPTY_ZIP_MAGIC) or (by_name_zip and not head.startswith(JFR_MAGIC)):
         return _read_zip(f, size, label, limits, progress)
+    if len(head) == 4 and head != JFR_MAGIC:  # the parser's message, before reading the rest
+        raise JfrError("not a JFR file (bad magic, expected 'FLR\\0')", 0, label)
     if size > limits.max_size:
         raise JfrError(f"file is {_size(size)}, more than the read limit of {_size(limits.max_size)} "
                        "(raise it with --max-size or ASPROF_READ_MAX_SIZE)", None, label)

@@ -35,6 +35,8 @@ RSS_LIMIT_MIB = 512
 EXPECTED: Dict[str, str] = {
     "zip_bomb": "inflates more than 50 times its compressed size",
     "zip_bomb_small_declared": "Bad CRC-32",
+    "zip_bomb_not_jfr": "zip entry async_profiler_dump_0.jfr is not a JFR file",
+    "gzip_bomb_not_jfr": "the gzip content is not a JFR file",
     "zip_many_entries": "entries in a",
     "zip_overlapping": "the zip inflates more than 50 times",
     "zip_nested": "is itself a zip file",
