@@ -221,6 +221,22 @@ def _metadata_cached(b: bytes, off: int) -> Dict[int, _Class]:
     return got
 
 
+_SKIPS: Dict[int, "re.Pattern[bytes]"] = {}
+
+
+def _skip_varints(n: int) -> "re.Pattern[bytes]":
+    """A pattern matching ``n`` JFR varints (up to 8 bytes with the high bit, then one more)."""
+    p = _SKIPS.get(n)
+    if p is None:
+        one = rb"(?:[\x80-\xff]{0,7}[\x00-\x7f]|[\x80-\xff]{8}[\x00-\xff])"
+        if n >= 65535:
+            raise ChunkError("a stack trace deeper than 16383 frames")
+        p = re.compile(one + b"{%d}" % n, re.DOTALL)
+        if len(_SKIPS) < 512:
+            _SKIPS[n] = p
+    return p
+
+
 class _Chunk:
     """One input chunk, decoded: header, classes, constant pools, events' offsets."""
 
@@ -238,6 +254,7 @@ class _Chunk:
         self.string_type = self._id("java.lang.String")
         self.pools: Dict[int, Dict[int, Any]] = {}
         self.stacks: Dict[int, Tuple[bool, List[Tuple[int, int, int, int]]]] = {}
+        self.stack_at: Dict[int, Tuple[int, int, bool]] = {}  # key -> (first frame, frames, truncated)
         self._read_pools()
 
     def _id(self, name: str) -> int:
@@ -328,7 +345,9 @@ class _Chunk:
                 count, i = _varint(b, i)
                 if count > self.end - i:
                     raise ChunkError("pool size beyond the chunk")
-                if tid == stack_type and fast_stacks:
+                if tid == stack_type:
+                    if not fast_stacks:
+                        raise ChunkError("stack traces laid out otherwise than async-profiler's")
                     i = self._read_stacks(i, count)
                     continue
                 pool = self.pools.setdefault(tid, {})
@@ -342,9 +361,11 @@ class _Chunk:
             raise ChunkError("too many checkpoints")
 
     def _read_stacks(self, i: int, count: int) -> int:
+        """Where each stack trace of the pool is (decoded when used: async-profiler's pool
+        holds every stack seen since its start, most of them not used by this chunk)."""
         b = self.b
         end = self.end
-        stacks = self.stacks
+        at = self.stack_at
         vi = _varint
         for _ in range(count):
             k, i = vi(b, i)
@@ -354,35 +375,53 @@ class _Chunk:
             n, i = vi(b, i + 1)
             if n > end - i:
                 raise ChunkError("stack trace length beyond the chunk")
-            frames = []
-            for _ in range(n):
-                c = b[i]  # the four varints of a frame: most are one byte
-                if c < 0x80:
-                    m = c
-                    i += 1
-                else:
-                    m, i = vi(b, i)
-                c = b[i]
-                if c < 0x80:
-                    line = c
-                    i += 1
-                else:
-                    line, i = vi(b, i)
-                c = b[i]
-                if c < 0x80:
-                    bci = c
-                    i += 1
-                else:
-                    bci, i = vi(b, i)
-                c = b[i]
-                if c < 0x80:
-                    ft = c
-                    i += 1
-                else:
-                    ft, i = vi(b, i)
-                frames.append((m, line, bci, ft))
-            stacks[k] = (trunc, frames)
+            at[k] = (i, n, trunc)
+            m = _skip_varints(4 * n).match(b, i, end)
+            if m is None:
+                raise ChunkError("truncated stack trace")
+            i = m.end()
         return i
+
+    def stack(self, k: int) -> Optional[Tuple[bool, List[Tuple[int, int, int, int]]]]:
+        """The frames of stack trace ``k``: (method, line, bytecode index, frame type), leaf first."""
+        got = self.stacks.get(k)
+        if got is not None:
+            return got
+        where = self.stack_at.get(k)
+        if where is None:
+            return None
+        i, n, trunc = where
+        b = self.b
+        vi = _varint
+        frames = []
+        for _ in range(n):
+            c = b[i]  # the four varints of a frame: most are one byte
+            if c < 0x80:
+                m = c
+                i += 1
+            else:
+                m, i = vi(b, i)
+            c = b[i]
+            if c < 0x80:
+                line = c
+                i += 1
+            else:
+                line, i = vi(b, i)
+            c = b[i]
+            if c < 0x80:
+                bci = c
+                i += 1
+            else:
+                bci, i = vi(b, i)
+            c = b[i]
+            if c < 0x80:
+                ft = c
+                i += 1
+            else:
+                ft, i = vi(b, i)
+            frames.append((m, line, bci, ft))
+        got = self.stacks[k] = (trunc, frames)
+        return got
 
     # -- events ---------------------------------------------------------------------------
 
@@ -712,7 +751,7 @@ class _Out:
         return r
 
     def _frames(self, skey: int) -> Tuple[bool, List[Tuple[int, int, int]], Tuple[str, ...], Tuple[bool, ...]]:
-        st = self.c.stacks.get(skey)
+        st = self.c.stack(skey)
         if st is None:
             return False, [], (), ()
         trunc, frames = st
