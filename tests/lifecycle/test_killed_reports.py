@@ -122,7 +122,7 @@ def test_spool_killed_mid_put(tmp_path: Path, caplog: pytest.LogCaptureFixture) 
     for _ in range(ROUNDS):
         _kill_while_writing(CHILD_SPOOL, data, out, rng)
         left += sum(1 for p in out.iterdir() if p.name.endswith(".partial"))
-        _DirSpool(str(out), ("bucket", "123456789012"), 1000, 1 << 40)  # recovers at creation
+        _DirSpool(str(out), ("bucket", "123456789012"), 1000, 1 << 40).recover_partials()
         assert not any(p.name.endswith(".partial") for p in out.iterdir())
     spool = _DirSpool(str(out), ("bucket", "123456789012"), 1000, 1 << 40)
     n = 0

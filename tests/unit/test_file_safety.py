@@ -302,9 +302,10 @@ def test_spool_partial_recovered_or_removed(tmp_path: Path, caplog: pytest.LogCa
     (d / names[1]).unlink()
     (d / f".{names[1]}.{DEAD_PID}.partial").write_bytes(data[: len(data) // 2])
     caplog.set_level(logging.INFO, logger="asprof.s3")
-    second = _DirSpool(str(d), DEST, 10, 1 << 30)  # recovers at creation (the reporter's own start)
+    second = _DirSpool(str(d), DEST, 10, 1 << 30)
+    assert len(list(d.iterdir())) == 2  # nothing read on the application's thread at creation
+    entry = second.claim()  # the upload thread's first look
     assert sorted(p.name for p in d.iterdir()) == [names[0]]
-    entry = second.claim()
     assert entry is not None and entry.key == "k1" and entry.body == body
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "recovered" in messages and "1 profile lost" in messages

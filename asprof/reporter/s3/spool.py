@@ -121,16 +121,20 @@ class _DirSpool:
         self.max_bytes = max_bytes
         self._seq = 0
         self._claimed: Optional[_Entry] = None
-        self.recover_partials()
-        self._next_recovery = time.monotonic() + RECOVERY_PERIOD
+        # Abandoned .partial files are looked for off the application's thread: at the first
+        # put (agent thread) or claim (upload thread), then at most once a minute.
+        self._next_recovery = 0.0
 
     # -- writing (agent thread)
 
-    def put(self, entry: _Entry, end_ns: int) -> int:
+    def _recover_due(self) -> None:
         now = time.monotonic()
         if now >= self._next_recovery:  # a process sharing the directory may have been killed since
             self._next_recovery = now + RECOVERY_PERIOD
             self.recover_partials()
+
+    def put(self, entry: _Entry, end_ns: int) -> int:
+        self._recover_due()
         self._seq += 1
         name = f"{max(end_ns, 0):020d}-{self._seq % 10**10:010d}-{entry.id}-{self.tag}.asprof-s3"
         header = json.dumps({"id": entry.id, "key": entry.key, "bucket": entry.bucket}).encode("utf-8")
@@ -206,6 +210,7 @@ class _DirSpool:
     def claim(self) -> Optional[_Entry]:
         if self._claimed is not None:
             return self._claimed
+        self._recover_due()
         for name in self._own_files():
             entry = self._open(os.path.join(self.directory, name))
             if entry is not None:
