@@ -191,6 +191,7 @@ const TREE = %%TREE%%;
       while (Math.abs(v) >= 1024 && k < u.length - 1) { v /= 1024; k++; }
       return (k ? v.toFixed(1) : String(v)) + " " + u[k];
     }
+    if (META.unit === "objects") return Math.round(v).toLocaleString("en-US") + (v === 1 ? " object" : " objects");
     let s = Math.round(v).toLocaleString("en-US") + (v === 1 ? " sample" : " samples");
     if (META.interval) s += " (" + fmtTime(v * META.interval) + ")";
     return s;
