@@ -36,7 +36,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, TypeVar
 
 __all__ = [
     "labels", "set_labels", "reset_labels", "get_labels", "clear_labels", "LabelSet", "registry",
-    "MAX_LABELS", "MAX_NEW_SETS_PER_REPORT", "MAX_SETS", "native_slot",
+    "MAX_LABELS", "MAX_NEW_SETS_PER_REPORT", "MAX_SETS", "native_slot", "enable_otel",
 ]
 
 log = logging.getLogger("asprof")
@@ -154,6 +154,7 @@ class _Registry:
             self.window += 1
             self.new_in_window = 0
             if len(self._by_id) > MAX_SETS:
+                _merge_cache.clear()
                 keep = self.window - 2
                 for sid, ls in list(self._by_id.items()):
                     if ls.window < keep and sid != 1:
@@ -172,8 +173,34 @@ def _text(v: object, cap: int) -> str:
     return s if len(s) <= cap else s[:cap]
 
 
+_merge_cache: Dict[Tuple[int, Tuple[Tuple[str, object], ...]], Optional[LabelSet]] = {}
+_MERGE_CACHE_MAX = 4096
+
+
 def _merged(cur: Optional[LabelSet], kv: Dict[str, object]) -> Optional[LabelSet]:
-    """The label set of ``cur`` updated with ``kv`` (a value None removes the key)."""
+    """The label set of ``cur`` updated with ``kv`` (a value None removes the key); the
+    result of the same (current set, labels) is cached."""
+    try:
+        key = (int(cur) if cur is not None else 0, tuple(kv.items()))
+        got = _merge_cache.get(key, _MISSING)
+    except TypeError:  # an unhashable value: no caching
+        return _merge(cur, kv)
+    if got is not _MISSING:
+        if got is not None:
+            got.window = registry.window
+        return got  # type: ignore[no-any-return]
+    ls = _merge(cur, kv)
+    if len(_merge_cache) >= _MERGE_CACHE_MAX:
+        _merge_cache.clear()
+    if ls is not registry.overflow:
+        _merge_cache[key] = ls
+    return ls
+
+
+_MISSING: Any = object()
+
+
+def _merge(cur: Optional[LabelSet], kv: Dict[str, object]) -> Optional[LabelSet]:
     d: Dict[str, str] = dict(cur.pairs) if cur is not None else {}
     for k, v in kv.items():
         if v is None:
@@ -185,6 +212,40 @@ def _merged(cur: Optional[LabelSet], kv: Dict[str, object]) -> Optional[LabelSet
     if len(d) > MAX_LABELS:
         raise ValueError(f"at most {MAX_LABELS} labels per set, got {len(d)}")
     return registry.intern(tuple(sorted(d.items())))
+
+
+_span_of: Optional[Callable[[], Any]] = None  # opentelemetry.trace.get_current_span, when enabled
+
+
+def enable_otel(on: bool) -> bool:
+    """``ProfilerOptions(otel_span_ids=True)``: ``labels()`` blocks entered while an
+    OpenTelemetry span is active also get its ``trace_id`` and ``span_id`` (hex). False, with
+    one log line, when ``opentelemetry`` is not importable."""
+    global _span_of
+    if not on:
+        _span_of = None
+        return False
+    try:
+        from opentelemetry import trace  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        log.info("asprof: otel_span_ids is on but opentelemetry is not importable: no span ids in labels")
+        _span_of = None
+        return False
+    _span_of = trace.get_current_span
+    return True
+
+
+def _with_span(kv: Dict[str, object]) -> Dict[str, object]:
+    try:
+        sc = _span_of().get_span_context()  # type: ignore[misc]
+        if not getattr(sc, "is_valid", False):
+            return kv
+        out = dict(kv)
+        out.setdefault("trace_id", format(sc.trace_id, "032x"))
+        out.setdefault("span_id", format(sc.span_id, "016x"))
+        return out
+    except Exception:  # noqa: BLE001 - a broken tracer never breaks the application
+        return kv
 
 
 def _check_keys(kv: Dict[str, object]) -> None:
@@ -217,7 +278,7 @@ class labels:
         self._tokens: List["contextvars.Token[Optional[LabelSet]]"] = []
 
     def __enter__(self) -> Dict[str, str]:
-        ls = _merged(_VAR.get(), self._kv)
+        ls = _merged(_VAR.get(), self._kv if _span_of is None else _with_span(self._kv))
         self._tokens.append(_apply(ls))
         return ls.as_dict() if ls is not None else {}
 
@@ -246,7 +307,7 @@ def set_labels(**kv: object) -> "contextvars.Token[Optional[LabelSet]]":
     token returned). For frameworks that run each request in its own context (an asyncio task,
     a ``contextvars.copy_context().run``)."""
     _check_keys(kv)
-    return _apply(_merged(_VAR.get(), kv))
+    return _apply(_merged(_VAR.get(), kv if _span_of is None else _with_span(kv)))
 
 
 def reset_labels(token: "contextvars.Token[Optional[LabelSet]]") -> None:

@@ -33,7 +33,8 @@ class ContextEvents:
     (``ProfilerOptions.asyncio_steps``); ``threshold_ns``: steps at least this long are recorded
     even without a sample taken during them (the wall interval)."""
 
-    def __init__(self, steps: bool, threshold_ns: int) -> None:
+    def __init__(self, steps: bool, threshold_ns: int, otel: bool = False) -> None:
+        self.otel = otel
         self.steps_wanted = steps
         self.threshold_ns = threshold_ns
         self._used: Set[int] = set()
@@ -41,6 +42,10 @@ class ContextEvents:
         self.labelled_samples = 0
 
     def start(self) -> None:
+        if self.otel:
+            from asprof.context import enable_otel
+
+            enable_otel(True)
         if self.steps_wanted:
             try:
                 _steps.install(self.threshold_ns)
@@ -48,6 +53,10 @@ class ContextEvents:
                 log.warning("asprof: could not hook the asyncio event loop", exc_info=True)
 
     def stop(self) -> None:
+        if self.otel:
+            from asprof.context import enable_otel
+
+            enable_otel(False)
         if self.steps_wanted:
             _steps.uninstall()
 

@@ -292,7 +292,8 @@ class NativeEngine(Engine):
         self._signals = AsyncProfilerSignals(self.info.path, options.wall_interval is not None)
         if self._pyframes is not None:  # issue #15: labels and asyncio steps ride on the capture
             self._pyframes.enable_context(getattr(options, "asyncio_steps", True),
-                                          (options.wall_interval_ms or 1000) * 1_000_000)
+                                          (options.wall_interval_ms or 1000) * 1_000_000,
+                                          getattr(options, "otel_span_ids", False))
         elif getattr(options, "asyncio_steps", False):
             logger.info("asprof: labels in samples and asyncio step events need the Python-frame capture "
                         "(python_frames), which is off here")

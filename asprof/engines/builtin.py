@@ -214,7 +214,7 @@ class BuiltinEngine(Engine):
         from asprof.context.report import ContextEvents  # issue #15: labels and asyncio steps
 
         self._context = ContextEvents(getattr(options, "asyncio_steps", True),
-                                      self._wall_ns or 1_000_000_000)
+                                      self._wall_ns or 1_000_000_000, getattr(options, "otel_span_ids", False))
         from asprof.engines.signals import Conflicts  # issue #13: SIGPROF held by another handler
 
         self._conflicts = Conflicts()

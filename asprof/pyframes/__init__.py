@@ -63,14 +63,14 @@ class Capture:
         self._m = module
         self._context: Optional[Any] = None  # issue #15: asprof.context.report.ContextEvents
 
-    def enable_context(self, steps: bool, threshold_ns: int) -> None:
+    def enable_context(self, steps: bool, threshold_ns: int, otel: bool = False) -> None:
         """Issue #15: label-set definitions and asyncio step events go into each recording
         (``steps``: hook the asyncio event loop; ``threshold_ns``: the wall interval)."""
         if not getattr(self._m, "labels_hooked", lambda: False)():
             log.info("asprof: samples carry no labels: asprof.context._ctx is not built")
         from asprof.context.report import ContextEvents
 
-        self._context = ContextEvents(steps, threshold_ns)
+        self._context = ContextEvents(steps, threshold_ns, otel)
         self._context.start()
 
     def before_rotation(self) -> None:

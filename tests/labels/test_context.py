@@ -235,3 +235,28 @@ def test_wsgi_middleware_covers_the_response_iteration() -> None:
     assert list(mw({"PATH_INFO": "/items/3"}, lambda *a: None)) == [b"x"]
     assert seen == [{"endpoint": "/items/{id}"}] * 2
     assert slot_labels() == {}
+
+
+def test_otel_span_ids(monkeypatch: pytest.MonkeyPatch) -> None:
+    """otel_span_ids: labels() blocks get the active span's ids; off without opentelemetry."""
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "opentelemetry", None)  # not importable
+    assert ctxmod.enable_otel(True) is False
+    span = types.SimpleNamespace(get_span_context=lambda: types.SimpleNamespace(
+        is_valid=True, trace_id=0xABC, span_id=0x12))
+    trace = types.ModuleType("opentelemetry.trace")
+    trace.get_current_span = lambda: span  # type: ignore[attr-defined]
+    pkg = types.ModuleType("opentelemetry")
+    pkg.trace = trace  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "opentelemetry", pkg)
+    monkeypatch.setitem(sys.modules, "opentelemetry.trace", trace)
+    try:
+        assert ctxmod.enable_otel(True) is True
+        with labels(endpoint="/x") as d:
+            assert d == {"endpoint": "/x", "trace_id": f"{0xABC:032x}", "span_id": f"{0x12:016x}"}
+    finally:
+        ctxmod.enable_otel(False)
+    with labels(endpoint="/x") as d:
+        assert d == {"endpoint": "/x"}
