@@ -257,10 +257,10 @@ def _wall_signal(held: Sequence[int], wall: bool) -> int:
     """Which of the signals async-profiler's handlers hold is its wall-clock one (0: none).
     Its choice (os_linux.cpp, getProfilingSignal): CPU from SIGPROF, wall from SIGVTALRM,
     each going on through SIGSTKFLT, SIGPWR, SIGRTMIN... when taken, never the other's."""
+    if signal.SIGVTALRM in held:
+        return int(signal.SIGVTALRM)  # also CPU sampling's last resort (its wall-clock engine, CPU only)
     if not wall:
         return 0
-    if signal.SIGVTALRM in held:
-        return int(signal.SIGVTALRM)
     others = [s for s in held if s != signal.SIGPROF and s != signal.SIGALRM]
     if signal.SIGPROF in held and others:
         return others[0]
