@@ -454,13 +454,60 @@ HOSTILE: Dict[str, Callable[[Path], str]] = {f.__name__: f for f in (
 VALID = ("jfr_many_chunks", "jfr_fanout_refs", "jfr_deep_stack", "jfr_deep_json")
 
 
+#: Runs ``argv[2:]`` in a grandchild and writes "exit-status cpu-seconds peak-rss-kib" to argv[1].
+#: Why a launcher: subprocess starts children with vfork, and Linux counts the RSS of the
+#: parent's memory at exec into the child's ru_maxrss (a pytest process of 300 MB would make every
+#: child look 300 MB big); a child forked from this small process starts from its size instead.
+LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execv(sys.argv[2], sys.argv[2:])
+    finally:
+        os._exit(127)
+_, status, ru = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(f"{os.waitstatus_to_exitcode(status)} {ru.ru_utime + ru.ru_stime} {ru.ru_maxrss}")
+"""
+
+
+def run_measured(argv: List[str], wall_limit: float = 60.0, env: Optional[Dict[str, str]] = None,
+                 cwd: Optional[str] = None) -> Tuple[int, str, float, float, float]:
+    """``argv`` in a child: (exit status, stderr, wall seconds, CPU seconds, peak RSS in MiB).
+    Killed (status -9) after ``wall_limit`` seconds."""
+    import subprocess
+    import tempfile
+    import time
+
+    with tempfile.TemporaryDirectory(prefix="asprof-measure-") as tmp:
+        out = os.path.join(tmp, "usage")
+        with open(os.path.join(tmp, "err"), "w+b") as err:
+            t0 = time.monotonic()
+            proc = subprocess.Popen([argv[0], "-I", "-S", "-c", LAUNCHER, out, *argv], stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=cwd,
+                                    start_new_session=True)
+            try:
+                proc.wait(timeout=wall_limit)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)  # the launcher and the child it runs
+                proc.wait()
+            seconds = time.monotonic() - t0
+            err.seek(0)
+            text = err.read().decode("utf-8", "replace")
+        try:
+            with open(out) as f:
+                code, cpu, rss = f.read().split()
+        except (OSError, ValueError):
+            return -9, text, seconds, 0.0, 0.0
+        return int(code), text, seconds, float(cpu), int(rss) / 1024
+
+
 def main() -> int:
     """``python tests/hostile_inputs.py [NAME...]``: each input through ``asprof summary`` in a
     child, with its exit status, wall and CPU time, peak RSS (wait4) and first line of stderr."""
-    import subprocess
     import sys
     import tempfile
-    import time
 
     names = sys.argv[1:] or list(HOSTILE)
     with tempfile.TemporaryDirectory(prefix="asprof-hostile-") as tmp:
@@ -469,22 +516,10 @@ def main() -> int:
             sub.mkdir()
             path = HOSTILE[name](sub)
             size = os.path.getsize(path) if os.path.isfile(path) else 0
-            with tempfile.TemporaryFile() as err:
-                t0 = time.monotonic()
-                proc = subprocess.Popen([sys.executable, "-m", "asprof", "summary", path], stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.DEVNULL, stderr=err)
-                while True:
-                    pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
-                    if pid:
-                        break
-                    if time.monotonic() - t0 > 30:
-                        proc.kill()
-                    time.sleep(0.01)
-                seconds = time.monotonic() - t0
-                err.seek(0)
-                line = err.read().decode("utf-8", "replace").strip().splitlines()[:1]
-            print(f"{name:24s} {size / 1e6:6.2f} MB  exit {os.waitstatus_to_exitcode(status)}  {seconds:5.2f} s "
-                  f"({ru.ru_utime + ru.ru_stime:5.2f} s CPU)  {ru.ru_maxrss / 1024:6.1f} MiB  {line[0][:100] if line else ''}")
+            code, err, seconds, cpu, rss = run_measured([sys.executable, "-m", "asprof", "summary", path])
+            line = err.strip().splitlines()[:1]
+            print(f"{name:24s} {size / 1e6:6.2f} MB  exit {code}  {seconds:5.2f} s ({cpu:5.2f} s CPU)  "
+                  f"{rss:6.1f} MiB  {line[0][:100] if line else ''}")
     return 0
 
 

@@ -13,9 +13,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
-import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -71,29 +69,20 @@ EXPECTED: Dict[str, str] = {
 
 
 def run_cli(*argv: str, env: Optional[Dict[str, str]] = None) -> Tuple[int, str, float, float]:
-    """``python -m asprof ARGV`` in a child: (exit status, stderr, CPU seconds, peak RSS in MiB).
-    Killed (status -9) after WALL_LIMIT seconds."""
-    errf = io.BytesIO()
-    e = dict(os.environ, **(env or {}))
-    t0 = time.monotonic()
-    with open(os.devnull, "wb") as null:
-        import tempfile
+    """``python -m asprof ARGV`` in a child: (exit status, stderr, CPU seconds, peak RSS in MiB),
+    measured by H.run_measured (a launcher: the child's own peak, not pytest's). Killed (status
+    -9) after WALL_LIMIT seconds."""
+    code, err, _, cpu, rss = H.run_measured([sys.executable, "-m", "asprof", *argv], WALL_LIMIT,
+                                            dict(os.environ, **(env or {})), str(ROOT))
+    return code, err, cpu, rss
 
-        with tempfile.TemporaryFile() as err:
-            proc = subprocess.Popen([sys.executable, "-m", "asprof", *argv], stdin=subprocess.DEVNULL,
-                                    stdout=null, stderr=err, cwd=ROOT, env=e)
-            while True:
-                pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
-                if pid:
-                    break
-                if time.monotonic() - t0 > WALL_LIMIT:
-                    proc.kill()
-                time.sleep(0.01)
-            proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4
-            err.seek(0)
-            errf.write(err.read())
-    return (proc.returncode, errf.getvalue().decode("utf-8", "replace"), ru.ru_utime + ru.ru_stime,
-            ru.ru_maxrss / 1024)
+
+def test_the_measure_is_the_childs_own_peak() -> None:
+    """A child allocating 200 MB measures more than 200 MB; a small one less than 100 MB,
+    whatever the size of this (pytest) process."""
+    big = H.run_measured([sys.executable, "-c", "b = bytearray(200 << 20)"])
+    small = H.run_measured([sys.executable, "-c", "pass"])
+    assert big[0] == 0 and big[4] > 200 and small[0] == 0 and small[4] < 100, (big, small)
 
 
 def test_every_hostile_input_has_an_expectation() -> None:
