@@ -60,6 +60,20 @@ static PyObject *bi_start(PyObject *self, PyObject *args, PyObject *kw) {
     const char *mode = "auto";
     if (!PyArg_ParseTupleAndKeywords(args, kw, "LL|is:start", kwlist, &cpu_ns, &wall_ns, &max_frames, &mode))
         return NULL;
+    if (bi_ctx_sample == NULL) {
+        /* before the running check: an import may let another thread in (it releases the GIL),
+           and nothing between that check and `starting = 1` may */
+        /* issue #15: samples carry the thread's label-set id (asprof.context._ctx), when built */
+        /* (the module itself: PyCapsule_Import walks attributes, and asprof.context may not be
+           an attribute of asprof yet) */
+        PyObject *cm = PyImport_ImportModule("asprof.context._ctx");
+        PyObject *cap = cm != NULL ? PyObject_GetAttrString(cm, "_hooks") : NULL;
+        asprof_ctx_hooks *hk = cap != NULL ? PyCapsule_GetPointer(cap, "asprof.context._ctx._hooks") : NULL;
+        if (hk != NULL && hk->version == ASPROF_CTX_HOOKS_VERSION) bi_ctx_sample = hk->sample;
+        Py_XDECREF(cap);
+        Py_XDECREF(cm);
+        PyErr_Clear();
+    }
     if (started || starting) {
         PyErr_SetString(PyExc_RuntimeError, "the built-in engine is already running");
         return NULL;
@@ -93,18 +107,6 @@ static PyObject *bi_start(PyObject *self, PyObject *args, PyObject *kw) {
     if (bi_store_init() != 0) {
         PyErr_SetString(PyExc_MemoryError, "cannot map the built-in engine's sample store");
         return NULL;
-    }
-    if (bi_ctx_sample == NULL) {
-        /* issue #15: samples carry the thread's label-set id (asprof.context._ctx), when built */
-        /* (the module itself: PyCapsule_Import walks attributes, and asprof.context may not be
-           an attribute of asprof yet) */
-        PyObject *cm = PyImport_ImportModule("asprof.context._ctx");
-        PyObject *cap = cm != NULL ? PyObject_GetAttrString(cm, "_hooks") : NULL;
-        asprof_ctx_hooks *hk = cap != NULL ? PyCapsule_GetPointer(cap, "asprof.context._ctx._hooks") : NULL;
-        if (hk != NULL && hk->version == ASPROF_CTX_HOOKS_VERSION) bi_ctx_sample = hk->sample;
-        Py_XDECREF(cap);
-        Py_XDECREF(cm);
-        PyErr_Clear();
     }
     bi.max_frames = max_frames > BI_MAX_FRAMES ? BI_MAX_FRAMES : max_frames;
     /* A fresh store: nothing of a previous run is reported as this one's. */
