@@ -346,7 +346,8 @@ class AsyncProfilerSignals:
             who = address_owner(address, sig)
             self.conflicts.report(sig, f"{signal_name(sig)} was taken over by {who} while profiling: asprof put "
                                        f"its handler back in front and passes the signals that are not its own "
-                                       f"on to that handler; async-profiler's stopped perf events were re-armed")
+                                       f"on to that handler (async-profiler's perf events that stopped meanwhile were "
+                                       f"re-armed)")
 
     def stop(self) -> None:
         """After the final stop: the watcher ends, the application's handlers are given back."""
