@@ -283,3 +283,28 @@ def test_leb128_integers_are_bounded() -> None:
     assert uleb128(b"\xff" * 9 + b"\x01", 0) == ((1 << 64) - 1, 10)
     with pytest.raises(ChunkError, match="longer than 10 bytes"):
         uleb128(b"\xff" * 1_000_000 + b"\x00", 0)
+
+
+def test_a_fifo_swapped_in_after_the_check_is_refused_without_blocking(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race: the path passed the stat check, then became a FIFO. The O_NONBLOCK open returns
+    at once and fstat on the descriptor refuses it (a plain open would block for a writer)."""
+    import signal
+
+    from asprof.jfr import inputs
+
+    fifo = tmp_path / "p.jfr"
+    os.mkfifo(fifo)
+    monkeypatch.setattr(inputs, "check_path", lambda path: os.stat(__file__))  # "a regular file"
+
+    def blocked(*_: object) -> None:
+        raise AssertionError("opening the FIFO blocked")
+
+    old = signal.signal(signal.SIGALRM, blocked)
+    signal.alarm(5)
+    try:
+        with pytest.raises(JfrError, match="is a FIFO"):
+            inputs.load_path(str(fifo))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
