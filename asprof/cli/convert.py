@@ -32,7 +32,9 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
     p.add_argument("--title", help="title of the HTML flame graph")
     p.add_argument("--by-label", metavar="LABEL", default=None,
                    help="a root frame [LABEL=value] per value of this request label (asprof.labels): in the "
-                        "flame graph, click one to see only that value's samples (pprof: labels are always kept)")
+                        "flame graph, click one to see only that value's samples. HTML default: 'endpoint' "
+                        "(else the first label) when the profile has labels; 'none': no label frames. "
+                        "pprof keeps every label as sample labels")
     add_profile_args(p)
     p.set_defaults(func=run)
     return p
@@ -70,6 +72,13 @@ def run(args: argparse.Namespace) -> int:
         progress.stage("aggregating samples")
         if fmt == "pprof":  # issue #15: request labels as pprof sample labels
             args.with_labels = True
+        if args.by_label == "none":
+            args.by_label = None
+        elif args.by_label is None and fmt == "html":  # issue #15: labels shown in the flame graph
+            from asprof.jfr.labels import context_of
+
+            keys = context_of(rec).label_keys() if getattr(args, "kind", "") in ("auto", "cpu", "wall") else []
+            args.by_label = "endpoint" if "endpoint" in keys else (keys[0] if keys else None)
         prof = profile_from_args(rec, args)
         progress.stage(f"writing {fmt}")
         if fmt == "pprof":
