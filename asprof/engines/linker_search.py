@@ -56,14 +56,23 @@ def cache_entries(name: str, path: str = _CACHE) -> List[str]:
         _, nlibs, _, _, _ = _NEW_HEADER.unpack_from(data, base)
     except struct.error:
         return []
+    # Every place a C string equal to the name starts (ldconfig shares suffixes: a key may start
+    # inside a path); entries are then matched by offset — fast, and this runs at every start
+    # that searches.
+    needle = name.encode("utf-8", "surrogateescape") + b"\0"
+    at = set()
+    i = data.find(needle)
+    while i >= 0:
+        at.add(i - base)
+        i = data.find(needle, i + 1)
+    if not at:
+        return []
     out: List[str] = []
-    pos = base + _NEW_HEADER.size
-    for _ in range(nlibs):
-        if pos + _NEW_ENTRY.size > len(data):
-            break
+    first = base + _NEW_HEADER.size
+    end = min(len(data), first + nlibs * _NEW_ENTRY.size)
+    for pos in range(first, end - _NEW_ENTRY.size + 1, _NEW_ENTRY.size):
         _, key, value, _, _ = _NEW_ENTRY.unpack_from(data, pos)
-        pos += _NEW_ENTRY.size
-        if _cstring(data, base + key) == name:
+        if key in at:
             target = _cstring(data, base + value)
             if target and os.path.isabs(target) and target not in out:
                 out.append(target)

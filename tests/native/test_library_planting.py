@@ -140,3 +140,22 @@ def test_positive_control_a_bare_soname_dlopen_would_load_it(workdir: Path, tmp_
                    LD_LIBRARY_PATH=":/nonexistent")
     assert r.returncode == 0, r.stderr
     assert marker.exists()
+
+
+def test_linker_cache_parser_agrees_with_ldconfig() -> None:
+    """Every soname of /etc/ld.so.cache resolves to the paths `ldconfig -p` prints, in its order."""
+    import shutil as _shutil
+
+    from asprof.engines.linker_search import cache_entries
+
+    ldconfig = _shutil.which("ldconfig") or ("/sbin/ldconfig" if os.path.exists("/sbin/ldconfig") else None)
+    if ldconfig is None or not os.path.exists("/etc/ld.so.cache"):
+        pytest.skip("no ldconfig or /etc/ld.so.cache")
+    expected: dict = {}
+    for line in subprocess.run([ldconfig, "-p"], capture_output=True, text=True, check=True).stdout.splitlines()[1:]:
+        name, sep, path = line.strip().partition(" => ")
+        if sep:
+            expected.setdefault(name.split(" (")[0], []).append(path)
+    assert expected
+    wrong = {n: (p, cache_entries(n)) for n, p in expected.items() if cache_entries(n) != list(dict.fromkeys(p))}
+    assert not wrong, list(wrong.items())[:5]
