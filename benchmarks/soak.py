@@ -243,6 +243,8 @@ def main() -> int:  # noqa: C901 - a script
         "asyncio_tasks": info["tasks"], "rss_mib_after_warmup": round(rss_start / 2**20, 1),
         "rss_mib_end": round(rss_end / 2**20, 1), "rss_growth_mib": round(growth / 2**20, 1),
         "python_samples_in_last_report": py_samples, "stats": stats,
+        # the resident set every ~30 s (seconds, MiB): growth that stops is not a leak
+        "rss_series_mib": [(round(t), round(b / 2**20, 1)) for t, b in rss[:: max(1, int(30 / a.tick))]],
     }
     checks = {
         "no_eintr": info["eintr"] == 0, "no_errors": not info["errors"], "no_hang": not hung,
