@@ -254,7 +254,19 @@ def _check_keys(kv: Dict[str, object]) -> None:
             raise ValueError("label keys must be non-empty")
 
 
+#: Called once at the first use of labels (then cleared): with ``asyncio_steps=False`` the
+#: event-loop hook that keeps the slot in sync with task switches is installed only then.
+on_first_use: Optional[Callable[[], None]] = None
+
+
 def _apply(ls: Optional[LabelSet]) -> "contextvars.Token[Optional[LabelSet]]":
+    global on_first_use
+    if on_first_use is not None:
+        hook, on_first_use = on_first_use, None
+        try:
+            hook()
+        except Exception:  # noqa: BLE001 - never into the application
+            log.debug("asprof: the labels' event-loop hook failed", exc_info=True)
     token = _VAR.set(ls)
     _set_native(ls if ls is not None else 0)
     return token

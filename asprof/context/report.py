@@ -51,14 +51,21 @@ class ContextEvents:
                 _steps.install(self.threshold_ns)
             except Exception:  # noqa: BLE001 - never stop profiling for it
                 log.warning("asprof: could not hook the asyncio event loop", exc_info=True)
+        else:  # no step events: the hook that keeps labels right across task switches, if labels are used
+            import asprof.context as _c
+
+            threshold = self.threshold_ns
+            _c.on_first_use = lambda: (_steps.install(threshold, record=False), None)[1]
 
     def stop(self) -> None:
+        import asprof.context as _c
+
+        _c.on_first_use = None
         if self.otel:
             from asprof.context import enable_otel
 
             enable_otel(False)
-        if self.steps_wanted:
-            _steps.uninstall()
+        _steps.uninstall()
 
     # -- the built-in engine ---------------------------------------------------------------
 

@@ -81,26 +81,33 @@ def _record(handle: Any) -> None:
         pass
 
 
-def _make_run(orig: Callable[[Any], None]) -> Callable[[Any], None]:
+def _make_run(orig: Callable[[Any], None], record: bool = True) -> Callable[[Any], None]:
     enter = native_slot.enter  # type: ignore[union-attr]
     leave = native_slot.leave  # type: ignore[union-attr]
     var = _VAR
 
-    def _run(self: Any) -> None:
-        ctx = self._context
-        enter(ctx, ctx.get(var))
-        orig(self)
-        if leave():
-            _record(self)
+    if record:
+        def _run(self: Any) -> None:
+            ctx = self._context
+            enter(ctx, ctx.get(var))
+            orig(self)
+            if leave():
+                _record(self)
+    else:  # labels only: the slot follows task switches, no step is recorded
+        def _run(self: Any) -> None:
+            ctx = self._context
+            enter(ctx, ctx.get(var))
+            orig(self)
 
     _run.__qualname__ = "Handle._run"
     _run.__wrapped__ = orig  # type: ignore[attr-defined]
     return _run
 
 
-def install(threshold_ns: int) -> bool:
-    """Hooks the standard event loop's steps (idempotent). False, with one log line, when the
-    C slot is not built here."""
+def install(threshold_ns: int, record: bool = True) -> bool:
+    """Hooks the standard event loop's steps (idempotent). ``record``: record steps (else the
+    hook only keeps the labels' slot in sync with task switches). False, with one log line, when
+    the C slot is not built here."""
     global _orig
     if native_slot is None:
         log.info("asprof: asyncio step events and labels in samples are off: asprof.context._ctx is not built")
@@ -117,7 +124,7 @@ def install(threshold_ns: int) -> bool:
                 getattr(orig, "__module__", "") == __name__:
             return True
         _orig = orig
-        handle._run = _make_run(orig)  # type: ignore[method-assign,assignment]
+        handle._run = _make_run(orig, record)  # type: ignore[method-assign,assignment]
     check_loops()
     return True
 

@@ -260,3 +260,31 @@ def test_otel_span_ids(monkeypatch: pytest.MonkeyPatch) -> None:
         ctxmod.enable_otel(False)
     with labels(endpoint="/x") as d:
         assert d == {"endpoint": "/x"}
+
+
+def test_without_step_events_the_hook_comes_with_the_first_labels() -> None:
+    """asyncio_steps=False: no step is recorded, but once labels are used the event loop is
+    hooked so that each task's samples still get its own labels."""
+    from asprof.context.report import ContextEvents
+
+    ce = ContextEvents(steps=False, threshold_ns=1)
+    ce.start()
+    try:
+        assert not steps.installed()
+        seen: List[tuple] = []
+
+        async def worker(name: str) -> None:
+            with labels(task=name):
+                for _ in range(3):
+                    seen.append((name, slot_labels().get("task")))
+                    await asyncio.sleep(0)
+
+        async def main() -> None:
+            await asyncio.gather(*(worker(f"t{i}") for i in range(3)))
+
+        asyncio.run(main())
+        assert steps.installed() and all(a == b for a, b in seen), seen
+        assert steps.drain() == ([], 0)  # threshold 1 ns: would have recorded every step
+    finally:
+        ce.stop()
+    assert not steps.installed() and ctxmod.on_first_use is None
