@@ -328,3 +328,27 @@ def test_a_long_running_reporter_looks_again_every_minute(tmp_path: Path, monkey
     clock[0] += 31
     r.report(JFR, meta(pid=7))
     assert sorted(p.name for p in out.iterdir()) == [f"2025-01-02T03-04-05Z_{pid}.jfr" for pid in (5, 6, 7, 77)]
+
+
+def test_started_from_the_environment_an_unsafe_directory_is_one_line_and_no_profiling(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`asprof run --reporter /shared/dir`: the service runs unprofiled, with the reason and the fix."""
+    from asprof.autostart.start import start_from_environment
+
+    for k in list(os.environ):
+        if k.startswith("ASPROF_"):
+            monkeypatch.delenv(k)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    caplog.set_level(logging.WARNING, logger="asprof")
+    logger = logging.getLogger("asprof")
+    handlers, level = list(logger.handlers), logger.level
+    try:
+        assert start_from_environment({"ASPROF_REPORTER": str(shared), "ASPROF_ENGINE": "builtin"}) is None
+    finally:
+        logger.handlers[:] = handlers  # start_from_environment may add its stderr handler
+        logger.setLevel(level)
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("asprof") and r.levelno >= logging.WARNING]
+    assert len(lines) == 1 and "can be reached by other users (mode 0777)" in lines[0] and "chmod go-w" in lines[0]
+    assert stat.S_IMODE(os.stat(shared).st_mode) == 0o777 and list(shared.iterdir()) == []
