@@ -768,6 +768,13 @@ cdef int _scalar_fields(const uint8_t* p, Py_ssize_t* pos, Py_ssize_t end, MetaC
     return 0
 
 
+cdef inline int64_t _as_i64(object v, int64_t default):
+    """``v`` as the fast path would store it (64 bits, wrapped), or ``default`` if not a number."""
+    if isinstance(v, int):
+        return <int64_t>(<uint64_t>(v & 0xFFFFFFFFFFFFFFFF))
+    return default
+
+
 cdef void _read_stack_pool(Cursor c, MetaClass st, dict classes, object string_type_id,
                            Py_ssize_t count, StackTable table) except *:
     cdef int idx[4]
@@ -790,11 +797,13 @@ cdef void _read_stack_pool(Cursor c, MetaClass st, dict classes, object string_t
                     continue
                 m = fr.get("method")
                 t = fr.get("type")
+                # any decoded value may stand where a number is expected (a hostile metadata can
+                # declare lineNumber a string): numbers as the fast path reads them, else a default
                 frames.append((
-                    (<Ref>m).key if isinstance(m, Ref) else 0,
-                    fr.get("lineNumber") or 0,
-                    fr.get("bytecodeIndex") or 0,
-                    (<Ref>t).key if isinstance(t, Ref) else (t if isinstance(t, int) else -1),
+                    _as_i64((<Ref>m).key if isinstance(m, Ref) else 0, 0),
+                    _as_i64(fr.get("lineNumber"), 0),
+                    _as_i64(fr.get("bytecodeIndex"), 0),
+                    _as_i64((<Ref>t).key if isinstance(t, Ref) else t, -1),
                 ))
             table.add(<int64_t>key, bool(entry.get("truncated")), frames)
         return

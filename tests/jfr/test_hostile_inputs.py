@@ -308,3 +308,31 @@ def test_a_fifo_swapped_in_after_the_check_is_refused_without_blocking(tmp_path:
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+
+
+def test_stack_frames_with_fields_of_other_types() -> None:
+    """A metadata declaring StackFrame.lineNumber a string (decoded by the generic path): the
+    frame's line is 0, not a TypeError (found by tests/fuzz)."""
+    import jfr_builder as B
+
+    classes = [c for c in B.standard_classes() if c.id not in (B.T_STACK_FRAME, B.T_STACK_TRACE)]
+    classes.append(B.Class(B.T_STACK_FRAME, "jdk.types.StackFrame", [
+        B.Field("method", B.T_METHOD, cp=True), B.Field("lineNumber", B.T_STRING),
+        B.Field("bytecodeIndex", B.T_LONG), B.Field("type", B.T_FRAME_TYPE, cp=True)]))
+    classes.append(B.Class(B.T_STACK_TRACE, "jdk.types.StackTrace", [
+        B.Field("truncated", B.T_BOOLEAN), B.Field("frames", B.T_STACK_FRAME, array=True),
+        B.Field("tags", B.T_INT, array=True)]))  # an extra array: the generic decoder
+    frame = B.varint(1) + B.utf8("line 7") + B.varint(1 << 63) + B.varint(3)
+    pools = [
+        (B.T_FRAME_TYPE, [(k, B.utf8(v)) for k, v in B.FRAME_TYPES]),
+        (B.T_THREAD, [(1, B.thread_entry("main", 1))]),
+        (B.T_STACK_TRACE, [(1, b"\x00" + B.varint(1) + frame + B.varint(0))]),
+        (B.T_METHOD, [(1, B.method_entry(1, 2))]),
+        (B.T_CLASS, [(1, B.class_entry(1))]),
+        (B.T_SYMBOL, [(1, B.utf8("libapp.so")), (2, B.utf8("work"))]),
+    ]
+    ev = B.event(B.T_EXEC, B.varint(1001) + B.varint(1) + B.varint(1) + B.varint(0))
+    rec = J.open(B.chunk([ev], classes, pools=pools))
+    st = next(iter(rec.events(["jdk.ExecutionSample"]))).stack_trace
+    assert st is not None and [(f.name, f.line) for f in st.frames] == [("work", 0)]
+    assert J.to_collapsed(rec.samples("cpu")) == "work 1\n"
