@@ -25,7 +25,9 @@ entries, ``AllocSampler.memory_bytes``) and its live-set size are printed too.
 Wall and CPU times on a shared, loaded machine are noisy (the A/A line says by how much):
 ``--instructions N`` also counts the instructions each configuration executes (all threads)
 under valgrind, for N and 2N work units (the difference cancels start-up): deterministic,
-and what the overhead is on a quiet machine, cache effects aside.
+and what the overhead is on a quiet machine, cache effects aside. There asprof's 2-second
+collector is turned off (valgrind runs ~50x slower, so it would run ~50x as often per unit of
+work; its cost is in the wall/CPU columns): the column is the hooks' and the samples' cost.
 """
 from __future__ import annotations
 
@@ -80,8 +82,12 @@ def child(config: str, units: int) -> Dict[str, Any]:
     tmp = tempfile.mkdtemp(prefix="bench-alloc-")
     sampler: Any = None
     if config == "asprof":
+        from asprof.engines import alloc as alloc_mod
         from asprof.engines.alloc import AllocSampler
         from asprof.options import DEFAULT_PYTHON_ALLOC
+
+        if os.environ.get("BENCH_ALLOC_NO_PERIODIC"):  # under valgrind (50x slower) the 2 s collector
+            alloc_mod.COLLECT_EVERY = 1e9              # would run 50x as often per unit of work
 
         sampler = AllocSampler(DEFAULT_PYTHON_ALLOC)
         sampler.start()
@@ -143,6 +149,7 @@ def instructions(config: str, units: int) -> Optional[int]:
 
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                DD_PROFILING_ENABLED="false", DD_TRACE_ENABLED="false", DD_INSTRUMENTATION_TELEMETRY_ENABLED="false")
+    env["BENCH_ALLOC_NO_PERIODIC"] = "1"
     r = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
                         os.path.abspath(__file__), "--child", config, "--units", str(units)],
                        capture_output=True, text=True, env=env, timeout=3600)

@@ -95,6 +95,8 @@ class AllocSampler:
         self._lost = 0
         self._lost_total = 0
         self._overflow_seen = 0
+        self._frees_seen = -1
+        self._unpruned = True  # entries added since the last prune may be of blocks freed before it
         self._wake = osthreads.Event()
         self._thread: Optional[Any] = None  # osthreads: a real OS thread even under gevent
         self._start_pair: Tuple[int, int] = (0, 0)
@@ -224,7 +226,13 @@ class AllocSampler:
         self._prune()
 
     def _prune(self) -> None:
-        """Drops the live entries of blocks freed since (lock held)."""
+        """Drops the live entries of blocks freed since (lock held): only when the C module saw
+        a sampled block freed since the last time (the scan reads the whole table)."""
+        frees = int(self._mod.stats().get("frees_tracked", 0))
+        if frees == self._frees_seen and not self._unpruned:
+            return
+        self._frees_seen = frees
+        self._unpruned = False
         serials = array.array("Q")
         serials.frombytes(self._mod.live())
         alive = set(serials)
