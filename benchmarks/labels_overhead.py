@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ("none", "profiler", "labels")
@@ -114,7 +114,16 @@ def _client(port: int, path: str, seconds: float, conns: int, result: List[int],
     result.append(sum(counts))
 
 
-def run_one(kind: str, config: str, engine: str, path: str, seconds: float, conns: int, out: str) -> float:
+def _cpu(pid: int) -> float:
+    """CPU seconds (user + system, all threads) of process pid."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_one(kind: str, config: str, engine: str, path: str, seconds: float, conns: int,
+            out: str) -> Tuple[float, float]:
+    """(requests per second, server CPU microseconds per request)."""
     env = dict(os.environ, PYTHONPATH=ROOT, ROOT=ROOT, OUT=out)
     if kind == "asyncio":
         args = [sys.executable, os.path.join(ROOT, "examples", "labels_server.py"), "--out", out,
@@ -135,7 +144,9 @@ def run_one(kind: str, config: str, engine: str, path: str, seconds: float, conn
         _client(port, path, 0.5, conns, warm, kind == "asyncio")
         got: List[int] = []
         # the client runs in this process, the server in its own (2 processes on 2 cores)
+        c0 = _cpu(proc.pid)
         _client(port, path, seconds, conns, got, kind == "asyncio")
+        c1 = _cpu(proc.pid)
         if kind == "asyncio":
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
@@ -147,11 +158,53 @@ def run_one(kind: str, config: str, engine: str, path: str, seconds: float, conn
             proc.stdin.write("\n")
             proc.stdin.flush()
         proc.wait(30)
-        return got[0] / seconds
+        return got[0] / seconds, (c1 - c0) * 1e6 / max(1, got[0])
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def micro(n: int = 20000, repeats: int = 7) -> None:
+    """ns per event-loop step (a chain of call_soon callbacks) without and with the step hook,
+    in this process; best of ``repeats``."""
+    import asyncio
+
+    from asprof.context import steps
+
+    def bench() -> float:
+        loop = asyncio.new_event_loop()
+        left = [n]
+        done = loop.create_future()
+
+        def cb() -> None:
+            left[0] -= 1
+            if left[0]:
+                loop.call_soon(cb)
+            else:
+                done.set_result(None)
+
+        t0 = time.perf_counter_ns()
+        loop.call_soon(cb)
+        loop.run_until_complete(done)
+        dt = (time.perf_counter_ns() - t0) / n
+        loop.close()
+        return dt
+
+    results: Dict[str, List[float]] = {"off": [], "hook (labels only)": [], "hook + steps": []}
+    for _ in range(repeats):
+        results["off"].append(bench())
+        steps.install(10**9, record=False)
+        results["hook (labels only)"].append(bench())
+        steps.uninstall()
+        steps.install(10**9)
+        results["hook + steps"].append(bench())
+        steps.uninstall()
+    base = min(results["off"])
+    print("micro: ns per event-loop step (best of %d x %d steps)" % (repeats, n))
+    for k, v in results.items():
+        print(f"  {k:<20} {min(v):7.0f} ns  (+{min(v) - base:.0f} ns)")
+    print(flush=True)
 
 
 def main() -> int:
@@ -161,29 +214,39 @@ def main() -> int:
     ap.add_argument("--route", default="/ping", help="/ping (no work: worst case) or /search (1 ms of CPU)")
     ap.add_argument("--conns", type=int, default=4)
     ap.add_argument("--engine", default="auto")
-    ap.add_argument("--only", default="asyncio,wsgi")
+    ap.add_argument("--only", default="micro,asyncio,wsgi")
     a = ap.parse_args()
     import tempfile
 
     out = tempfile.mkdtemp(prefix="asprof-bench-labels-")
     for kind in a.only.split(","):
+        if kind == "micro":
+            micro()
+            continue
         rps: Dict[str, List[float]] = {c: [] for c in CONFIGS}
+        cpr: Dict[str, List[float]] = {c: [] for c in CONFIGS}
         ratios: Dict[str, List[float]] = {"labels/profiler": [], "profiler/none": []}
+        cratios: Dict[str, List[float]] = {"labels/profiler": [], "profiler/none": []}
         for r in range(a.rounds):
             order = CONFIGS[r % 3:] + CONFIGS[: r % 3]
             got = {c: run_one(kind, c, a.engine, a.route, a.seconds, a.conns, out) for c in order}
             for c in CONFIGS:
-                rps[c].append(got[c])
-            ratios["labels/profiler"].append(got["labels"] / got["profiler"])
-            ratios["profiler/none"].append(got["profiler"] / got["none"])
-            print(f"{kind} round {r + 1}: " + ", ".join(f"{c} {got[c]:.0f} req/s" for c in order), flush=True)
+                rps[c].append(got[c][0])
+                cpr[c].append(got[c][1])
+            for k, (x, y) in (("labels/profiler", ("labels", "profiler")), ("profiler/none", ("profiler", "none"))):
+                ratios[k].append(got[x][0] / got[y][0])
+                cratios[k].append(got[x][1] / got[y][1])
+            print(f"{kind} round {r + 1}: " + ", ".join(f"{c} {got[c][0]:.0f} req/s {got[c][1]:.0f} us CPU/req"
+                                                     for c in order), flush=True)
         print(f"\n{kind} ({a.route}, engine {a.engine}, {a.rounds} rounds of {a.seconds:g} s):")
         for c in CONFIGS:
-            print(f"  {c:<9} median {statistics.median(rps[c]):8.0f} req/s")
-        for k, v in ratios.items():
-            med = statistics.median(v)
-            print(f"  {k:<16} median ratio {med:.4f} ({(med - 1) * 100:+.2f}%)  per round: "
-                  + " ".join(f"{x:.3f}" for x in v))
+            print(f"  {c:<9} median {statistics.median(rps[c]):8.0f} req/s  {statistics.median(cpr[c]):7.1f} "
+                  "us of server CPU per request")
+        for title, rs in (("throughput", ratios), ("server CPU per request", cratios)):
+            for k, v in rs.items():
+                med = statistics.median(v)
+                print(f"  {title:<22} {k:<16} median ratio {med:.4f} ({(med - 1) * 100:+.2f}%)  per round: "
+                      + " ".join(f"{x:.3f}" for x in v))
         print(flush=True)
     return 0
 
