@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from churn import check
 
-from tests.conftest import REAL_LIB, ROOT, child_env
-from tests.labels.churn import check
+from conftest import REAL_LIB, ROOT, child_env
 
 ENGINES = ["builtin", pytest.param("async-profiler", marks=pytest.mark.skipif(
     REAL_LIB is None, reason="async-profiler is not installed: its run is skipped"))]

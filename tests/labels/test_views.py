@@ -13,7 +13,8 @@ import pytest
 from asprof.jfr import open_recording
 from asprof.jfrio import ctxevents
 from asprof.jfrio.writer import FRAME_PYTHON, KIND_CPU, KIND_WALL, SAMPLE, STATE_SLEEPING, ChunkWriter
-from tests.conftest import child_env
+
+from conftest import child_env
 
 TID = 4242
 T0 = 10_000_000_000  # monotonic ns at the chunk start

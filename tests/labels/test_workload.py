@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Tuple
 
 import pytest
 
-from tests.conftest import REAL_LIB, ROOT, child_env
+from conftest import REAL_LIB, ROOT, child_env
 
 SERVER = ROOT / "examples" / "labels_server.py"
 STALL_MS = 80.0
