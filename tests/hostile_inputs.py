@@ -205,6 +205,18 @@ def gzip_members(d: Path) -> str:
     return _write(d, "members.jfr.gz", first + one * 3000)
 
 
+def directory_of_small_bombs(d: Path) -> str:
+    """300 .jfr.gz files of 15 KB, each inflating to 15 MiB (under the ratio floor on its own):
+    4.4 GiB together, 4.6 MB on disk."""
+    sub = d / "bombs"
+    sub.mkdir()
+    data, crc = deflate_zeros(15 * MiB, good_jfr()[:68])
+    one = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff" + data + struct.pack("<II", crc, 15 * MiB)
+    for i in range(300):
+        (sub / f"p{i:03d}.jfr.gz").write_bytes(one)
+    return str(sub)
+
+
 def gzip_truncated(d: Path) -> str:
     g = gzip.compress(good_jfr() * 50)
     return _write(d, "cut.jfr.gz", g[: len(g) // 2])
@@ -444,7 +456,7 @@ def not_a_profile(d: Path) -> str:
 HOSTILE: Dict[str, Callable[[Path], str]] = {f.__name__: f for f in (
     zip_bomb, zip_bomb_small_declared, zip_bomb_not_jfr, gzip_bomb_not_jfr, zip_many_entries, zip_overlapping, zip_nested, zip_of_zips,
     zip_control_chars, zip_bzip2, zip_truncated, zip_huge_eocd_count,
-    gzip_bomb, gzip_members, gzip_truncated, gzip_of_zip, gzip_garbage,
+    gzip_bomb, gzip_members, directory_of_small_bombs, gzip_truncated, gzip_of_zip, gzip_garbage,
     fifo, fifo_in_directory, socket_file, char_device, symlink_loop, symlink_loop_pair, directory_of_loops,
     directory_many_files, jfr_truncated, jfr_huge_chunk_size, jfr_huge_string_count, jfr_huge_string_length,
     jfr_huge_utf16_length, jfr_huge_pool_count, jfr_many_chunks, not_a_profile, jfr_fanout_refs, jfr_deep_stack,

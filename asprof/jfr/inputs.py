@@ -34,7 +34,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from asprof.jfr.errors import JfrError
 
-__all__ = ["ReadLimits", "DEFAULT_LIMITS", "LoadedInput", "check_path", "list_dir", "load_path", "load_bytes",
+__all__ = ["ReadLimits", "ReadTotals", "DEFAULT_LIMITS", "LoadedInput", "check_path", "list_dir", "load_path", "load_bytes",
            "PROFILE_SUFFIXES"]
 
 log = logging.getLogger("asprof.jfr")
@@ -223,6 +223,39 @@ class _Budget:
                            "(raise the limit with --max-ratio)", None, self.label)
 
 
+class ReadTotals:
+    """The inflated and compressed bytes of all the compressed inputs of one recording: the
+    ratio check applies to their sums too, so a directory of 10,000 small bombs, each under the
+    ratio floor on its own, stops once their sum passes it. Plain files do not count (they
+    would dilute the ratio)."""
+
+    def __init__(self, limits: ReadLimits = DEFAULT_LIMITS) -> None:
+        self.limits = limits
+        self.out = 0
+        self.consumed = 0  # compressed bytes of the inputs done
+        self.counter: Optional[_Counting] = None
+        self._origin = 0
+        self._label = ""
+
+    def bind(self, counter: "_Counting", label: str) -> None:
+        """The input being read now (its compressed bytes are read through ``counter``)."""
+        self.counter, self._origin, self._label = counter, counter.count, label
+
+    def release(self) -> None:
+        if self.counter is not None:
+            self.consumed += self.counter.count - self._origin
+            self.counter = None
+
+    def add(self, n: int) -> None:
+        self.out += n
+        lim = self.limits
+        consumed = self.consumed + (self.counter.count - self._origin if self.counter is not None else 0)
+        if self.out > lim.ratio_floor and self.out > lim.max_ratio * max(consumed, 1):
+            raise JfrError(f"the compressed inputs inflate more than {lim.max_ratio:g} times their size together "
+                           f"({_size(self.out)} from {_size(consumed)}): decompression bombs? "
+                           "(raise the limit with --max-ratio)", None, self._label)
+
+
 def _size(n: int) -> str:
     for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
         if n >= 1 << shift:
@@ -230,7 +263,7 @@ def _size(n: int) -> str:
     return f"{n} bytes"
 
 
-def _inflate(read: Callable[[int], bytes], budgets: List[_Budget],
+def _inflate(read: Callable[[int], bytes], budgets: List[Any],
              progress: Optional[Callable[[int], None]], block_size: int = _BLOCK,
              head: Optional[Callable[[bytes], None]] = None) -> bytearray:
     """Read blocks from ``read`` into one bytearray, each block checked against ``budgets``
@@ -266,21 +299,28 @@ def _jfr_head(what: str, label: str) -> Callable[[bytes], None]:
 # ---------------------------------------------------------------- gzip
 
 def _read_gzip(f: io.BufferedIOBase, label: str, limits: ReadLimits,
-               progress: Optional[Callable[[int], None]]) -> bytearray:
+               progress: Optional[Callable[[int], None]], totals: Optional[ReadTotals] = None) -> bytearray:
     import gzip
     import zlib
 
     counter = _Counting(f)
     budget = _Budget(label, limits, "the gzip content", counter)
+    budgets: List[Any] = [budget]
+    if totals is not None:
+        totals.bind(counter, label)
+        budgets.append(totals)
     try:
         with gzip.GzipFile(fileobj=counter, mode="rb") as g:
-            data = _inflate(g.read, [budget], progress, head=_jfr_head("the gzip content", label))
+            data = _inflate(g.read, budgets, progress, head=_jfr_head("the gzip content", label))
     except JfrError:
         raise
     except EOFError:
         raise JfrError("truncated gzip file (it ends before its end-of-stream marker)", None, label) from None
     except (OSError, zlib.error, ValueError) as e:
         raise JfrError(f"not a valid gzip file ({shown(str(e))})", None, label) from None
+    finally:
+        if totals is not None:
+            totals.release()
     return data
 
 
@@ -310,7 +350,7 @@ def _zip_entry_count(f: io.BufferedIOBase, size: int, label: str, limits: ReadLi
 
 
 def _read_zip(f: io.BufferedIOBase, size: int, label: str, limits: ReadLimits,
-              progress: Optional[Callable[[int], None]]) -> LoadedInput:
+              progress: Optional[Callable[[int], None]], totals: Optional[ReadTotals] = None) -> LoadedInput:
     warnings: List[str] = []
     counter = _Counting(f)
     try:
@@ -324,6 +364,18 @@ def _read_zip(f: io.BufferedIOBase, size: int, label: str, limits: ReadLimits,
     except (OSError, ValueError, EOFError, struct.error, NotImplementedError, KeyError, IndexError) as e:
         raise JfrError(f"not a valid zip file ({shown(str(e))})", None, label) from None
     total = _Budget(label, limits, "the zip", counter)
+    if totals is not None:
+        totals.bind(counter, label)
+    try:
+        return _zip_content(zf, counter, label, limits, total, progress, totals, warnings)
+    finally:
+        if totals is not None:
+            totals.release()
+
+
+def _zip_content(zf: zipfile.ZipFile, counter: _Counting, label: str, limits: ReadLimits, total: _Budget,
+                 progress: Optional[Callable[[int], None]], totals: Optional[ReadTotals],
+                 warnings: List[str]) -> LoadedInput:
     with zf:
         infos = zf.infolist()
         jfrs = [i for i in infos if i.filename == "async_profiler_dump_0.jfr"] or \
@@ -332,7 +384,7 @@ def _read_zip(f: io.BufferedIOBase, size: int, label: str, limits: ReadLimits,
             raise JfrError("zip holds no .jfr file (expected async_profiler_dump_0.jfr)", None, label)
         parts: List[bytearray] = []
         for info in jfrs:
-            parts.append(_read_entry(zf, info, counter, label, limits, total, progress))
+            parts.append(_read_entry(zf, info, counter, label, limits, total, progress, totals=totals))
         meta: Optional[Dict[str, Any]] = None
         mi = next((i for i in infos if i.filename == "metadata.json"), None)
         if mi is not None:
@@ -359,7 +411,7 @@ def _read_zip(f: io.BufferedIOBase, size: int, label: str, limits: ReadLimits,
 
 def _read_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, counter: _Counting, label: str, limits: ReadLimits,
                 total: Optional[_Budget], progress: Optional[Callable[[int], None]],
-                max_size: Optional[int] = None) -> bytearray:
+                max_size: Optional[int] = None, totals: Optional[ReadTotals] = None) -> bytearray:
     name = shown(info.filename)
     if info.flag_bits & 0x1:
         raise JfrError(f"zip entry {name} is encrypted", None, label)
@@ -369,7 +421,9 @@ def _read_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, counter: _Counting, 
     import zlib
 
     budget = _Budget(label, limits, f"zip entry {name}", counter, max_size)
-    budgets = [budget] if total is None else [budget, total]
+    budgets: List[Any] = [budget] if total is None else [budget, total]
+    if totals is not None:
+        budgets.append(totals)
     try:
         with zf.open(info) as ef:
             # small reads: zipfile reads as many compressed bytes as output asked for, and the
@@ -387,13 +441,14 @@ def _read_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, counter: _Counting, 
 # ---------------------------------------------------------------- one input
 
 def _load(f: io.BufferedIOBase, size: int, label: str, limits: ReadLimits,
-          progress: Optional[Callable[[int], None]], by_name_zip: bool) -> LoadedInput:
+          progress: Optional[Callable[[int], None]], by_name_zip: bool,
+          totals: Optional[ReadTotals] = None) -> LoadedInput:
     head = f.read(4)
     f.seek(0)
     if head.startswith(GZIP_MAGIC):
-        return _read_gzip(f, label, limits, progress), None, []
+        return _read_gzip(f, label, limits, progress, totals), None, []
     if head in (ZIP_MAGIC, EMPTY_ZIP_MAGIC) or (by_name_zip and not head.startswith(JFR_MAGIC)):
-        return _read_zip(f, size, label, limits, progress)
+        return _read_zip(f, size, label, limits, progress, totals)
     if len(head) == 4 and head != JFR_MAGIC:  # the parser's message, before reading the rest
         raise JfrError("not a JFR file (bad magic, expected 'FLR\\0')", 0, label)
     if size > limits.max_size:
@@ -418,19 +473,22 @@ def _load(f: io.BufferedIOBase, size: int, label: str, limits: ReadLimits,
 
 
 def load_path(path: str, limits: ReadLimits = DEFAULT_LIMITS,
-              progress: Optional[Callable[[int], None]] = None) -> LoadedInput:
-    """The JFR bytes of the regular file ``path`` (a .jfr, an S3 reporter zip, a gzip)."""
+              progress: Optional[Callable[[int], None]] = None,
+              totals: Optional[ReadTotals] = None) -> LoadedInput:
+    """The JFR bytes of the regular file ``path`` (a .jfr, an S3 reporter zip, a gzip);
+    ``totals``: the sums over all the inputs of one recording."""
     f, st = _open_regular(path)
     with f:
         try:
-            return _load(f, st.st_size, path, limits, progress, path.endswith(".zip"))
+            return _load(f, st.st_size, path, limits, progress, path.endswith(".zip"), totals)
         except OSError as e:
             raise _os_error(e, path) from None
 
 
-def load_bytes(data: Any, limits: ReadLimits = DEFAULT_LIMITS, label: str = "<bytes>") -> LoadedInput:
+def load_bytes(data: Any, limits: ReadLimits = DEFAULT_LIMITS, label: str = "<bytes>",
+               totals: Optional[ReadTotals] = None) -> LoadedInput:
     """The JFR bytes of in-memory ``data`` (a JFR, a zip, or gzip)."""
     head = bytes(data[:4])
     if head.startswith(GZIP_MAGIC) or head in (ZIP_MAGIC, EMPTY_ZIP_MAGIC):
-        return _load(io.BytesIO(data), len(data), label, limits, None, False)
+        return _load(io.BytesIO(data), len(data), label, limits, None, False, totals)
     return bytes(data), None, []

@@ -22,7 +22,7 @@ from typing import (
 from asprof.jfr import _parser
 from asprof.jfr.chunk import HEADER_SIZE, Chunk, PathOrBytes, ProgressFn
 from asprof.jfr.errors import JfrError
-from asprof.jfr.inputs import DEFAULT_LIMITS, ReadLimits, check_path, list_dir, load_bytes, load_path
+from asprof.jfr.inputs import DEFAULT_LIMITS, ReadLimits, ReadTotals, check_path, list_dir, load_bytes, load_path
 from asprof.jfr.model import Event, Setting, Thread
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -213,10 +213,11 @@ def open_recording(source: Union[PathOrBytes, Sequence[PathOrBytes]],
                     sizes[what] = 0
             read_total += sizes[what]
     read_done = [0]
+    totals = ReadTotals(lim)  # the ratio check over all the compressed inputs together
     blobs: List[Tuple[str, Any, Optional[Dict[str, Any]]]] = []
     for kind, what in plan:
         if kind == "bytes":
-            jfr, meta, warns = load_bytes(what, lim)
+            jfr, meta, warns = load_bytes(what, lim, totals=totals)
             blobs.append(("<bytes>", jfr, meta))
             warnings.extend(warns)
             continue
@@ -226,7 +227,8 @@ def open_recording(source: Union[PathOrBytes, Sequence[PathOrBytes]],
             if progress is not None:
                 progress(base + n, 2 * read_total)
 
-        jfr, meta, warns = load_path(what, lim, cb if progress is not None and read_total >= _READ_BLOCK else None)
+        jfr, meta, warns = load_path(what, lim, cb if progress is not None and read_total >= _READ_BLOCK else None,
+                                     totals)
         read_done[0] = base + sizes.get(what, 0)
         blobs.append((what, jfr, meta))
         warnings.extend(warns)

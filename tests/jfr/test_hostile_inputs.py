@@ -45,6 +45,7 @@ EXPECTED: Dict[str, str] = {
     "zip_huge_eocd_count": "zip lists 4611686018427387904 entries",
     "gzip_bomb": "the gzip content inflates more than 50 times",
     "gzip_members": "the gzip content inflates more than 50 times",
+    "directory_of_small_bombs": "the compressed inputs inflate more than 50 times their size together",
     "gzip_truncated": "truncated gzip file",
     "gzip_of_zip": "the gzip content is itself a zip file",
     "gzip_garbage": "not a valid gzip file",
