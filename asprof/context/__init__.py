@@ -77,7 +77,11 @@ class LabelSet(int):
         return f"LabelSet({int(self)}, {dict(self.pairs)!r})"
 
     def as_dict(self) -> Dict[str, str]:
-        return dict(self.pairs)
+        """The labels as a dict (shared: do not modify it)."""
+        d: Optional[Dict[str, str]] = self.__dict__.get("_dict")
+        if d is None:
+            d = self._dict = dict(self.pairs)
+        return d
 
 
 #: The label set of the current context (None: no labels).
@@ -186,8 +190,6 @@ def _merged(cur: Optional[LabelSet], kv: Dict[str, object]) -> Optional[LabelSet
     except TypeError:  # an unhashable value: no caching
         return _merge(cur, kv)
     if got is not _MISSING:
-        if got is not None:
-            got.window = registry.window
         return got  # type: ignore[no-any-return]
     ls = _merge(cur, kv)
     if len(_merge_cache) >= _MERGE_CACHE_MAX:
@@ -285,13 +287,19 @@ class labels:
     __slots__ = ("_kv", "_tokens")
 
     def __init__(self, **kv: object) -> None:
-        _check_keys(kv)
+        if "" in kv:
+            raise ValueError("label keys must be non-empty")
         self._kv = kv
-        self._tokens: List["contextvars.Token[Optional[LabelSet]]"] = []
+        self._tokens: Optional[List["contextvars.Token[Optional[LabelSet]]"]] = None
 
     def __enter__(self) -> Dict[str, str]:
-        ls = _merged(_VAR.get(), self._kv if _span_of is None else _with_span(self._kv))
-        self._tokens.append(_apply(ls))
+        """The labels now in force (a shared dict: read it, do not modify it)."""
+        tok = push(self._kv)
+        if self._tokens is None:
+            self._tokens = [tok]
+        else:
+            self._tokens.append(tok)
+        ls = tok.var.get()
         return ls.as_dict() if ls is not None else {}
 
     def __exit__(self, *exc: object) -> None:
@@ -312,6 +320,16 @@ class labels:
             with labels(**kv):
                 return fn(*args, **kwargs)
         return cast(F, wrapper)
+
+
+def push(kv: Dict[str, object]) -> "contextvars.Token[Optional[LabelSet]]":
+    """The fast path of ``labels``/``set_labels`` (no key check): ``kv`` added to the current
+    labels; undo with :func:`pop`."""
+    return _apply(_merged(_VAR.get(), kv if _span_of is None else _with_span(kv)))
+
+
+def pop(token: "contextvars.Token[Optional[LabelSet]]") -> None:
+    _restore(token)
 
 
 def set_labels(**kv: object) -> "contextvars.Token[Optional[LabelSet]]":
@@ -335,7 +353,7 @@ def clear_labels() -> "contextvars.Token[Optional[LabelSet]]":
 def get_labels() -> Dict[str, str]:
     """The labels of the current context."""
     cur = _VAR.get()
-    return cur.as_dict() if cur is not None else {}
+    return dict(cur.pairs) if cur is not None else {}
 
 
 def current_set() -> Optional[LabelSet]:

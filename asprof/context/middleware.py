@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Awaitable, Callable, Dict, Iterable, Iterator
 
-from asprof.context import labels
+from asprof.context import labels, pop, push
 
 __all__ = ["ASGILabels", "WSGILabels", "asgi_route", "wsgi_route"]
 
@@ -30,7 +30,10 @@ WSGIApp = Callable[[Dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 def asgi_route(scope: Scope) -> str:
     """The route template of an ASGI scope when known, else its path."""
-    r = scope.get("route")
+    if "route" not in scope:
+        p = scope.get("path")
+        return p if isinstance(p, str) and p else "/"
+    r = scope["route"]
     if isinstance(r, str) and r:
         return r
     path = getattr(r, "path", None) or getattr(r, "path_format", None)
@@ -64,8 +67,11 @@ class ASGILabels:
         kv: Dict[str, object] = {self.key: self.route(scope)}
         if self.method and scope.get("method"):
             kv["method"] = scope["method"]
-        with labels(**kv):
+        token = push(kv)
+        try:
             await self.app(scope, receive, send)
+        finally:
+            pop(token)
 
 
 class WSGILabels:
