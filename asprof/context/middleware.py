@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Awaitable, Callable, Dict, Iterable, Iterator
 
-from asprof.context import labels, pop, push
+from asprof.context import pop, push
 
 __all__ = ["ASGILabels", "WSGILabels", "asgi_route", "wsgi_route"]
 
@@ -89,8 +89,13 @@ class WSGILabels:
         kv: Dict[str, object] = {self.key: self.route(environ)}
         if self.method and environ.get("REQUEST_METHOD"):
             kv["method"] = environ["REQUEST_METHOD"]
-        with labels(**kv):
+        token = push(kv)
+        try:
             result = self.app(environ, start_response)
+        finally:
+            pop(token)
+        if isinstance(result, (list, tuple)):  # nothing runs while it is iterated
+            return result
         return _Labelled(result, kv)
 
 
@@ -104,15 +109,20 @@ class _Labelled:
     def __iter__(self) -> Iterator[bytes]:
         it = iter(self._result)
         while True:
-            with labels(**self._kv):
-                try:
-                    chunk = next(it)
-                except StopIteration:
-                    return
+            token = push(self._kv)
+            try:
+                chunk = next(it)
+            except StopIteration:
+                return
+            finally:
+                pop(token)
             yield chunk
 
     def close(self) -> None:
         close = getattr(self._result, "close", None)
         if close is not None:
-            with labels(**self._kv):
+            token = push(self._kv)
+            try:
                 close()
+            finally:
+                pop(token)
