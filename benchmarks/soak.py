@@ -119,8 +119,11 @@ def main() -> int:  # noqa: C901 - a script
         k = 0
         while not stop.is_set():
             ns: Dict[str, Any] = {}
-            exec(f"def churn_{k}(n):\n    return sum(i for i in range(n))\n", ns)  # a new code object each time
-            ns[f"churn_{k}"](2000)
+            # a new code object each time, often at a recycled address; names from a bounded set
+            # (each distinct identifier stays interned for the life of the process: 800k unique
+            # names alone grow the resident set by ~70 MiB, profiled or not)
+            exec(f"def churn_{k % 64}(n):\n    return sum(i for i in range(n))\n", ns)
+            ns[f"churn_{k % 64}"](2000)
             del ns
             k += 1
             if k % 100 == 0:
