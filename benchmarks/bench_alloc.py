@@ -27,11 +27,14 @@ Wall and CPU times on a shared, loaded machine are noisy (the A/A line says by h
 under valgrind, for N and 2N work units (the difference cancels start-up): deterministic,
 and what the overhead is on a quiet machine, cache effects aside. There asprof's 2-second
 collector is turned off (valgrind runs ~50x slower, so it would run ~50x as often per unit of
-work; its cost is in the wall/CPU columns): the column is the hooks' and the samples' cost.
+work; its cost is in the wall/CPU columns) and so is the cyclic GC (whose schedule, shifted
+by what each configuration imports, would dominate the differences): the column is the
+hooks' and the samples' cost.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -113,6 +116,9 @@ def child(config: str, units: int) -> Dict[str, Any]:
         def stop() -> None:
             tracker.__exit__(None, None, None)
             extra["file_bytes"] = os.path.getsize(os.path.join(tmp, "memray.bin"))
+    if os.environ.get("BENCH_ALLOC_NO_GC"):  # instruction counts: the cyclic GC's schedule (which
+        gc.collect()                        # imports shift) would dominate the differences
+        gc.disable()
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     work(units)
@@ -150,6 +156,7 @@ def instructions(config: str, units: int) -> Optional[int]:
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                DD_PROFILING_ENABLED="false", DD_TRACE_ENABLED="false", DD_INSTRUMENTATION_TELEMETRY_ENABLED="false")
     env["BENCH_ALLOC_NO_PERIODIC"] = "1"
+    env["BENCH_ALLOC_NO_GC"] = "1"
     r = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
                         os.path.abspath(__file__), "--child", config, "--units", str(units)],
                        capture_output=True, text=True, env=env, timeout=3600)

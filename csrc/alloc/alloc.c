@@ -110,7 +110,8 @@ static al_live *live;
 static uint32_t live_slots = 0;        /* power of two; 0 before the first start() */
 static uint32_t live_cap;
 static _Atomic uint32_t live_count;
-static _Atomic uint8_t *filter;        /* live_slots counters (see home_of) */
+#define AL_FILTER_SIZE (1u << 17)      /* the free path's counting filter: bytes (in .bss, touched as used) */
+static _Atomic uint8_t filter[AL_FILTER_SIZE] __attribute__((aligned(4096)));
 
 static uint64_t serial_next;
 static uint64_t lost_reported;  /* n.lost at the previous collect */
@@ -158,11 +159,11 @@ static int64_t draw(void) {
 
 static inline uint32_t home_of(uintptr_t p) { return (uint32_t)mix64((uint64_t)p) & (live_slots - 1); }
 
-/* The free path's first check: a counting filter of the live keys, live_slots one-byte counters
-   indexed by a cheap mix of the address bits (0 = no sampled block can be at p); a counter at
-   255 sticks (never decremented). */
+/* The free path's first check: a counting filter of the live keys, 128 Ki one-byte counters at
+   a fixed address, indexed by a cheap mix of the address bits (0 = no sampled block can be at
+   p); a counter at 255 sticks (never decremented). */
 #define UNLIKELY(x) __builtin_expect(!!(x), 0)
-static inline uint32_t filter_of(uintptr_t p) { return (uint32_t)((p >> 4) ^ (p >> 21)) & (live_slots - 1); }
+static inline uint32_t filter_of(uintptr_t p) { return (uint32_t)((p >> 4) ^ (p >> 21)) & (AL_FILTER_SIZE - 1); }
 
 static inline void filter_add(uint32_t home, int delta) {
     uint8_t c = atomic_load_explicit(&filter[home], memory_order_relaxed);
@@ -478,7 +479,7 @@ static void reset_batch(void) {
 static void reset_live(void) {
     atomic_store(&live_count, 0);
     drop_pages(live, sizeof(al_live) * live_slots);
-    drop_pages((void *)filter, live_slots);
+    drop_pages((void *)filter, sizeof(filter));
 }
 
 static void atfork_child(void) {
@@ -506,10 +507,8 @@ static int buffers(uint32_t cap) {
         /* a different cap: new table (the old one stays mapped: a free without the GIL may be
            reading it); only while nothing is live */
         al_live *t = map(sizeof(al_live) * slots);
-        _Atomic uint8_t *f = map(slots);
-        if (!t || !f) return -1;
+        if (!t) return -1;
         live = t;
-        filter = f;
         live_slots = slots;
     }
     live_cap = cap;
@@ -701,7 +700,7 @@ static PyObject *al_stats(PyObject *self, PyObject *noargs) {
         /* what the current period has touched (whole pages at most) and the live set */
         mem = (unsigned long long)nsamples * sizeof(al_sample) + (unsigned long long)frames_used * sizeof(al_frame) +
               (unsigned long long)nstacks * 4096 + (unsigned long long)atomic_load(&codes->count) * 4096 +
-              atomic_load(&codes->arena_used) + (sizeof(al_live) + 1) * (unsigned long long)live_slots;
+              atomic_load(&codes->arena_used) + sizeof(al_live) * (unsigned long long)live_slots + AL_FILTER_SIZE;
     }
 #define C(x) #x, (unsigned long long)atomic_load(&n.x)
     return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsIsIsKsi}", C(samples), C(lost), C(live_overflow), C(no_stack),
