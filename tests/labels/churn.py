@@ -104,15 +104,15 @@ def main() -> None:
 _WORK = re.compile(r"work_(\d+)")
 
 
-def check(path: str) -> Tuple[int, int, int]:
+def check(path: str, kinds: Tuple[str, ...] = ("cpu", "wall")) -> Tuple[int, int, int]:
     """(labelled samples inside a work_ function, of them with the wrong label, unlabelled ones
-    inside a work_ function) over the CPU and wall samples of the reports in ``path``."""
+    inside a work_ function) over the samples of ``kinds`` of the reports in ``path``."""
     from asprof.jfr import open_recording
     from asprof.jfr.profile import LABEL
 
     rec = open_recording(path)
     right = wrong = unlabelled = 0
-    for kind in ("cpu", "wall"):
+    for kind in kinds:
         prof = rec.samples(kind, by_label="fn", python="python")
         for stack, (w, _c) in prof.stacks.items():
             names = [prof.frames[f][0] for f in stack]
