@@ -55,13 +55,20 @@ def check(data: bytes) -> None:
 
 def _exercise(data: bytes) -> None:
     rec = J.open(data, limits=LIMITS)
-    for kind in ("cpu", "wall", "nativemem", "leaks"):
+    from asprof.jfr.profile import KINDS
+
+    for kind in KINDS:  # cpu, wall, nativemem, leaks, and the newer kinds (alloc, live)
         prof = rec.samples(kind, by_thread=True)
         J.to_collapsed(prof)
         J.to_pprof(prof)
         J.top(prof)
         if len(prof.stacks) < 5000:
             J.to_html(prof)
+    try:  # request labels (issue #15): joined, split by a label, filtered by one
+        J.to_collapsed(rec.samples("cpu", with_labels=True, by_label="route"))
+        J.to_collapsed(rec.samples("wall", where={"route": "/x"}))
+    except TypeError:  # pragma: no cover - a reader without labels
+        pass
     for ev in rec.events():
         ev.values
         ev.stack_trace
