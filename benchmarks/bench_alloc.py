@@ -157,6 +157,7 @@ def instructions(config: str, units: int) -> Optional[int]:
                DD_PROFILING_ENABLED="false", DD_TRACE_ENABLED="false", DD_INSTRUMENTATION_TELEMETRY_ENABLED="false")
     env["BENCH_ALLOC_NO_PERIODIC"] = "1"
     env["BENCH_ALLOC_NO_GC"] = "1"
+    env["PYTHONHASHSEED"] = "0"  # the same dict layouts in every run
     r = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
                         os.path.abspath(__file__), "--child", config, "--units", str(units)],
                        capture_output=True, text=True, env=env, timeout=3600)
