@@ -390,9 +390,9 @@ def test_several_files_in_one_output(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------- asprof convert --format jfr
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, cwd: "Path | None" = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "asprof", "convert", *args], capture_output=True, text=True,
-                          timeout=120, env=child_env())
+                          timeout=120, env=child_env(), cwd=cwd)
 
 
 def test_convert_format_jfr_directory_zip_and_file(tmp_path: Path) -> None:
@@ -422,8 +422,9 @@ def test_convert_format_jfr_never_overwrites_its_input(tmp_path: Path) -> None:
     r = run_cli(str(src), "-o", str(src))
     assert r.returncode != 0 and "overwrite" in r.stderr and "Traceback" not in r.stderr
     assert src.read_bytes() == recording_bytes("multi-chunk")
-    r = run_cli(str(src), "--format", "jfr")                   # default name: a.inline.jfr, next to nothing else
+    r = run_cli(str(src), "--format", "jfr", cwd=tmp_path)     # default name: a.inline.jfr in the working directory
     assert r.returncode == 0, r.stderr
+    assert asprof_view((tmp_path / "a.inline.jfr").read_bytes()) == asprof_view(recording_bytes("multi-chunk"))
 
 
 def test_frame_types_in_asprofs_reader() -> None:
