@@ -123,8 +123,12 @@ def install(threshold_ns: int, record: bool = True) -> bool:
         if getattr(orig, "__wrapped__", None) is not None and orig.__qualname__ == "Handle._run" and \
                 getattr(orig, "__module__", "") == __name__:
             return True
+        make = getattr(native_slot, "make_run", None)
+        # in C where built (one method descriptor: no Python frame per step), else the wrapper
+        hook = make(handle, orig, _VAR, _record if record else None) if make is not None \
+            else _make_run(orig, record)
         _orig = orig
-        handle._run = _make_run(orig, record)  # type: ignore[method-assign,assignment]
+        handle._run = hook  # type: ignore[method-assign,assignment]
     check_loops()
     return True
 

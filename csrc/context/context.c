@@ -160,6 +160,79 @@ static PyObject *c_simulate_sample(PyObject *self, PyObject *noargs) {
     return PyLong_FromUnsignedLong(hook_sample());
 }
 
+/* ---- the step hook in C (asprof.context.steps): Handle._run replaced by a method descriptor
+   doing enter, the original _run, leave (and, for a step to record, the Python recorder) ---- */
+
+static PyObject *run_orig, *run_var, *run_record, *str_context, *str_get;
+
+static PyObject *c_handle_run(PyObject *self, PyObject *noargs) {
+    PyObject *orig = run_orig, *record = run_record;
+    if (orig == NULL) Py_RETURN_NONE;
+    Py_INCREF(orig);
+    Py_XINCREF(record);
+    ctx_slot *s = &slot;
+    PyObject *ctx = PyObject_GetAttr(self, str_context);
+    uint32_t id = 0;
+    if (ctx == NULL) {
+        PyErr_Clear();
+    } else {
+        PyObject *ls = PyObject_CallMethodOneArg(ctx, str_get, run_var);
+        if (ls == NULL) {
+            PyErr_Clear();
+        } else {
+            if (ls != Py_None && label_arg(ls, &id) != 0) {
+                PyErr_Clear();
+                id = 0;
+            }
+            Py_DECREF(ls);
+        }
+    }
+    put_pair(id, id && ctx != NULL ? (uintptr_t)ctx : 0);  /* an identity only: never dereferenced */
+    s->step_samples = s->samples;
+    s->step_label = id;
+    s->step_start = mono_ns();
+    Py_XDECREF(ctx);  /* the handle keeps its Context alive for the step */
+    PyObject *r = PyObject_CallOneArg(orig, self);
+    Py_DECREF(orig);
+    if (r == NULL) {  /* SystemExit, KeyboardInterrupt: _run lets them through */
+        Py_XDECREF(record);
+        return NULL;
+    }
+    Py_DECREF(r);
+    if (record != NULL) {
+        uint64_t now = mono_ns();
+        if (s->samples != s->step_samples || now - s->step_start >= step_threshold_ns) {
+            s->step_end = now;
+            PyObject *x = PyObject_CallOneArg(record, self);
+            if (x == NULL) PyErr_Clear();
+            Py_XDECREF(x);
+        }
+        Py_DECREF(record);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef run_def = {"_run", c_handle_run, METH_NOARGS, "asprof's step hook around asyncio's Handle._run"};
+
+/* make_run(handle_type, orig, var, record_or_None) -> the descriptor to set as Handle._run. */
+static PyObject *c_make_run(PyObject *self, PyObject *args) {
+    PyObject *type, *orig, *var, *record;
+    if (!PyArg_ParseTuple(args, "O!OOO:make_run", &PyType_Type, &type, &orig, &var, &record)) return NULL;
+    if (str_context == NULL && (str_context = PyUnicode_InternFromString("_context")) == NULL) return NULL;
+    if (str_get == NULL && (str_get = PyUnicode_InternFromString("get")) == NULL) return NULL;
+    Py_INCREF(orig);
+    Py_XSETREF(run_orig, orig);
+    Py_INCREF(var);
+    Py_XSETREF(run_var, var);
+    if (record == Py_None) {
+        Py_CLEAR(run_record);
+    } else {
+        Py_INCREF(record);
+        Py_XSETREF(run_record, record);
+    }
+    return PyDescr_NewMethod((PyTypeObject *)type, &run_def);
+}
+
 static void atfork_child(void) { slot.tid = 0; }
 
 static PyMethodDef methods[] = {
@@ -171,6 +244,7 @@ static PyMethodDef methods[] = {
     {"current_label", c_current_label, METH_NOARGS, "the label a sample of this thread would carry now"},
     {"thread_samples", c_thread_samples, METH_NOARGS, "samples recorded on this thread"},
     {"simulate_sample", c_simulate_sample, METH_NOARGS, "tests: what a handler does, outside one"},
+    {"make_run", c_make_run, METH_VARARGS, "make_run(handle_type, orig, var, record) -> a Handle._run descriptor"},
     {NULL, NULL, 0, NULL},
 };
 
