@@ -32,7 +32,8 @@ def busy(seconds):
         hashlib.sha256(os.urandom(4096)).digest()
         sum(i * i for i in range(2000))
 
-eng = NativeEngine(asprof.ProfilerOptions(cpu_interval=0.001, wall_interval=0.01))
+# the side events themselves are checked here: reports as recorded, not rewritten inline
+eng = NativeEngine(asprof.ProfilerOptions(cpu_interval=0.001, wall_interval=0.01, python_frames_inline=False))
 eng.start()
 files, active, disk = [], [], []
 for i in range(8):
@@ -52,7 +53,7 @@ for i, data in enumerate(files):
     p = os.path.join(out, f"{i:02d}.jfr")
     open(p, "wb").write(data)
     names.append(p)
-json.dump({"files": names, "active": active, "disk": disk, "tid": asprof.engines.asyncprofiler.threading.get_native_id()},
+json.dump({"files": names, "active": active, "disk": disk, "tid": __import__("threading").get_native_id()},
           open(os.path.join(out, "result.json"), "w"))
 """
 
