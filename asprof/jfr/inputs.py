@@ -28,6 +28,7 @@ import logging
 import os
 import stat
 import struct
+import warnings as _warnings
 import zipfile
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -367,7 +368,11 @@ def _read_zip(f: io.BufferedIOBase, size: int, label: str, limits: ReadLimits,
     if totals is not None:
         totals.bind(counter, label)
     try:
-        return _zip_content(zf, counter, label, limits, total, progress, totals, warnings)
+        # zipfile's own warnings (3.14: "Overlapped entries ... (possible zip bomb)") would be a
+        # second line on stderr: the limits here refuse such a file in one
+        with _warnings.catch_warnings():
+            _warnings.simplefilter("ignore")
+            return _zip_content(zf, counter, label, limits, total, progress, totals, warnings)
     finally:
         if totals is not None:
             totals.release()
