@@ -63,6 +63,11 @@ ok = running.stop(timeout=10)
 stop_seconds = time.monotonic() - t0
 stop.set()
 for t in bg: t.join()
+# a joined thread's task can stay listed for a moment after pthread_join returns (the kernel
+# wakes the joiner before it reaps the task): a thread left behind stays, one that ended goes
+deadline = time.monotonic() + 2
+while threads() != threads0 and time.monotonic() < deadline:
+    time.sleep(0.01)
 json.dump({"ok": ok, "stop_seconds": stop_seconds, "fds_before": fds0, "fds_after": fds(),
            "threads_before": threads0, "threads_after": threads()}, open(result, "w"))
 """
