@@ -83,11 +83,24 @@ def thread_names() -> Dict[int, str]:
     return out
 
 
+_COMMS: Dict[int, str] = {}
+
+
+def _comm(tid: int) -> str:
+    """The thread's name when read_tasks last saw it."""
+    return _COMMS.get(tid, "(ended)")
+
+
 def read_tasks() -> Dict[int, int]:
     """CPU time (ns) of every live thread of this process, from /proc/self/task."""
     out: Dict[int, int] = {}
     for name in os.listdir("/proc/self/task"):
         tid = int(name)
+        try:
+            with open(f"/proc/self/task/{name}/comm") as f:
+                _COMMS[tid] = f.read().strip()
+        except OSError:
+            pass
         try:
             with open(f"/proc/self/task/{name}/schedstat") as f:
                 out[tid] = int(f.read().split()[0])
@@ -484,6 +497,11 @@ def mode_engine(a: argparse.Namespace) -> Dict[str, Any]:
     # the profiler's own threads: every thread of the process that is not the workload's
     out["prof_threads"] = len([t for t in delta if t not in workload_tids])
     out["prof_thread_cpu_s"] = sum(v for t, v in delta.items() if t not in workload_tids) / 1e9
+    by_name: Dict[str, float] = {}
+    for t, v in delta.items():
+        if t not in workload_tids:
+            by_name[_comm(t)] = by_name.get(_comm(t), 0.0) + v / 1e9
+    out["prof_thread_cpu_by_name"] = by_name
     out["ext_cpu_s"] = (ext1 - ext0) / 1e9  # a profiler in another process (py-spy)
     out["samples_total"] = samples
     if stats1:

@@ -37,6 +37,7 @@ static inline uint64_t pf_mono_ns(void) {
 #define BI_MAGIC_MASK 0xFFFFFFFF00000000ull
 #define BI_VAL_CPU 0x100u
 #define BI_VAL_WALL 0x200u
+#define BI_STATE_ASK 3u      /* a wall signal's state: the handler tells (running or in a blocking call) */
 
 #define BI_MAX_FRAMES 256                       /* Python frames per sample, upper bound */
 #define BI_SAMPLE_CAP (1u << 18)                /* samples per half (24 bytes each) */

@@ -92,6 +92,40 @@ static inline uint64_t signal_pc(void *ucontext) {
 #endif
 }
 
+/* A wall sample's thread state, from the context the signal interrupted (the sampler sends
+   BI_STATE_ASK instead of reading /proc/<tid>/stat, an open, a read and a close per thread per
+   tick, most of its cost): 2 (sleeping) when the signal broke into a blocking system call, 1
+   (running) otherwise. The kernel, delivering a signal that interrupts a system call, leaves the
+   saved PC on the syscall instruction (the call is restarted) or returns -EINTR just after it.
+   Instruction bytes are read through the fault guard; 1 when they cannot be read.
+   async-signal-safe: runs in the handler. */
+static unsigned interrupted_state(void *ucontext) {
+#if defined(ASPROF_WALKER) && (defined(__x86_64__) || defined(__aarch64__))
+    ucontext_t *uc = (ucontext_t *)ucontext;
+    if (uc == NULL || !atomic_load_explicit(&bi.guard_ok, memory_order_relaxed)) return 1;
+#if defined(__x86_64__)
+    uint64_t pc = (uint64_t)uc->uc_mcontext.gregs[REG_RIP], ret = (uint64_t)uc->uc_mcontext.gregs[REG_RAX];
+    unsigned char b[4];
+    if (pc < 2 || pf_safe_copy(b, pc - 2, sizeof(b)) != 0) return 1;
+    /* bytes pc-2 .. pc+1: "syscall" is 0f 05 */
+    if (b[2] == 0x0F && b[3] == 0x05) return 2;                                    /* to be restarted */
+    if (b[0] == 0x0F && b[1] == 0x05 && (int64_t)ret == -(int64_t)EINTR) return 2; /* interrupted */
+    return 1;
+#else
+    uint64_t pc = (uint64_t)uc->uc_mcontext.pc, ret = (uint64_t)uc->uc_mcontext.regs[0];
+    uint32_t w[2];
+    if (pc < 4 || pf_safe_copy(w, pc - 4, sizeof(w)) != 0) return 1;
+    /* the instructions at pc-4 and pc: "svc #0" is d4000001 */
+    if (w[1] == 0xD4000001u) return 2;                                        /* to be restarted */
+    if (w[0] == 0xD4000001u && (int64_t)ret == -(int64_t)EINTR) return 2;     /* interrupted */
+    return 1;
+#endif
+#else
+    (void)ucontext;
+    return 1;
+#endif
+}
+
 #ifdef ASPROF_WALKER
 /* async-signal-safe: runs in the handler. */
 static uint64_t hash_frames(const bi_frame *fr, int n, int truncated) {
@@ -210,6 +244,7 @@ void bi_handler(int sig, siginfo_t *info, void *ucontext) {
     } else if (info != NULL && info->si_code == SI_QUEUE && (v & BI_MAGIC_MASK) == BI_MAGIC &&
                (v & 0xF00u) == BI_VAL_WALL) {
         kind = 1; state = (unsigned)(v & 3u);
+        if (state == BI_STATE_ASK) state = interrupted_state(ucontext);
         wall_slot = (int)((v >> 12) & 0xFFFFFu);
     } else if (info != NULL && info->si_code == SI_KERNEL && atomic_load_explicit(&bi.itimer_mode, memory_order_relaxed)) {
         kind = 0; state = 0;
@@ -305,8 +340,6 @@ void bi_handler(int sig, siginfo_t *info, void *ucontext) {
     atomic_fetch_sub(&hf->pins, 1);  /* seq_cst: the record is complete before the unpin */
     atomic_fetch_add_explicit(&bi.n.samples, 1, memory_order_relaxed);
 out:
-    /* the event stopped at its overflow (limit 1): the next period starts now */
-    if (perf_fd >= 0) ioctl(perf_fd, PERF_EVENT_IOC_REFRESH, 1);
     /* Elapsed time, so a call during which the thread was preempted would count the other
        processes' time too (tens of ms on a busy host): each call counts at most HANDLER_NS_CAP,
        far above what the handler's own work takes (~0.3-3 us), so the overhead guard, which adds

@@ -32,6 +32,7 @@ int bi_walker_ok = 1;
 static int started;            /* between a successful start() and stop() */
 static int starting;           /* a start() is in progress (GIL released while the sampler starts) */
 static int collecting;         /* a collect() is in progress (GIL released while swapping) */
+static void sym_cache_clear(void);  /* the native symbols cache (below) */
 static uint64_t lost_reported; /* bi.n.lost at the previous collect */
 
 static void atfork_child(void) {
@@ -115,6 +116,7 @@ static PyObject *bi_start(PyObject *self, PyObject *args, PyObject *kw) {
         if (!collecting || i == atomic_load(&bi.cur)) bi_store_reset(&bi.halves[i]);
     atomic_store(&bi.halves[atomic_load(&bi.cur)].epoch, bi_store_new_epoch());
     lost_reported = atomic_load(&bi.n.lost);
+    if (!collecting) sym_cache_clear();  /* libraries may have come and gone since the last run */
 #ifdef ASPROF_WALKER
     atomic_store(&bi.guard_ok, pf_safeload_install() == 0 && pf_safeload_active());
 #endif
@@ -171,8 +173,7 @@ typedef struct {
     long unknown_code;
     PyObject *labels, *label_map;   /* issue #15: label-set ids of the batch; id -> index + 1 */
     uint32_t last_label, last_label_idx;
-    struct sym_range { uint64_t lo, hi; long id; } *ranges;  /* symbols seen: sorted by lo */
-    size_t nranges, cap_ranges;
+    uint64_t gen;               /* this batch's number (sym_ranges' per-batch ids) */
 } batch;
 
 /* The label-set ids of the last collect(): a record's 16-bit field r[18..19] is 0 (no label) or
@@ -273,79 +274,130 @@ static PyObject *python_pairs(batch *b, bi_half *h, uint32_t idx) {
 }
 #endif
 
+/* Native symbols resolved so far, kept across collects: a profile's native PCs are much the same
+   from one collect to the next, and dladdr walks the library's whole symbol table (tens of
+   microseconds in libpython; PCs in functions it has no symbol for, such as a stripped library's
+   static ones, got no range and paid it per PC per collect: a third of the collector's time with
+   zlib in the profile). Only collect() uses them (`collecting` keeps out a second one), with the
+   GIL. Cleared at start() (libraries may have changed) and when full. */
+#define SYM_PCS_MAX 65536
+#define SYM_RANGES_MAX 65536
+static PyObject *sym_pcs;   /* pc -> (sym, lib) */
+static struct sym_range {
+    uint64_t lo, hi;
+    PyObject *nat;          /* (sym, lib) */
+    uint64_t gen;           /* batch that id belongs to */
+    long id;
+} *sym_ranges;              /* sorted by lo */
+static size_t sym_nranges, sym_cap_ranges;
+static uint64_t batch_gen;
+
+static void sym_cache_clear(void) {
+    Py_CLEAR(sym_pcs);
+    for (size_t i = 0; i < sym_nranges; i++) Py_DECREF(sym_ranges[i].nat);
+    PyMem_Free(sym_ranges);
+    sym_ranges = NULL;
+    sym_nranges = sym_cap_ranges = 0;
+}
+
 /* The symbol range holding pc, or the index where one starting above pc would go. */
-static size_t range_find(const batch *b, uint64_t pc, int *hit) {
-    size_t lo = 0, hi = b->nranges;
+static size_t range_find(uint64_t pc, int *hit) {
+    size_t lo = 0, hi = sym_nranges;
     while (lo < hi) {
         size_t mid = (lo + hi) / 2;
-        if (b->ranges[mid].lo <= pc) lo = mid + 1;
+        if (sym_ranges[mid].lo <= pc) lo = mid + 1;
         else hi = mid;
     }
-    *hit = lo > 0 && pc < b->ranges[lo - 1].hi;
+    *hit = lo > 0 && pc < sym_ranges[lo - 1].hi;
     return *hit ? lo - 1 : lo;
 }
 
-/* Remembers [lo, hi) -> id: the next PCs in that function skip dladdr (a linear walk of the
-   library's symbols: tens of microseconds in libpython). Best effort: no room, no cache. */
-static void range_add(batch *b, uint64_t lo, uint64_t hi, long id) {
+/* Remembers [lo, hi) -> nat: the next PCs in that function skip dladdr. Best effort: no room,
+   no cache. */
+static void range_add(uint64_t lo, uint64_t hi, PyObject *nat) {
     int hit;
-    size_t at = range_find(b, lo, &hit);
-    if (hit || (at < b->nranges && b->ranges[at].lo < hi)) return;  /* overlaps one we have */
-    if (b->nranges == b->cap_ranges) {
-        size_t cap = b->cap_ranges ? b->cap_ranges * 2 : 256;
-        void *p = PyMem_Realloc(b->ranges, cap * sizeof(*b->ranges));
+    size_t at = range_find(lo, &hit);
+    if (hit || (at < sym_nranges && sym_ranges[at].lo < hi)) return;  /* overlaps one we have */
+    if (sym_nranges >= SYM_RANGES_MAX) return;
+    if (sym_nranges == sym_cap_ranges) {
+        size_t cap = sym_cap_ranges ? sym_cap_ranges * 2 : 256;
+        void *p = PyMem_Realloc(sym_ranges, cap * sizeof(*sym_ranges));
         if (p == NULL) return;
-        b->ranges = p;
-        b->cap_ranges = cap;
+        sym_ranges = p;
+        sym_cap_ranges = cap;
     }
-    memmove(&b->ranges[at + 1], &b->ranges[at], (b->nranges - at) * sizeof(*b->ranges));
-    b->ranges[at].lo = lo;
-    b->ranges[at].hi = hi;
-    b->ranges[at].id = id;
-    b->nranges++;
+    memmove(&sym_ranges[at + 1], &sym_ranges[at], (sym_nranges - at) * sizeof(*sym_ranges));
+    Py_INCREF(nat);
+    sym_ranges[at] = (struct sym_range){lo, hi, nat, 0, -1};
+    sym_nranges++;
 }
 
-/* Native id of pc (dladdr, cached per pc and per symbol range); -1 with an exception set on error. */
+/* The batch's id of native frame nat ((sym, lib)); -1 with an exception set on error. */
+static long nat_id(batch *b, PyObject *nat) {
+    PyObject *known = PyDict_GetItemWithError(b->native_map, nat);
+    if (known != NULL) return PyLong_AsLong(known);
+    if (PyErr_Occurred() || PyList_Append(b->natives, nat) != 0) return -1;
+    long id = (long)PyList_GET_SIZE(b->natives) - 1;
+    PyObject *v = PyLong_FromLong(id);
+    if (v == NULL || PyDict_SetItem(b->native_map, nat, v) != 0) id = -1;
+    Py_XDECREF(v);
+    return id;
+}
+
+/* Native id of pc (cached per pc in the batch, per pc and per symbol range across batches, else
+   dladdr); -1 with an exception set on error. */
 static long native_id(batch *b, uint64_t pc) {
     int in_range;
-    size_t r = range_find(b, pc, &in_range);
-    if (in_range) return b->ranges[r].id;
+    size_t r = range_find(pc, &in_range);
+    if (in_range) {
+        struct sym_range *g = &sym_ranges[r];
+        if (g->gen != b->gen) {
+            long id = nat_id(b, g->nat);
+            if (id < 0) return -1;
+            g->gen = b->gen;
+            g->id = id;
+        }
+        return g->id;
+    }
     PyObject *key = PyLong_FromUnsignedLongLong(pc);
     if (key == NULL) return -1;
     PyObject *hit = PyDict_GetItemWithError(b->pc_map, key);
     if (hit != NULL) { Py_DECREF(key); return PyLong_AsLong(hit); }
     if (PyErr_Occurred()) { Py_DECREF(key); return -1; }
-    Dl_info info;
-    const ElfW(Sym) *esym = NULL;
-    char hex[32];
-    const char *sym, *lib = "";
-    memset(&info, 0, sizeof(info));
-    if (dladdr1((void *)(uintptr_t)pc, &info, (void **)&esym, RTLD_DL_SYMENT) != 0) {
-        if (info.dli_fname != NULL) lib = info.dli_fname;
-    }
-    if (info.dli_sname != NULL) sym = info.dli_sname;
-    else { snprintf(hex, sizeof(hex), "0x%llx", (unsigned long long)pc); sym = hex; }
-    PyObject *nat = Py_BuildValue("(ss)", sym, lib);
+    if (sym_pcs == NULL && (sym_pcs = PyDict_New()) == NULL) { Py_DECREF(key); return -1; }
+    PyObject *nat = PyDict_GetItemWithError(sym_pcs, key);  /* borrowed */
     long id = -1;
     if (nat != NULL) {
-        PyObject *known = PyDict_GetItemWithError(b->native_map, nat);
-        if (known != NULL) id = PyLong_AsLong(known);
-        else if (!PyErr_Occurred() && PyList_Append(b->natives, nat) == 0) {
-            id = (long)PyList_GET_SIZE(b->natives) - 1;
-            PyObject *v = PyLong_FromLong(id);
-            if (v == NULL || PyDict_SetItem(b->native_map, nat, v) != 0) id = -1;
-            Py_XDECREF(v);
+        Py_INCREF(nat);
+    } else if (PyErr_Occurred()) {
+        Py_DECREF(key);
+        return -1;
+    } else {
+        Dl_info info;
+        const ElfW(Sym) *esym = NULL;
+        char hex[32];
+        const char *sym, *lib = "";
+        memset(&info, 0, sizeof(info));
+        if (dladdr1((void *)(uintptr_t)pc, &info, (void **)&esym, RTLD_DL_SYMENT) != 0) {
+            if (info.dli_fname != NULL) lib = info.dli_fname;
         }
-        Py_DECREF(nat);
+        if (info.dli_sname != NULL) sym = info.dli_sname;
+        else { snprintf(hex, sizeof(hex), "0x%llx", (unsigned long long)pc); sym = hex; }
+        nat = Py_BuildValue("(ss)", sym, lib);
+        if (nat == NULL) { Py_DECREF(key); return -1; }
+        if (info.dli_sname != NULL && info.dli_saddr != NULL && esym != NULL && esym->st_size > 0) {
+            uint64_t lo = (uint64_t)(uintptr_t)info.dli_saddr, hi = lo + (uint64_t)esym->st_size;
+            if (lo <= pc && pc < hi) range_add(lo, hi, nat);
+        }
+        if (PyDict_GET_SIZE(sym_pcs) >= SYM_PCS_MAX) PyDict_Clear(sym_pcs);  /* bounded */
+        if (PyDict_SetItem(sym_pcs, key, nat) != 0) PyErr_Clear();  /* a cache: best effort */
     }
+    id = nat_id(b, nat);
+    Py_DECREF(nat);
     if (id >= 0) {
         PyObject *v = PyLong_FromLong(id);
         if (v == NULL || PyDict_SetItem(b->pc_map, key, v) != 0) id = -1;
         Py_XDECREF(v);
-    }
-    if (id >= 0 && info.dli_sname != NULL && info.dli_saddr != NULL && esym != NULL && esym->st_size > 0) {
-        uint64_t lo = (uint64_t)(uintptr_t)info.dli_saddr, hi = lo + (uint64_t)esym->st_size;
-        if (lo <= pc && pc < hi) range_add(b, lo, hi, id);
     }
     Py_DECREF(key);
     return id;
@@ -523,6 +575,7 @@ static PyObject *drain(bi_half *h1, bi_half *h2, uint64_t lost) {
     batch b;
     memset(&b, 0, sizeof(b));
     b.unknown_code = -1;
+    b.gen = ++batch_gen;
     PyObject *samples = NULL, *result = NULL;
     b.codes = PyList_New(0); b.natives = PyList_New(0); b.stacks = PyList_New(0);
     b.pc_map = PyDict_New(); b.native_map = PyDict_New(); b.stack_map = PyDict_New(); b.code_dedup = PyDict_New();
@@ -550,7 +603,6 @@ out:
     Py_XDECREF(b.codes); Py_XDECREF(b.natives); Py_XDECREF(b.stacks);
     Py_XDECREF(b.pc_map); Py_XDECREF(b.native_map); Py_XDECREF(b.stack_map); Py_XDECREF(b.combo_map);
     Py_XDECREF(b.code_dedup);
-    PyMem_Free(b.ranges);
     Py_XDECREF(samples);
     return result;
 }

@@ -3,8 +3,9 @@
  * fallback) and the "asprof-sampler" thread, which
  *   - rescans /proc/self/task every 100 ms: a timer for each new thread, the timers of gone
  *     threads deleted (wall signals go to the threads of the latest scan);
- *   - every wall interval reads each thread's state from /proc/self/task/<tid>/stat and sends
- *     it a SIGPROF carrying that state (rt_tgsigqueueinfo);
+ *   - every wall interval sends each thread that ran since the last tick a SIGPROF
+ *     (rt_tgsigqueueinfo; its handler tells running from sleeping), repeats the last sample of a
+ *     thread that did not run, and takes a busy thread's latest CPU sample as its wall sample;
  *   - keeps our SIGPROF handler and the fault guard of frame reads in front.
  * The sampler blocks SIGPROF and is never sent a signal: it never appears in the samples.
  */
@@ -39,6 +40,12 @@
 #define MAX_THREADS BI_MAX_THREADS
 #define SCAN_NS 100000000ull
 #define HOUSEKEEPING_SLACK_NS 20000000ull  /* rescans and checks run up to 20 ms early, with a wall tick */
+/* Overflows a perf event of ours may have before it stops (its event limit, PERF_EVENT_IOC_REFRESH):
+   granted ahead and topped up by rescans, so the handler never re-arms it. A re-arm in the handler
+   (limit 1, as async-profiler does) was an ioctl per sample: ~4-5 us of each ~8 us handler call
+   on a virtual machine, half the engine's cost at 1 kHz. 2^20 overflows: 17 minutes at 1 kHz
+   between rescans, where rescans come every 100-250 ms. */
+#define PERF_GRANT (1u << 20)
 
 typedef struct {
     int tid;
@@ -50,6 +57,7 @@ typedef struct {
     int perf_fd;
     uint64_t perf_ino;                /* the event's inode: the fd is still ours (not closed by the app and reused) */
     uint64_t perf_count, perf_cpu;  /* at the previous rescan: the event's count, the thread's CPU ns */
+    uint64_t perf_granted;            /* overflows granted so far (the event's count / period may reach it) */
     uint64_t wall_cpu;                /* the thread's CPU ns at the previous wall tick (0 = none yet) */
 } thread_t;
 
@@ -116,9 +124,10 @@ static int create_timer(thread_t *t) {
     return 0;
 }
 
-/* A perf task-clock event on thread t's CPU time: its overflow (every cpu_ns of the thread's
-   CPU, an hrtimer while it runs, so not bound to scheduler ticks) disables it (event limit 1)
-   and sends SIGPROF to the thread (F_SETSIG, F_SETOWN_EX); the handler re-arms it. */
+/* A perf task-clock event on thread t's CPU time: each overflow (every cpu_ns of the thread's
+   CPU, an hrtimer while it runs, so not bound to scheduler ticks) sends SIGPROF to the thread
+   (F_SETSIG, F_SETOWN_EX) with POLL_IN while its event limit lasts (PERF_GRANT, topped up by
+   check_perf); the overflow that uses the limit up disables it (POLL_HUP). */
 static int create_perf(thread_t *t) {
     struct perf_event_attr attr;
     memset(&attr, 0, sizeof(attr));
@@ -151,7 +160,7 @@ static int create_perf(thread_t *t) {
     }
     atomic_store(&bi_perf_slot[fd], (uint16_t)(t - S.threads + 1));
     perf_fd_mark(fd, 1);
-    if (ioctl(fd, PERF_EVENT_IOC_RESET, 0) != 0 || ioctl(fd, PERF_EVENT_IOC_REFRESH, 1) != 0) {
+    if (ioctl(fd, PERF_EVENT_IOC_RESET, 0) != 0 || ioctl(fd, PERF_EVENT_IOC_REFRESH, (int)PERF_GRANT) != 0) {
         int e = errno;
         perf_fd_mark(fd, 0);
         close(fd);
@@ -164,6 +173,7 @@ static int create_perf(thread_t *t) {
     t->perf_fd = fd;
     t->perf_count = 0;
     t->perf_cpu = 0;
+    t->perf_granted = PERF_GRANT;
     t->has_timer = 1;
     atomic_fetch_add(&S.n_timers, 1);
     return 0;
@@ -185,16 +195,19 @@ static uint64_t thread_cpu_ns(int tid) {
 /* 0 when the thread's perf event still works; -1 when its thread ended and the tid now belongs
    to a new thread (its CPU time went backwards, or cannot be read). Not poll(): a perf event
    without a mapped ring buffer always polls as POLLHUP, which made every rescan drop and re-open
-   every thread's event. A stalled event (its SIGPROF merged with another pending SIGPROF, so the
-   handler never re-armed it: the count stands still while the thread burns CPU) is re-armed. */
+   every thread's event. Tops up the event's limit when half of what was granted is used; a
+   stalled event (disabled: the count stands still while the thread burns CPU) is re-armed. */
 static int check_perf(thread_t *t) {
     if (!perf_fd_is_ours(t)) return -1;
     uint64_t count = 0, cpu = thread_cpu_ns(t->tid);
     if (cpu == 0 || cpu < t->perf_cpu) return -1;
     if (read(t->perf_fd, &count, sizeof(count)) != (ssize_t)sizeof(count)) return 0;
+    uint64_t used = S.cpu_ns ? count / S.cpu_ns : 0;  /* overflows so far, about */
     if (t->perf_cpu != 0 && count == t->perf_count && cpu > t->perf_cpu + 3 * S.cpu_ns) {
-        ioctl(t->perf_fd, PERF_EVENT_IOC_REFRESH, 1);
+        if (ioctl(t->perf_fd, PERF_EVENT_IOC_REFRESH, (int)PERF_GRANT) == 0) t->perf_granted = used + PERF_GRANT;
         atomic_fetch_add(&bi.n.perf_rearmed, 1);
+    } else if (t->perf_granted < used + PERF_GRANT / 2) {
+        if (ioctl(t->perf_fd, PERF_EVENT_IOC_REFRESH, (int)(PERF_GRANT / 2)) == 0) t->perf_granted += PERF_GRANT / 2;
     }
     t->perf_count = count;
     t->perf_cpu = cpu;
@@ -329,7 +342,7 @@ static int own_thread(int tid) {
 }
 
 /* 1 running / runnable, 2 sleeping (any other state), 0 unknown. */
-static unsigned thread_state(int tid) {
+__attribute__((unused)) static unsigned thread_state(int tid) {
     char buf[512];
     if (read_task_file(tid, "stat", buf, sizeof(buf)) <= 0) return 0;
     char *p = strrchr(buf, ')');
@@ -363,7 +376,8 @@ static void send_wall(void) {
         }
         /* Busy for at least half the interval: running (its /proc state would say R all but
            never, and reading it costs the sampler an open, a read and a close per thread per tick).
-           Otherwise the kernel's word for it now. */
+           Otherwise the handler tells from where the signal found the thread (BI_STATE_ASK: in a
+           blocking system call or not), where it can read instructions safely; else /proc. */
         int busy = t->wall_cpu != 0 && cpu - t->wall_cpu >= S.wall_ns / 2;
         if (busy) {
             /* Its latest CPU sample, if taken in the second half of this interval, stands for the
@@ -381,7 +395,11 @@ static void send_wall(void) {
                 continue;
             }
         }
+#ifdef ASPROF_WALKER
+        unsigned state = busy ? 1u : BI_STATE_ASK;
+#else
         unsigned state = busy ? 1u : thread_state(tid);
+#endif
         t->wall_cpu = cpu;
         if (state == 0) continue;  /* gone */
         siginfo_t si;
@@ -470,17 +488,15 @@ static void keep_in_front(void) {
 }
 
 /* issue #13: keep_in_front now (the application just set SIGPROF's handler from Python), and every
-   perf event of ours re-armed: one whose overflow signal went to that handler (or was ignored)
-   stays disabled until refreshed. An event still armed only gets its limit raised by one (the
-   handler refreshes it at each overflow anyway). */
+   perf event of ours checked (check_perf: one found disabled is re-armed). Our events do not stop
+   when their signals go to another handler (their limit is granted ahead, not re-armed by ours). */
 void bi_sampler_recheck(void) {
     pthread_mutex_lock(&S.lock);
     if (S.running) {
         keep_in_front();
         for (int i = 0; i < S.nthreads; i++) {
             thread_t *t = &S.threads[i];
-            if (t->tid != 0 && t->has_timer && t->perf_fd >= 0 && perf_fd_is_ours(t))
-                ioctl(t->perf_fd, PERF_EVENT_IOC_REFRESH, 1);
+            if (t->tid != 0 && t->has_timer && t->perf_fd >= 0 && check_perf(t) != 0) drop_source(t);
         }
     }
     pthread_mutex_unlock(&S.lock);

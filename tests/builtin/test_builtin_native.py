@@ -188,27 +188,39 @@ def test_thread_started_after_start_is_sampled() -> None:
 def test_wall_samples_carry_thread_state() -> None:
     r = run('''
         ev = threading.Event()
-        sleeper = threading.Thread(target=ev.wait)
+        sleeper = threading.Thread(target=ev.wait)  # a futex wait
         spinner = threading.Thread(target=spin_until, args=(ev,))
-        sleeper.start(); spinner.start()
+        rfd, wfd = os.pipe()
+        reader = threading.Thread(target=os.read, args=(rfd, 1))  # a blocking read (restarted)
+        def nap():
+            while not ev.is_set():
+                time.sleep(0.05)  # clock_nanosleep (interrupted with EINTR, resumed by Python)
+        napper = threading.Thread(target=nap)
+        for t in (sleeper, spinner, reader, napper):
+            t.start()
         b.start(0, 5_000_000)
         got = []
+        def of(t):
+            return [s["state"] for s in got if s["tid"] == t.native_id]
         for _ in range(200):
             time.sleep(0.1)
             got += decode(b.collect())
-            n_sleep = sum(1 for s in got if s["tid"] == sleeper.native_id)
-            n_spin = sum(1 for s in got if s["tid"] == spinner.native_id)
-            if n_sleep >= 20 and n_spin >= 20:
+            if min(len(of(t)) for t in (sleeper, spinner, reader, napper)) >= 20:
                 break
-        b.stop(); ev.set(); sleeper.join(); spinner.join()
-        emit({"sleep": [s["state"] for s in got if s["tid"] == sleeper.native_id],
-              "spin": [s["state"] for s in got if s["tid"] == spinner.native_id],
+        b.stop(); ev.set(); os.write(wfd, b"x")
+        for t in (sleeper, spinner, reader, napper):
+            t.join()
+        emit({"sleep": of(sleeper), "spin": of(spinner), "read": of(reader), "nap": of(napper),
               "kinds": sorted({s["kind"] for s in got}),
               "sampler_tids": [s["tid"] for s in got if s["tid"] not in
-                               (threading.get_native_id(), sleeper.native_id, spinner.native_id)]})
+                               (threading.get_native_id(), sleeper.native_id, spinner.native_id, reader.native_id,
+                                napper.native_id)]})
     ''')
     assert r["kinds"] == [1]  # CPU sampling is off
+    # blocked threads are sleeping, whichever system call they wait in
     assert len(r["sleep"]) >= 20 and set(r["sleep"]) == {2}
+    assert len(r["read"]) >= 20 and set(r["read"]) == {2}
+    assert len(r["nap"]) >= 20 and r["nap"].count(2) >= len(r["nap"]) * 0.9
     assert len(r["spin"]) >= 20
     # a spinning thread is running or runnable nearly always (it may wait for the GIL now and then)
     assert r["spin"].count(1) >= len(r["spin"]) * 0.5
