@@ -119,6 +119,9 @@ def child(config: str, units: int) -> Dict[str, Any]:
     if os.environ.get("BENCH_ALLOC_NO_GC"):  # instruction counts: the cyclic GC's schedule (which
         gc.collect()                        # imports shift) would dominate the differences
         gc.disable()
+    if os.environ.get("BENCH_ALLOC_SYNC"):  # --pairs: start the timed work together with the pair's other
+        print("ready", flush=True)          # process (both pinned to one CPU)
+        sys.stdin.readline()
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     work(units)
@@ -147,6 +150,89 @@ def run_one(config: str, units: int) -> Optional[Dict[str, Any]]:
         sys.stderr.write(f"{config}: failed: {r.stderr.strip().splitlines()[-1:] or r.returncode}\n")
         return None
     return json.loads(r.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+PAIR_NICE = -20
+
+
+def _pair_child_setup(cpu: int) -> Callable[[], None]:
+    def setup() -> None:
+        os.sched_setaffinity(0, {cpu})  # threads created later inherit it
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, PAIR_NICE)  # where allowed (root)
+        except OSError:
+            pass
+    return setup
+
+
+def run_pair(configs: List[str], units: int, cpu: int) -> Optional[List[Dict[str, Any]]]:
+    """The configurations' processes at the same time, every thread of each on the same CPU, their
+    timed work started together: they take turns on that CPU, so the machine's other work (a
+    neighbour on the sibling hyper-thread, steal) falls on both alike. The measure is each one's CPU
+    time for the same work (benchmarks/README.md, "same-CPU pairs")."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               DD_PROFILING_ENABLED="false", DD_TRACE_ENABLED="false", DD_INSTRUMENTATION_TELEMETRY_ENABLED="false",
+               BENCH_ALLOC_SYNC="1")
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", c, "--units", str(units)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env, preexec_fn=_pair_child_setup(cpu)) for c in configs]
+    try:
+        for p in procs:
+            assert p.stdout is not None
+            if p.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"pair child did not get ready: {p.communicate(timeout=60)[1][-2000:]}")
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        out = []
+        for c, p in zip(configs, procs):
+            stdout, stderr = p.communicate(timeout=600)
+            if p.returncode != 0:
+                sys.stderr.write(f"{c}: failed: {stderr.strip().splitlines()[-1:] or p.returncode}\n")
+                return None
+            out.append(json.loads(stdout.strip().splitlines()[-1]))
+        return out
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def pairs_table(configs: List[str], rounds: int, units: int, rng: random.Random) -> None:
+    """``rounds`` rounds; in each, every configuration runs beside an unprofiled process ('off') on
+    one CPU (CPU 0 and 1 in turn), in a shuffled order; ratios per pair, medians and IQRs."""
+    if len(os.sched_getaffinity(0)) < 2:
+        print("pairs: SKIPPED (needs two CPUs)")
+        return
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    others = [c for c in configs if c != "off"]
+    res: Dict[str, List[float]] = {c: [] for c in others}
+    for r in range(rounds):
+        order = others[:]
+        rng.shuffle(order)
+        for c in order:
+            got = run_pair(["off", c], units, cpus[r % 2])
+            if got is None:
+                continue
+            base, x = got
+            res[c].append(100 * (x["cpu"] / base["cpu"] - 1))
+            sys.stderr.write(f"pairs round {r + 1}/{rounds} {c}: CPU {x['cpu']:.3f} s vs off {base['cpu']:.3f} s\n")
+
+    def q(xs: List[float], f: float) -> float:
+        ys = sorted(xs)
+        return ys[min(len(ys) - 1, max(0, round(f * (len(ys) - 1))))]
+
+    print(f"same-CPU pairs: {rounds} rounds, {units} units; each configuration beside an unprofiled process on one "
+          "CPU; CPU time for the same work vs its pair's ('off2' is a second unprofiled process: the method's noise)")
+    print(f"{'config':<10} {'CPU':>9} {'IQR':>17}")
+    for c in others:
+        xs = res[c]
+        if not xs:
+            print(f"{c:<10} {'failed':>9}")
+            continue
+        print(f"{c:<10} {statistics.median(xs):>+8.2f}% {q(xs, .25):+7.2f} .. {q(xs, .75):+.2f}")
 
 
 def instructions(config: str, units: int) -> Optional[int]:
@@ -195,6 +281,8 @@ def main() -> int:
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--json", help="raw results to this file")
+    p.add_argument("--pairs", type=int, metavar="ROUNDS", default=0,
+                   help="also run ROUNDS rounds of same-CPU pairs (each configuration beside 'off' on one CPU)")
     p.add_argument("--instructions", type=int, metavar="UNITS", default=0,
                    help="also count instructions under valgrind (UNITS and 2*UNITS work units; 0: no)")
     a = p.parse_args()
@@ -204,11 +292,13 @@ def main() -> int:
     configs = [c for c in a.configs.split(",") if c]
     if "off" not in configs:
         configs.insert(0, "off")
+    rng = random.Random(a.seed)
     if a.instructions:
         instruction_table(configs, a.instructions)
-        if a.rounds == 0:
-            return 0
-    rng = random.Random(a.seed)
+    if a.pairs:
+        pairs_table(configs, a.pairs, a.units, rng)
+    if a.rounds == 0:
+        return 0
     rounds: List[Dict[str, Dict[str, Any]]] = []
     for i in range(a.rounds):
         order = configs[:]

@@ -86,6 +86,7 @@ static struct {
     int itimer;       /* ITIMER_PROF in use */
     uint64_t cpu_ns, wall_ns;
     pid_t pid;
+    uid_t uid;        /* getuid() at start and at rescans: the si_uid of our wall signals */
     int cond_ready;
     int task_dir;     /* /proc/self/task of this process while the sampler runs, else -1 */
     uint64_t task_dir_ino, task_dir_dev;
@@ -242,6 +243,7 @@ static int own_thread(int tid);
 /* Rescans /proc/self/task. With per-thread timers, a thread whose timer cannot be made makes
    the scan fail (-1, errno) when `strict`; otherwise it is counted and retried next scan. */
 static int scan(int strict) {
+    S.uid = getuid();  /* the application may have changed it */
     DIR *d = opendir("/proc/self/task");
     if (d == NULL) return -1;
     for (int i = 0; i < S.nthreads; i++) S.threads[i].seen = 0;
@@ -352,7 +354,7 @@ __attribute__((unused)) static unsigned thread_state(int tid) {
 
 static void send_wall(void) {
     pid_t pid = S.pid;
-    uid_t uid = getuid();
+    uid_t uid = S.uid;  /* getuid() at start (a system call per tick otherwise) */
     uint64_t now = pf_mono_ns();
     for (int i = 0; i < S.nthreads; i++) {
         thread_t *t = &S.threads[i];
@@ -379,9 +381,13 @@ static void send_wall(void) {
            Otherwise the handler tells from where the signal found the thread (BI_STATE_ASK: in a
            blocking system call or not), where it can read instructions safely; else /proc. */
         int busy = t->wall_cpu != 0 && cpu - t->wall_cpu >= S.wall_ns / 2;
-        if (busy) {
+        /* Ran a good part of the interval (an eighth, and a CPU interval at least: busy threads
+           sharing a CPU, or waiting their turn for the GIL, run less than half of it) */
+        uint64_t ran_enough = S.wall_ns / 8 > S.cpu_ns ? S.wall_ns / 8 : S.cpu_ns;
+        if (t->wall_cpu != 0 && S.cpu_ns != 0 && cpu - t->wall_cpu >= ran_enough) {
             /* Its latest CPU sample, if taken in the second half of this interval, stands for the
-               wall sample: the thread has been running all along. */
+               wall sample: the thread was running then, and has run since the last tick (no
+               signal, no handler call). */
             bi_cpu_last *c = &bi_cpu_lasts[i];
             uint32_t g1 = atomic_load(&c->gen);
             uint32_t epoch = c->epoch, stack = c->stack, label = c->label;
@@ -573,6 +579,7 @@ const char *bi_sampler_start(uint64_t cpu_ns, uint64_t wall_ns, int cpu_mode, co
     S.cpu_ns = cpu_ns;
     S.wall_ns = wall_ns;
     S.pid = getpid();
+    S.uid = getuid();
     S.stop = 0;
     S.self_tid = 0;
     S.nthreads = 0;
