@@ -150,9 +150,10 @@ class _Names:
 
 
 def _native_name(symbol: str, library: str) -> str:
-    """A symbol as is; a program counter ``dladdr`` could not name (``0x...``) becomes one frame
-    per library, ``[libz.so.1]`` (``[unknown]`` without one), so that its samples add up."""
-    if not symbol.startswith("0x"):
+    """A symbol as is; a program counter ``dladdr`` could not name (``?``; ``0x...`` before)
+    becomes one frame per library, ``[libz.so.1]`` (``[unknown]`` without one), so that its
+    samples add up."""
+    if symbol != "?" and not symbol.startswith("0x"):
         return symbol
     return f"[{library.rpartition('/')[2]}]" if library else "[unknown]"
 
@@ -465,7 +466,11 @@ class BuiltinEngine(Engine):
         # the profiler's own Python threads (asprof-agent, asprof-collect, reporters' asprof-*) are
         # not the application's: left out, as the C sampler leaves out asprof-sampler
         own = {tid for tid, name in threads.items() if name.startswith("asprof-")}
-        w.samples_from(samples, stack_keys, own)
+        encode = getattr(self._mod, "encode", None)
+        if encode is not None:  # the same events, encoded in C (a module built before it: in Python)
+            w.add_encoded(*encode(samples, stack_keys, own))
+        else:
+            w.samples_from(samples, stack_keys, own)
         if label_ids:
             self._context.write_sample_labels(w, samples, label_ids, own)
         unnamed = w.unnamed_threads()

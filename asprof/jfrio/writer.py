@@ -551,6 +551,17 @@ class ChunkWriter:
         self.samples += n
         return n
 
+    def add_encoded(self, events: Union[bytes, bytearray], n: int, last_ticks: int, tids: Iterable[int]) -> int:
+        """Sample events already encoded as :meth:`samples_from` would write them (the built-in
+        engine's C ``encode``): ``n`` events, the latest startTime ``last_ticks``, the threads
+        they name ``tids``. Returns ``n``."""
+        self._events += events
+        self._thread_refs.update(tids)
+        if last_ticks > self.last_ticks:
+            self.last_ticks = last_ticks
+        self.samples += n
+        return n
+
     # -- finish ----------------------------------------------------------------------------
 
     def finish(self, end_ticks: Optional[int] = None, thread_name: Optional[Callable[[int], str]] = None) -> bytes:
