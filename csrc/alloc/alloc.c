@@ -6,6 +6,8 @@
  * was there (never replacing it): every call goes on to the previous allocator. On stop() the
  * previous allocator is put back only where our hook is still the one installed; where
  * somebody wrapped us since, ours stays as a pass-through (and is re-used by the next start()).
+ * Over CPython's own pymalloc (the default) the MEM and OBJ frees are not hooked: sampled blocks
+ * are taken from pymalloc's RAW side, whose frees the RAW hook sees (see "the hooks").
  *
  * Sampling (Poisson over bytes): each thread counts down a distance drawn from an exponential
  * distribution of mean `interval` bytes; the allocation that crosses it is sampled and a new
@@ -34,6 +36,7 @@
 #include "pyframes.h"
 #include "sigcapture.h"
 
+#include <dlfcn.h>
 #include <math.h>
 #include <signal.h>
 #include <pthread.h>
@@ -122,6 +125,10 @@ static struct {
 } n;
 
 static int guard_ok;
+/* pf_layout_check at import: the frame walker's layout is this interpreter's (3.14: checked
+   against _PyRuntime.debug_offsets). When it is not, start() refuses (no stacks to give). */
+static int walker_ok;
+static char walker_why[256];
 
 typedef struct {
     int64_t countdown;
@@ -159,11 +166,12 @@ static int64_t draw(void) {
 
 static inline uint32_t home_of(uintptr_t p) { return (uint32_t)mix64((uint64_t)p) & (live_slots - 1); }
 
-/* The free path's first check: a counting filter of the live keys, 128 Ki one-byte counters at
-   a fixed address, indexed by a cheap mix of the address bits (0 = no sampled block can be at
-   p); a counter at 255 sticks (never decremented). */
+/* The free path's check: a counting filter of the live keys, 128 Ki one-byte counters at a
+   fixed address indexed by address bits 4..20 (blocks are 16-byte aligned; 0 = no sampled block
+   can be at p, also true of every p while nothing is live); a counter at 255 sticks (never
+   decremented). One shift, one mask, one load and one test on the fast path. */
 #define UNLIKELY(x) __builtin_expect(!!(x), 0)
-static inline uint32_t filter_of(uintptr_t p) { return (uint32_t)((p >> 4) ^ (p >> 21)) & (AL_FILTER_SIZE - 1); }
+static inline uint32_t filter_of(uintptr_t p) { return (uint32_t)(p >> 4) & (AL_FILTER_SIZE - 1); }
 
 static inline void filter_add(uint32_t home, int delta) {
     uint8_t c = atomic_load_explicit(&filter[home], memory_order_relaxed);
@@ -195,9 +203,8 @@ static __attribute__((noinline)) void live_remove_slow(uintptr_t p) {
     }
 }
 
-/* The free path's check: nothing sampled is live, or no sampled block can be at p. */
+/* The free path's check: no sampled block can be at p (NULL included: the slow path finds no key 0). */
 static inline void live_remove(uintptr_t p) {
-    if (atomic_load_explicit(&live_count, memory_order_relaxed) == 0 || p == 0) return;
     if (UNLIKELY(atomic_load_explicit(&filter[filter_of(p)], memory_order_relaxed) != 0)) live_remove_slow(p);
 }
 
@@ -289,7 +296,7 @@ static int guard_in_chain(void) {
 /* The Python stack of this thread (GIL held): its index, AL_NO_STACK, or AL_NO_STACK - 1 (no room). */
 static int32_t python_stack(void) {
     void *tstate = pf_this_thread_state();
-    if (tstate == NULL) return AL_NO_STACK;
+    if (tstate == NULL || !walker_ok) return AL_NO_STACK;
     if (!guard_ok || !guard_in_chain()) {
         guard_ok = 0;  /* collect() puts it back */
         atomic_fetch_add_explicit(&n.no_guard, 1, memory_order_relaxed);
@@ -311,20 +318,26 @@ static int32_t python_stack(void) {
     return stack_index(fr, m, truncated);
 }
 
-/* The sample path: the countdown crossed zero on allocation p of size bytes. */
-static void sample(int domain, void *p, size_t size) {
+/* The sample path, part 1 (before the allocation): the countdown crossed zero. A new distance
+   is drawn; 1 when this allocation is to be recorded (then it is made, then record()). */
+static __attribute__((cold)) int sample_due(void) {
     uint32_t gen = atomic_load_explicit(&generation, memory_order_relaxed);
     if (T.gen != gen) {  /* a new start(): a distance of the new interval, nothing sampled yet */
         T.gen = gen;
         T.countdown = draw();
-        return;
+        return 0;
     }
     T.countdown = draw();
-    if (T.in_hook || !atomic_load_explicit(&enabled, memory_order_relaxed)) return;  /* collect()'s own */
+    if (T.in_hook || !atomic_load_explicit(&enabled, memory_order_relaxed)) return 0;  /* collect()'s own */
     if (!holds_main_gil()) {
         atomic_fetch_add_explicit(&n.no_gil, 1, memory_order_relaxed);
-        return;
+        return 0;
     }
+    return 1;
+}
+
+/* The sample path, part 2: allocation p of size bytes (GIL held, checked by sample_due). */
+static __attribute__((cold)) void record(int domain, void *p, size_t size) {
     T.in_hook = 1;
     atomic_fetch_add_explicit(&n.samples, 1, memory_order_relaxed);
     if (nsamples >= AL_SAMPLE_CAP) {
@@ -352,106 +365,156 @@ static void sample(int domain, void *p, size_t size) {
     T.in_hook = 0;
 }
 
-/* ---- the hooks ---- */
+/* The countdown: this thread's bytes left before the next sample, less size; 1 when it reached
+   zero (a sample is due). On x86-64 one subtraction in memory and its flags (the TLS offset comes
+   from the GOT: initial-exec, no call). */
+#if defined(__x86_64__) && defined(__GNUC__)
+static inline __attribute__((always_inline)) int countdown_crossed(size_t size) {
+    _Static_assert(offsetof(al_tls, countdown) == 0, "countdown first in al_tls");
+    asm goto("movq T@gottpoff(%%rip), %%rax\n\t"
+             "subq %0, %%fs:(%%rax)\n\t"
+             "jle %l[crossed]"
+             : : "r"(size) : "rax", "cc", "memory" : crossed);
+    return 0;
+crossed:
+    return 1;
+}
+#else
+static inline __attribute__((always_inline)) int countdown_crossed(size_t size) {
+    return (T.countdown -= (int64_t)size) <= 0;
+}
+#endif
 
-/* OBJ and MEM domains. pymalloc hands blocks above 512 bytes to PyMem_RawMalloc (and frees them
-   with PyMem_RawFree): around those calls the re-entrancy flag tells the RAW hook the block is
-   counted here already. Smaller requests stay in pymalloc (new arenas are mmap-ed; only its
-   rare arena-table resize goes to the RAW domain, counted there).
+/* ---- the hooks ----
 
-   The fast path (a small block, no sample due) is the countdown and a tail call to the previous
-   allocator; whether this allocation is sampled is decided before it is made. */
+   OBJ and MEM domains. One set of functions per domain, reading the previous allocator from a
+   fixed address, so the context handed to us is the previous allocator's own (installed as
+   ours) and is passed on untouched: the fast path (a small block, no sample due) is the size
+   test, the countdown and a tail jump.
+
+   pymalloc hands blocks above 512 bytes to PyMem_RawMalloc (and frees them with PyMem_RawFree):
+   around those calls the re-entrancy flag tells the RAW hook the block is counted here already.
+   Smaller requests stay in pymalloc (new arenas are mmap-ed; only its rare arena-table resize
+   goes to the RAW domain, counted there). Whether an allocation is sampled is decided before it
+   is made.
+
+   Where the previous allocator of MEM and OBJ is CPython's pymalloc itself (the default:
+   _PyMem_GetCurrentAllocatorName() says "pymalloc" before we hook; `via_pymalloc`), their free
+   is not hooked at all: pymalloc's own free is installed as ours. A sampled block is then asked
+   of pymalloc as 513 bytes at least, which pymalloc takes from the RAW domain (its own
+   bookkeeping, as for any large block), and pymalloc frees and reallocates such blocks through
+   PyMem_RawFree / PyMem_RawRealloc: the RAW hooks see every free of a sampled block. A small
+   sampled block costs up to ~500 bytes more than asked (one in ~interval/size blocks). */
 #define NESTS(size) ((size) > 512)
+#define PYMALLOC_RAW 513   /* the smallest request pymalloc hands to PyMem_RawMalloc */
 
-static __attribute__((noinline)) void *h_malloc_slow(al_ctx *c, size_t size, int due) {
+static int via_pymalloc[3];
+
+static __attribute__((noinline, cold)) void *o_malloc_slow(int d, void *ctx, size_t size, int due) {
+    al_ctx *c = &ctxs[d];
+    if (!due) due = countdown_crossed(size);
+    int rec = due && sample_due();
+    size_t ask = rec && via_pymalloc[d] && size < PYMALLOC_RAW ? PYMALLOC_RAW : size;
     int saved = T.in_hook;
-    if (NESTS(size)) T.in_hook = 1;
-    void *p = c->prev.malloc(c->prev.ctx, size);
+    if (NESTS(ask)) T.in_hook = 1;
+    void *p = c->prev.malloc(ctx, ask);
     T.in_hook = saved;
-    if (!due) due = (T.countdown -= (int64_t)size) <= 0;
-    if (p != NULL && due) sample(c->domain, p, size);
+    if (p != NULL && rec) record(d, p, size);
     return p;
 }
 
-static void *h_malloc(void *ctx, size_t size) {
-    al_ctx *c = (al_ctx *)ctx;
-    if (UNLIKELY(NESTS(size))) return h_malloc_slow(c, size, 0);
-    if (UNLIKELY((T.countdown -= (int64_t)size) <= 0)) return h_malloc_slow(c, size, 1);
-    return c->prev.malloc(c->prev.ctx, size);
-}
-
-static __attribute__((noinline)) void *h_calloc_slow(al_ctx *c, size_t nelem, size_t elsize, size_t size, int due) {
+static __attribute__((noinline, cold)) void *o_calloc_slow(int d, void *ctx, size_t nelem, size_t elsize, size_t size,
+                                                          int due) {
+    al_ctx *c = &ctxs[d];
+    if (!due) due = countdown_crossed(size > INT64_MAX ? INT64_MAX : size);
+    int rec = due && sample_due();
+    int bump = rec && via_pymalloc[d] && size < PYMALLOC_RAW;
     int saved = T.in_hook;
-    if (NESTS(size)) T.in_hook = 1;
-    void *p = c->prev.calloc(c->prev.ctx, nelem, elsize);
+    if (NESTS(size) || bump) T.in_hook = 1;
+    void *p = bump ? c->prev.calloc(ctx, 1, PYMALLOC_RAW) : c->prev.calloc(ctx, nelem, elsize);
     T.in_hook = saved;
-    if (!due) due = (T.countdown -= (int64_t)(size > INT64_MAX ? INT64_MAX : size)) <= 0;
-    if (p != NULL && due) sample(c->domain, p, size);
+    if (p != NULL && rec) record(d, p, size);
     return p;
 }
 
-static void *h_calloc(void *ctx, size_t nelem, size_t elsize) {
-    al_ctx *c = (al_ctx *)ctx;
-    size_t size;
-    if (__builtin_mul_overflow(nelem, elsize, &size)) size = SIZE_MAX;
-    if (UNLIKELY(NESTS(size))) return h_calloc_slow(c, nelem, elsize, size, 0);
-    if (UNLIKELY((T.countdown -= (int64_t)size) <= 0)) return h_calloc_slow(c, nelem, elsize, size, 1);
-    return c->prev.calloc(c->prev.ctx, nelem, elsize);
-}
-
-static void *h_realloc(void *ctx, void *ptr, size_t size) {
-    al_ctx *c = (al_ctx *)ctx;
-    /* before the block can be handed to another thread */
-    if (ptr != NULL) live_remove((uintptr_t)ptr);
+static __attribute__((noinline)) void *o_realloc_any(int d, void *ctx, void *ptr, size_t size) {
+    al_ctx *c = &ctxs[d];
+    /* before the block can be handed to another thread (a sampled block of pymalloc's is also
+       removed by the RAW hook: pymalloc reallocates it with PyMem_RawRealloc) */
+    live_remove((uintptr_t)ptr);
+    int rec = countdown_crossed(size) && sample_due();
+    size_t ask = rec && via_pymalloc[d] && size < PYMALLOC_RAW ? PYMALLOC_RAW : size;
     int saved = T.in_hook;
     T.in_hook = 1;  /* a realloc may move a block between pymalloc and the RAW domain */
-    void *p = c->prev.realloc(c->prev.ctx, ptr, size);
+    void *p = c->prev.realloc(ctx, ptr, ask);
     T.in_hook = saved;
-    if (p != NULL && (T.countdown -= (int64_t)size) <= 0) sample(c->domain, p, size);
+    if (p != NULL && rec) record(d, p, size);
     return p;
 }
 
-static void h_free(void *ctx, void *ptr) {
-    al_ctx *c = (al_ctx *)ctx;
+static inline __attribute__((always_inline)) void o_free_tracked(int d, void *ctx, void *ptr) {
     live_remove((uintptr_t)ptr);  /* before the block can be handed out again */
-    c->prev.free(c->prev.ctx, ptr);
+    ctxs[d].prev.free(ctx, ptr);
 }
 
-/* RAW domain: nothing when called from our OBJ/MEM hooks (counted there) or from collect(). */
-static __attribute__((noinline)) void *r_malloc_slow(al_ctx *c, size_t size) {
-    void *p = c->prev.malloc(c->prev.ctx, size);
-    if (p != NULL) sample(c->domain, p, size);
+#define DOMAIN_HOOKS(name, D)                                                                        \
+    static __attribute__((hot)) void *name##_malloc(void *ctx, size_t size) {                        \
+        if (UNLIKELY(NESTS(size))) return o_malloc_slow(D, ctx, size, 0);                            \
+        if (UNLIKELY(countdown_crossed(size))) return o_malloc_slow(D, ctx, size, 1);                \
+        return ctxs[D].prev.malloc(ctx, size);                                                       \
+    }                                                                                                \
+    static __attribute__((hot)) void *name##_calloc(void *ctx, size_t nelem, size_t elsize) {       \
+        size_t size;                                                                                 \
+        if (__builtin_mul_overflow(nelem, elsize, &size)) size = SIZE_MAX;                           \
+        if (UNLIKELY(NESTS(size))) return o_calloc_slow(D, ctx, nelem, elsize, size, 0);             \
+        if (UNLIKELY(countdown_crossed(size))) return o_calloc_slow(D, ctx, nelem, elsize, size, 1); \
+        return ctxs[D].prev.calloc(ctx, nelem, elsize);                                              \
+    }                                                                                                \
+    static void *name##_realloc(void *ctx, void *ptr, size_t size) {                                 \
+        return o_realloc_any(D, ctx, ptr, size);                                                     \
+    }                                                                                                \
+    static void name##_free(void *ctx, void *ptr) {                                                  \
+        o_free_tracked(D, ctx, ptr);                                                                 \
+    }
+
+DOMAIN_HOOKS(obj, D_OBJ)
+DOMAIN_HOOKS(mem, D_MEM)
+
+/* RAW domain: not counted when called from our OBJ/MEM hooks (counted there) or from collect();
+   frees always looked up (with pymalloc's free in place, a sampled OBJ/MEM block comes back
+   here, also while the flag is up: a collection run by collect()'s allocations frees objects). */
+static __attribute__((noinline, cold)) void *r_malloc_slow(void *ctx, size_t size) {
+    int rec = sample_due();
+    void *p = ctxs[D_RAW].prev.malloc(ctx, size);
+    if (p != NULL && rec) record(D_RAW, p, size);
     return p;
 }
 
-static void *r_malloc(void *ctx, size_t size) {
-    al_ctx *c = (al_ctx *)ctx;
-    if (UNLIKELY(!T.in_hook && (T.countdown -= (int64_t)size) <= 0)) return r_malloc_slow(c, size);
-    return c->prev.malloc(c->prev.ctx, size);
+static __attribute__((hot)) void *r_malloc(void *ctx, size_t size) {
+    if (UNLIKELY(!T.in_hook && countdown_crossed(size))) return r_malloc_slow(ctx, size);
+    return ctxs[D_RAW].prev.malloc(ctx, size);
 }
 
 static void *r_calloc(void *ctx, size_t nelem, size_t elsize) {
-    al_ctx *c = (al_ctx *)ctx;
-    void *p = c->prev.calloc(c->prev.ctx, nelem, elsize);
     size_t size;
     if (__builtin_mul_overflow(nelem, elsize, &size)) size = SIZE_MAX;
-    if (p != NULL && !T.in_hook && (T.countdown -= (int64_t)(size > INT64_MAX ? INT64_MAX : size)) <= 0)
-        sample(c->domain, p, size);
+    int rec = !T.in_hook && countdown_crossed(size > INT64_MAX ? INT64_MAX : size) && sample_due();
+    void *p = ctxs[D_RAW].prev.calloc(ctx, nelem, elsize);
+    if (p != NULL && rec) record(D_RAW, p, size);
     return p;
 }
 
 static void *r_realloc(void *ctx, void *ptr, size_t size) {
-    al_ctx *c = (al_ctx *)ctx;
-    if (ptr != NULL && !T.in_hook) live_remove((uintptr_t)ptr);
-    void *p = c->prev.realloc(c->prev.ctx, ptr, size);
-    if (p != NULL && !T.in_hook && (T.countdown -= (int64_t)size) <= 0) sample(c->domain, p, size);
+    live_remove((uintptr_t)ptr);
+    int rec = !T.in_hook && countdown_crossed(size) && sample_due();
+    void *p = ctxs[D_RAW].prev.realloc(ctx, ptr, size);
+    if (p != NULL && rec) record(D_RAW, p, size);
     return p;
 }
 
-static void r_free(void *ctx, void *ptr) {
-    al_ctx *c = (al_ctx *)ctx;
-    if (!T.in_hook) live_remove((uintptr_t)ptr);
-    c->prev.free(c->prev.ctx, ptr);
+static __attribute__((hot)) void r_free(void *ctx, void *ptr) {
+    live_remove((uintptr_t)ptr);
+    ctxs[D_RAW].prev.free(ctx, ptr);
 }
 
 /* ---- set-up ---- */
@@ -515,6 +578,14 @@ static int buffers(uint32_t cap) {
     return 0;
 }
 
+/* Our allocator for domain d: its context is the previous allocator's (passed on untouched). */
+static PyMemAllocatorEx ours_for(int d) {
+    void *ctx = ctxs[d].prev.ctx;
+    if (d == D_RAW) return (PyMemAllocatorEx){ctx, r_malloc, r_calloc, r_realloc, r_free};
+    if (d == D_MEM) return (PyMemAllocatorEx){ctx, mem_malloc, mem_calloc, mem_realloc, via_pymalloc[d] ? ctxs[d].prev.free : mem_free};
+    return (PyMemAllocatorEx){ctx, obj_malloc, obj_calloc, obj_realloc, via_pymalloc[d] ? ctxs[d].prev.free : obj_free};
+}
+
 static PyObject *al_start(PyObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"interval", "max_frames", "live_cap", NULL};
     unsigned long long iv;
@@ -525,6 +596,10 @@ static PyObject *al_start(PyObject *self, PyObject *args, PyObject *kw) {
     if (mf < 1 || mf > AL_MAX_FRAMES) { PyErr_SetString(PyExc_ValueError, "max_frames must be 1 to 256"); return NULL; }
     if (cap < 1 || cap > AL_LIVE_MAX_CAP) { PyErr_SetString(PyExc_ValueError, "live_cap must be 1 to 1048576"); return NULL; }
     if (atomic_load(&enabled)) { PyErr_SetString(PyExc_RuntimeError, "allocation sampling is already running"); return NULL; }
+    if (!walker_ok) {
+        PyErr_Format(PyExc_RuntimeError, "Python allocation sampling cannot read this interpreter's frames: %s", walker_why);
+        return NULL;
+    }
     if (pf_safeload_install() != 0) { PyErr_SetString(PyExc_RuntimeError, "the fault guard for frame reads could not be installed"); return NULL; }
     guard_ok = 1;
     if (atomic_load(&live_count) != 0) reset_live();
@@ -535,13 +610,18 @@ static PyObject *al_start(PyObject *self, PyObject *args, PyObject *kw) {
     atomic_fetch_add(&generation, 1);
     T.gen = atomic_load(&generation);
     T.countdown = draw();
+    /* CPython's own allocators, none of them wrapped yet (asked before we hook anything): MEM and
+       OBJ frees need no hook (see "the hooks") */
+    const char *(*current_name)(void) = (const char *(*)(void))dlsym(RTLD_DEFAULT, "_PyMem_GetCurrentAllocatorName");
+    const char *name = current_name != NULL ? current_name() : NULL;
+    int pymalloc = name != NULL && strcmp(name, "pymalloc") == 0;
     static const PyMemAllocatorDomain doms[3] = {PYMEM_DOMAIN_RAW, PYMEM_DOMAIN_MEM, PYMEM_DOMAIN_OBJ};
-    for (int d = 0; d < 3; d++) {
+    for (int d = 0; d < 3; d++) {  /* RAW first: it sees the frees of MEM/OBJ's sampled blocks */
         if (chained[d]) continue;  /* still in the chain since an earlier start(): re-used */
         ctxs[d].domain = d;
         PyMem_GetAllocator(doms[d], &ctxs[d].prev);
-        PyMemAllocatorEx ours = d == D_RAW ? (PyMemAllocatorEx){&ctxs[d], r_malloc, r_calloc, r_realloc, r_free}
-                                           : (PyMemAllocatorEx){&ctxs[d], h_malloc, h_calloc, h_realloc, h_free};
+        via_pymalloc[d] = d != D_RAW && pymalloc;
+        PyMemAllocatorEx ours = ours_for(d);
         PyMem_SetAllocator(doms[d], &ours);
         chained[d] = 1;
     }
@@ -557,7 +637,7 @@ static PyObject *al_stop(PyObject *self, PyObject *noargs) {
         if (!chained[d]) continue;
         PyMemAllocatorEx cur;
         PyMem_GetAllocator(doms[d], &cur);
-        if (cur.ctx == &ctxs[d] && (cur.malloc == h_malloc || cur.malloc == r_malloc)) {
+        if (cur.malloc == ours_for(d).malloc && cur.ctx == ctxs[d].prev.ctx) {
             PyMem_SetAllocator(doms[d], &ctxs[d].prev);
             chained[d] = 0;
         } else {
@@ -703,10 +783,12 @@ static PyObject *al_stats(PyObject *self, PyObject *noargs) {
               atomic_load(&codes->arena_used) + sizeof(al_live) * (unsigned long long)live_slots + AL_FILTER_SIZE;
     }
 #define C(x) #x, (unsigned long long)atomic_load(&n.x)
-    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsIsIsKsi}", C(samples), C(lost), C(live_overflow), C(no_stack),
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsIsIsKsisi}", C(samples), C(lost), C(live_overflow), C(no_stack),
                          C(no_gil), C(no_guard), C(truncated), C(frees_tracked), C(filter_hits), C(collects),
                          "live", (unsigned int)atomic_load(&live_count), "live_cap", live_cap,
-                         "memory_bytes", mem, "pending", (int)nsamples);
+                         "memory_bytes", mem, "pending", (int)nsamples,
+                         /* MEM/OBJ frees unhooked: sampled blocks taken from pymalloc's RAW side */
+                         "via_pymalloc", via_pymalloc[D_MEM] + via_pymalloc[D_OBJ]);
 #undef C
 }
 
@@ -740,7 +822,10 @@ PyMODINIT_FUNC PyInit__alloc(void) {
         pthread_atfork(NULL, NULL, atfork_child);
         atfork_done = 1;
     }
-    if (PyModule_AddIntConstant(m, "compiled_version", (long)pf_compiled_version()) != 0 ||
+    walker_ok = pf_layout_check(walker_why, sizeof(walker_why)) == 0;
+    if (PyModule_AddObject(m, "python_frames_off",
+                           walker_ok ? (Py_INCREF(Py_None), Py_None) : PyUnicode_FromString(walker_why)) != 0 ||
+        PyModule_AddIntConstant(m, "compiled_version", (long)pf_compiled_version()) != 0 ||
         PyModule_AddIntConstant(m, "SAMPLE_CAP", AL_SAMPLE_CAP) != 0) {
         Py_DECREF(m);
         return NULL;
