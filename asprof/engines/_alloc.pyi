@@ -3,6 +3,7 @@ from __future__ import annotations
 
 compiled_version: int
 SAMPLE_CAP: int
+python_frames_off: str | None  # why the frame walker cannot run here (pf_layout_check), None when it can
 
 def start(interval: int, max_frames: int = 128, live_cap: int = 65536) -> None: ...
 def stop() -> int: ...

@@ -67,10 +67,12 @@ def unavailable_reason() -> Optional[str]:
     if not sys.platform.startswith("linux"):
         return f"it runs on Linux only (this is {sys.platform})"
     try:
-        from asprof.engines import _alloc  # noqa: F401
+        from asprof.engines import _alloc
     except ImportError as e:
         return (f"its C extension asprof.engines._alloc is not built for Python "
                 f"{sys.version_info[0]}.{sys.version_info[1]} (it needs the Python frame walker: {e})")
+    if _alloc.python_frames_off is not None:  # pf_layout_check at import: its start() refuses too
+        return f"its frame walker cannot read this interpreter's frames: {_alloc.python_frames_off}"
     return None
 
 
