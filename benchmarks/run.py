@@ -578,6 +578,7 @@ ENGINE_LABELS = {
     "none": "no profiler",
     "builtin": "asprof agent, built-in engine",
     "builtin-c": "built-in engine's C module alone (no agent)",
+    "floor": "the signal floor: the built-in engine's CPU timers, a handler that returns at once (no wall)",
     "aprof": "async-profiler alone (ctypes)",
     "pyspy": "py-spy record --pid (default: pauses the process per sample)",
     "pyspy-nb": "py-spy record --pid --nonblocking",
@@ -934,7 +935,7 @@ def section_attribution(ctx: "Ctx") -> None:
                      "MET" if worst <= TARGET_POINTS else "NOT MET")
 
 
-PAIR_CONFIGS = ["base-b", "builtin-def", "builtin-1k", "aprof-def", "aprof-1k"]
+PAIR_CONFIGS = ["base-b", "builtin-def", "builtin-1k", "aprof-def", "aprof-1k", "floor-1k"]
 PAIR_BUDGETS = {"builtin-def": 0.5, "builtin-1k": 2.0}
 
 
@@ -1026,8 +1027,12 @@ def section_pairs(ctx: "Ctx") -> None:
             configs[name] = EngineConfig(name, "none", "-", 0, 0, 0)
             continue
         rate = {"def": "defaults", "1k": "1 kHz"}[tag]
-        if (prof == "aprof" and not ctx.lib) or (prof == "builtin" and ctx.builtin_py not in ("", "not probed")):
+        if (prof == "aprof" and not ctx.lib) or (prof in ("builtin", "floor") and
+                                                 ctx.builtin_py not in ("", "not probed")):
             print(f"  SKIPPED {name}: {'async-profiler not found' if prof == 'aprof' else ctx.builtin_py}")
+            continue
+        if prof == "floor":  # the built-in engine's CPU signals alone: taken by a handler that does nothing
+            configs[name] = EngineConfig(name, "floor", rate, rates[rate][0], 0, 0)
             continue
         configs[name] = EngineConfig(name, prof, rate, rates[rate][0], rates[rate][1], 0)
     if ctx.configs:

@@ -308,10 +308,11 @@ class _BuiltinAlone:
     """The built-in engine's C module driven by hand (no agent): start, a Python thread
     collecting every second as the agent's tick would, stop."""
 
-    def __init__(self, cpu_ns: int, wall_ns: int) -> None:
+    def __init__(self, cpu_ns: int, wall_ns: int, inert: bool = False) -> None:
         from asprof.engines import _builtin  # type: ignore[attr-defined]
 
         self.mod = _builtin
+        _builtin._set_inert(inert)  # the signal floor: signals taken, nothing recorded
         self.mode = _builtin.start(cpu_ns, wall_ns)
         self.samples = 0
         self.quit = threading.Event()
@@ -432,6 +433,8 @@ def mode_engine(a: argparse.Namespace) -> Dict[str, Any]:
                                library_path=a.lib if a.profiler == "agent" else None).start()
     elif a.profiler == "builtin-c":
         prof = _BuiltinAlone(cpu_ns, wall_ns)
+    elif a.profiler == "floor":
+        prof = _BuiltinAlone(cpu_ns, 0, inert=True)
     elif a.profiler in ("pyspy", "pyspy-nb"):
         prof = _PySpy(a.pyspy, a.rate, a.profiler == "pyspy-nb", os.path.join(tmp, "pyspy.txt"))
     elif a.profiler == "pyroscope":
@@ -468,7 +471,7 @@ def mode_engine(a: argparse.Namespace) -> Dict[str, Any]:
     if a.profiler in ("builtin", "agent"):
         if not prof.stop(timeout=60):
             raise SystemExit("agent did not stop in time")
-    elif a.profiler in ("aprof", "builtin-c"):
+    elif a.profiler in ("aprof", "builtin-c", "floor"):
         prof.stop()
         if a.profiler == "builtin-c":
             samples = prof.samples
@@ -617,7 +620,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=["calibrate", "run", "tick", "engine"])
     p.add_argument("--profiler", default="none",
-                   choices=["none", "import", "aprof", "agent", "builtin", "builtin-c", "pyspy", "pyspy-nb", "pyroscope"])
+                   choices=["none", "import", "aprof", "agent", "builtin", "builtin-c", "floor", "pyspy", "pyspy-nb",
+                            "pyroscope"])
     p.add_argument("--units", type=int, default=500)
     p.add_argument("--opts", default="{}", help="asprof.ProfilerOptions keyword arguments, as JSON")
     p.add_argument("--interval", type=float, default=30.0)

@@ -97,6 +97,8 @@ typedef struct {
 /* The calling thread's label-set id, counting one sample (asprof.context._ctx's hook; NULL
    until an engine start found it). async-signal-safe. */
 extern uint32_t (*volatile bi_ctx_sample)(void);
+/* Benchmarks only: our signals are taken and nothing else done (handler.c). */
+extern _Atomic int bi_inert;
 
 typedef struct {
     uint32_t idx;        /* code index in the half's code table (or PF_IDX_UNKNOWN) */

@@ -752,6 +752,13 @@ done:
     return result;
 }
 
+static PyObject *bi_set_inert(PyObject *self, PyObject *on) {
+    int v = PyObject_IsTrue(on);
+    if (v < 0) return NULL;
+    atomic_store(&bi_inert, v);
+    Py_RETURN_NONE;
+}
+
 static PyObject *bi_batch_labels(PyObject *self, PyObject *noargs) {
     if (last_labels == NULL) return PyList_New(0);
     Py_INCREF(last_labels);
@@ -841,6 +848,9 @@ static PyMethodDef methods[] = {
     {"stop", bi_stop, METH_NOARGS, "stop() -> None: timers deleted, sampler thread joined"},
     {"running", bi_running, METH_NOARGS, "running() -> bool"},
     {"collect", bi_collect, METH_NOARGS, "collect() -> (codes, natives, stacks, samples, lost)"},
+    {"_set_inert", bi_set_inert, METH_O,
+     "_set_inert(on) -> None: benchmarks only: the handler takes our signals and does nothing else "
+     "(what the signals alone cost)"},
     {"encode", bi_encode, METH_VARARGS,
      "encode(samples, stack_keys, skip_tids) -> (events, n, last_ticks, tids): collect()'s records as JFR "
      "sample events (ChunkWriter.samples_from's bytes)"},
