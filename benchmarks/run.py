@@ -1071,6 +1071,7 @@ def section_pairs(ctx: "Ctx") -> None:
         per = [(x["cpu_s"] - b["cpu_s"]) * 1e9 / (x["cpu_samples_window"] + x["wall_samples_window"])
                for b, x in res[c.name] if x.get("cpu_samples_window", 0) + x.get("wall_samples_window", 0) > 0]
         hns = [x["d_handler_ns"] / x["d_handler_calls"] for _b, x in res[c.name] if x.get("d_handler_calls")]
+        sps = [x["d_signals"] / x["cpu_s"] for _b, x in res[c.name] if x.get("d_signals")]
         summary[c.name] = {"wall": median(wall), "cpu": median(cpu), "wall_q": (q(wall, .25), q(wall, .75)),
                            "cpu_q": (q(cpu, .25), q(cpu, .75)), "thread_share": median(thr),
                            "ns_per_sample": median(per) if per else float("nan"),
@@ -1078,10 +1079,11 @@ def section_pairs(ctx: "Ctx") -> None:
         rows.append([c.name, c.rate, pct(median(wall)), f"{q(wall, .25):+.2f} .. {q(wall, .75):+.2f}",
                      pct(median(cpu)), f"{q(cpu, .25):+.2f} .. {q(cpu, .75):+.2f}",
                      "-" if c.profiler == "none" else f"{median(thr):.3f}%",
-                     f"{median(per):.0f}" if per else "-", f"{median(hns):.0f}" if hns else "-"])
+                     f"{median(per):.0f}" if per else "-", f"{median(hns):.0f}" if hns else "-",
+                     f"{median(sps):.0f}" if sps else "-"])
     print()
     print(table(["configuration", "rates", "wall vs base", "wall IQR %", "CPU vs base", "CPU IQR %", "own threads",
-                 "CPU ns/sample", "handler ns"],
+                 "CPU ns/sample", "handler ns", "signals/CPU s"],
                 rows))
     print("CPU vs base: median over pairs of (the configuration's CPU time / its pair's 'base' CPU time) - 1, for\n"
           "the same work; IQR: the middle half of those per-pair ratios. base-b is a second unprofiled process: its\n"
@@ -1089,7 +1091,10 @@ def section_pairs(ctx: "Ctx") -> None:
           "also runs alone for a while at the end: CPU time is the measure, wall time a cross-check). own threads:\n"
           "the profiler's threads' share of its process's CPU time. CPU ns/sample: (CPU time - its base's) / the\n"
           "CPU and wall samples recorded in the window: everything a sample costs, signal delivery included.\n"
-          "handler ns: the built-in handler's own clock (handler_ns / handler_calls), preemption inside it included.")
+          "handler ns: the built-in handler's own clock (handler_ns / handler_calls), preemption inside it included.\n"
+          "signals/CPU s: the built-in engine's signals per second of the process's CPU time. floor-1k: its 1 kHz CPU\n"
+          "signals alone, taken by a handler that returns at once (no wall sampling, nothing recorded): what the timer\n"
+          "interrupts and the signal delivery cost on this machine, below which no signal-based sampler can go.")
     ctx.summary["pairs"] = summary
     aa = summary.get("base-b")
     for name, budget in PAIR_BUDGETS.items():

@@ -451,7 +451,7 @@ def mode_engine(a: argparse.Namespace) -> Dict[str, Any]:
         sys.stdout.flush()
         sys.stdin.readline()
 
-    stats0 = _builtin_stats() if a.profiler.startswith("builtin") else {}
+    stats0 = _builtin_stats() if a.profiler.startswith("builtin") or a.profiler == "floor" else {}
     ext0 = prof.cpu_ns() if isinstance(prof, _PySpy) else 0
     cpu0 = time.process_time()
     tasks0 = read_tasks()
@@ -461,7 +461,7 @@ def mode_engine(a: argparse.Namespace) -> Dict[str, Any]:
     tasks1 = read_tasks()
     cpu1 = time.process_time()
     ext1 = prof.cpu_ns() if isinstance(prof, _PySpy) else 0
-    stats1 = _builtin_stats() if a.profiler.startswith("builtin") else {}
+    stats1 = _builtin_stats() if a.profiler.startswith("builtin") or a.profiler == "floor" else {}
     out["rss_kb"] = status_kb("VmRSS")
     out["hwm_kb"] = status_kb("VmHWM")
     out["ext_hwm_kb"] = prof.hwm_kb() if isinstance(prof, _PySpy) else 0

@@ -262,6 +262,7 @@ void bi_handler(int sig, siginfo_t *info, void *ucontext) {
         return;
     }
     if (atomic_load_explicit(&bi_inert, memory_order_relaxed)) {
+        atomic_fetch_add_explicit(&bi.n.signals, 1, memory_order_relaxed);  /* counted, nothing else */
         errno = saved_errno;
         return;
     }
