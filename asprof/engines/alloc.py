@@ -300,7 +300,7 @@ class AllocSampler:
 
     def _write(self, w: "ChunkWriter", end: Tuple[int, int],
                pending: Sequence[Tuple[int, int, Optional[Frames], int, float]], lost: int) -> None:
-        from asprof.jfrio.writer import FRAME_PYTHON
+        from asprof.jfrio.writer import FRAME_PYTHON, varint
 
         stack_keys: Dict[Optional[Frames], int] = {}
 
@@ -321,10 +321,14 @@ class AllocSampler:
         own = {tid for tid, name in threads.items() if name.startswith("asprof-")}
         if own:
             pending = [p for p in pending if p[1] not in own]
-        for t, tid, fr, domain, weight in pending:
-            w.event("jdk.ObjectAllocationSample", t, tid, stack(fr), classes[domain], max(1, round(weight)))
-        for t, tid, fr, domain, weight in list(self._live.values()):
-            w.event("profiler.LiveObject", end[1], tid, stack(fr), classes[domain], max(1, round(weight)), t)
+        # the writer's fast path (sample: startTime, thread, stackTrace, one pool key, then the other
+        # fields encoded): the same bytes as event() for these types, a third of its time
+        al_type, lo_type = "jdk.ObjectAllocationSample", "profiler.LiveObject"
+        put = w.sample
+        for t, tid, fr, domain, weight in pending:  # ..., objectClass, weight
+            put(al_type, t, tid, stack(fr), classes[domain], varint(max(1, round(weight))))
+        for t, tid, fr, domain, weight in list(self._live.values()):  # ..., allocationSize, allocationTime
+            put(lo_type, end[1], tid, stack(fr), classes[domain], varint(max(1, round(weight))) + varint(t))
         stats = self._mod.stats()
         overflow = int(stats.get("live_overflow", 0))
         new_overflow, self._overflow_seen = overflow - self._overflow_seen, overflow
