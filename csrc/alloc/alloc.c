@@ -318,16 +318,29 @@ static int32_t python_stack(void) {
     return stack_index(fr, m, truncated);
 }
 
-/* The sample path, part 1 (before the allocation): the countdown crossed zero. A new distance
-   is drawn; 1 when this allocation is to be recorded (then it is made, then record()). */
-static __attribute__((cold)) int sample_due(void) {
-    uint32_t gen = atomic_load_explicit(&generation, memory_order_relaxed);
-    if (T.gen != gen) {  /* a new start(): a distance of the new interval, nothing sampled yet */
-        T.gen = gen;
+/* The OBJ and MEM domains' countdown: their callers hold the GIL, so one counter for all threads
+   (GIL-serialised; no thread-local access on their fast path). The byte stream of all threads is
+   sampled as one Poisson process: each allocation still has its chance 1 - exp(-s/interval).
+   (Interpreters with their own GIL, 3.12+, may race on it: a lost decrement only moves which
+   allocation is sampled; theirs are not recorded.) The RAW domain, called without the GIL too,
+   counts per thread (T.countdown). */
+static int64_t gil_countdown __attribute__((aligned(64)));
+
+/* The sample path, part 1 (before the allocation): the countdown (the GIL one when `gil`)
+   crossed zero. A new distance is drawn; 1 when this allocation is to be recorded (then it is
+   made, then record()). */
+static __attribute__((cold)) int sample_due(int gil) {
+    if (gil) {
+        gil_countdown = draw();  /* start() draws the first one of a new interval */
+    } else {
+        uint32_t gen = atomic_load_explicit(&generation, memory_order_relaxed);
+        if (T.gen != gen) {  /* a new start(): a distance of the new interval, nothing sampled yet */
+            T.gen = gen;
+            T.countdown = draw();
+            return 0;
+        }
         T.countdown = draw();
-        return 0;
     }
-    T.countdown = draw();
     if (T.in_hook || !atomic_load_explicit(&enabled, memory_order_relaxed)) return 0;  /* collect()'s own */
     if (!holds_main_gil()) {
         atomic_fetch_add_explicit(&n.no_gil, 1, memory_order_relaxed);
@@ -379,9 +392,20 @@ static inline __attribute__((always_inline)) int countdown_crossed(size_t size) 
 crossed:
     return 1;
 }
+static inline __attribute__((always_inline)) int gil_countdown_crossed(size_t size) {
+    asm goto("subq %0, %1\n\t"
+             "jle %l[crossed]"
+             : : "r"(size), "m"(gil_countdown) : "cc", "memory" : crossed);
+    return 0;
+crossed:
+    return 1;
+}
 #else
 static inline __attribute__((always_inline)) int countdown_crossed(size_t size) {
     return (T.countdown -= (int64_t)size) <= 0;
+}
+static inline __attribute__((always_inline)) int gil_countdown_crossed(size_t size) {
+    return (gil_countdown -= (int64_t)size) <= 0;
 }
 #endif
 
@@ -412,8 +436,8 @@ static int via_pymalloc[3];
 
 static __attribute__((noinline, cold)) void *o_malloc_slow(int d, void *ctx, size_t size, int due) {
     al_ctx *c = &ctxs[d];
-    if (!due) due = countdown_crossed(size);
-    int rec = due && sample_due();
+    if (!due) due = gil_countdown_crossed(size);
+    int rec = due && sample_due(1);
     size_t ask = rec && via_pymalloc[d] && size < PYMALLOC_RAW ? PYMALLOC_RAW : size;
     int saved = T.in_hook;
     if (NESTS(ask)) T.in_hook = 1;
@@ -426,8 +450,8 @@ static __attribute__((noinline, cold)) void *o_malloc_slow(int d, void *ctx, siz
 static __attribute__((noinline, cold)) void *o_calloc_slow(int d, void *ctx, size_t nelem, size_t elsize, size_t size,
                                                           int due) {
     al_ctx *c = &ctxs[d];
-    if (!due) due = countdown_crossed(size > INT64_MAX ? INT64_MAX : size);
-    int rec = due && sample_due();
+    if (!due) due = gil_countdown_crossed(size > INT64_MAX ? INT64_MAX : size);
+    int rec = due && sample_due(1);
     int bump = rec && via_pymalloc[d] && size < PYMALLOC_RAW;
     int saved = T.in_hook;
     if (NESTS(size) || bump) T.in_hook = 1;
@@ -442,7 +466,7 @@ static __attribute__((noinline)) void *o_realloc_any(int d, void *ctx, void *ptr
     /* before the block can be handed to another thread (a sampled block of pymalloc's is also
        removed by the RAW hook: pymalloc reallocates it with PyMem_RawRealloc) */
     live_remove((uintptr_t)ptr);
-    int rec = countdown_crossed(size) && sample_due();
+    int rec = gil_countdown_crossed(size) && sample_due(1);
     size_t ask = rec && via_pymalloc[d] && size < PYMALLOC_RAW ? PYMALLOC_RAW : size;
     int saved = T.in_hook;
     T.in_hook = 1;  /* a realloc may move a block between pymalloc and the RAW domain */
@@ -460,14 +484,14 @@ static inline __attribute__((always_inline)) void o_free_tracked(int d, void *ct
 #define DOMAIN_HOOKS(name, D)                                                                        \
     static __attribute__((hot)) void *name##_malloc(void *ctx, size_t size) {                        \
         if (UNLIKELY(NESTS(size))) return o_malloc_slow(D, ctx, size, 0);                            \
-        if (UNLIKELY(countdown_crossed(size))) return o_malloc_slow(D, ctx, size, 1);                \
+        if (UNLIKELY(gil_countdown_crossed(size))) return o_malloc_slow(D, ctx, size, 1);            \
         return ctxs[D].prev.malloc(ctx, size);                                                       \
     }                                                                                                \
     static __attribute__((hot)) void *name##_calloc(void *ctx, size_t nelem, size_t elsize) {       \
         size_t size;                                                                                 \
         if (__builtin_mul_overflow(nelem, elsize, &size)) size = SIZE_MAX;                           \
         if (UNLIKELY(NESTS(size))) return o_calloc_slow(D, ctx, nelem, elsize, size, 0);             \
-        if (UNLIKELY(countdown_crossed(size))) return o_calloc_slow(D, ctx, nelem, elsize, size, 1); \
+        if (UNLIKELY(gil_countdown_crossed(size))) return o_calloc_slow(D, ctx, nelem, elsize, size, 1); \
         return ctxs[D].prev.calloc(ctx, nelem, elsize);                                              \
     }                                                                                                \
     static void *name##_realloc(void *ctx, void *ptr, size_t size) {                                 \
@@ -484,7 +508,7 @@ DOMAIN_HOOKS(mem, D_MEM)
    frees always looked up (with pymalloc's free in place, a sampled OBJ/MEM block comes back
    here, also while the flag is up: a collection run by collect()'s allocations frees objects). */
 static __attribute__((noinline, cold)) void *r_malloc_slow(void *ctx, size_t size) {
-    int rec = sample_due();
+    int rec = sample_due(0);
     void *p = ctxs[D_RAW].prev.malloc(ctx, size);
     if (p != NULL && rec) record(D_RAW, p, size);
     return p;
@@ -498,7 +522,7 @@ static __attribute__((hot)) void *r_malloc(void *ctx, size_t size) {
 static void *r_calloc(void *ctx, size_t nelem, size_t elsize) {
     size_t size;
     if (__builtin_mul_overflow(nelem, elsize, &size)) size = SIZE_MAX;
-    int rec = !T.in_hook && countdown_crossed(size > INT64_MAX ? INT64_MAX : size) && sample_due();
+    int rec = !T.in_hook && countdown_crossed(size > INT64_MAX ? INT64_MAX : size) && sample_due(0);
     void *p = ctxs[D_RAW].prev.calloc(ctx, nelem, elsize);
     if (p != NULL && rec) record(D_RAW, p, size);
     return p;
@@ -506,7 +530,7 @@ static void *r_calloc(void *ctx, size_t nelem, size_t elsize) {
 
 static void *r_realloc(void *ctx, void *ptr, size_t size) {
     live_remove((uintptr_t)ptr);
-    int rec = !T.in_hook && countdown_crossed(size) && sample_due();
+    int rec = !T.in_hook && countdown_crossed(size) && sample_due(0);
     void *p = ctxs[D_RAW].prev.realloc(ctx, ptr, size);
     if (p != NULL && rec) record(D_RAW, p, size);
     return p;
@@ -610,6 +634,7 @@ static PyObject *al_start(PyObject *self, PyObject *args, PyObject *kw) {
     atomic_fetch_add(&generation, 1);
     T.gen = atomic_load(&generation);
     T.countdown = draw();
+    gil_countdown = draw();
     /* CPython's own allocators, none of them wrapped yet (asked before we hook anything): MEM and
        OBJ frees need no hook (see "the hooks") */
     const char *(*current_name)(void) = (const char *(*)(void))dlsym(RTLD_DEFAULT, "_PyMem_GetCurrentAllocatorName");
