@@ -198,8 +198,9 @@ threading.Thread(target=control, daemon=True).start()
 if kind == "asyncio":
     args = ["--out", out, "--engine", "none" if config == "none" else engine,
             "--cpu-interval", "0.01", "--wall-interval", "0.1"]
-    if config != "labels":
-        args += ["--no-labels", "--no-steps"]
+    # labels: the middleware + the step hook; mw: the middleware alone (the labels-only hook);
+    # steps: the step hook alone
+    args += {"labels": [], "mw": ["--no-steps"], "steps": ["--no-labels"]}.get(config, ["--no-labels", "--no-steps"])
     sys.argv = [os.path.join(root, "examples", "labels_server.py")] + args
     runpy.run_path(sys.argv[0], run_name="__main__")
 else:
@@ -467,7 +468,8 @@ def main() -> int:
     ap.add_argument("--workloads", default="asyncio:/ping,asyncio:/search,wsgi:/ping",
                     help="--pairs: KIND:ROUTE,... (kind asyncio or wsgi; /ping: no work, /search: 1 ms of CPU)")
     ap.add_argument("--configs", default="profiler/profiler,labels/profiler,labels/none",
-                    help="--pairs: X/BASE,... (none, profiler, labels); X/X is the A/A row")
+                    help="--pairs: X/BASE,... (none, profiler, labels; asyncio also mw: the middleware "
+                         "without step events, steps: step events without the middleware); X/X is the A/A row")
     ap.add_argument("--requests", type=int, default=0, help="--pairs: requests per server per pair")
     a = ap.parse_args()
     import shutil

@@ -59,11 +59,21 @@ try:
 
     native_slot: Optional[Any] = _native_ctx
     _set_native: Callable[[int], None] = _native_ctx.set_label
+    #: push_cached(var, cache, key) -> Token or None (a miss): one C call for a cached push
+    _push_cached: Callable[[Any, Dict[Any, Any], Any], Any] = _native_ctx.push_cached
+    #: pop_token(var, token): var.reset(token) and the slot follows, in one C call
+    _pop_token: Callable[[Any, Any], None] = _native_ctx.pop_token
 except ImportError:  # not built here: labels still apply to contexts, samples do not carry them
     native_slot = None
 
     def _set_native(id: int) -> None:
         return None
+
+    def _push_cached(var: Any, cache: Dict[Any, Any], key: Any) -> Any:
+        return None
+
+    def _pop_token(var: Any, token: Any) -> None:
+        var.reset(token)
 
 
 class LabelSet(int):
@@ -159,6 +169,7 @@ class _Registry:
             self.new_in_window = 0
             if len(self._by_id) > MAX_SETS:
                 _merge_cache.clear()
+                _keyed.clear()
                 keep = self.window - 2
                 for sid, ls in list(self._by_id.items()):
                     if ls.window < keep and sid != 1:
@@ -179,6 +190,15 @@ def _text(v: object, cap: int) -> str:
 
 _merge_cache: Dict[Tuple[int, Tuple[Tuple[str, object], ...]], Optional[LabelSet]] = {}
 _MERGE_CACHE_MAX = 4096
+
+#: The pushes' cache, read by the C fast path (``_push_cached``): {key: {the current set (or
+#: None): the set to push}}, a key standing for the labels pushed (the labels' items, or a
+#: middleware's (marker, label key, route, method)). Filled by :func:`push_keyed` on a miss;
+#: emptied when the registry forgets sets, when OpenTelemetry ids are on (span ids differ per
+#: push: never cached) and when a first-use hook is set (so the next push runs it).
+_keyed: Dict[Any, Dict[Optional[LabelSet], Optional[LabelSet]]] = {}
+_KEYED_MAX = 4096
+_KEYED_INNER_MAX = 256
 
 
 def _merged(cur: Optional[LabelSet], kv: Dict[str, object]) -> Optional[LabelSet]:
@@ -234,6 +254,7 @@ def enable_otel(on: bool) -> bool:
         _span_of = None
         return False
     _span_of = trace.get_current_span
+    _keyed.clear()
     return True
 
 
@@ -261,6 +282,14 @@ def _check_keys(kv: Dict[str, object]) -> None:
 on_first_use: Optional[Callable[[], None]] = None
 
 
+def set_on_first_use(hook: Optional[Callable[[], None]]) -> None:
+    """Sets :data:`on_first_use` (and empties the pushes' cache, whose hits skip it)."""
+    global on_first_use
+    on_first_use = hook
+    if hook is not None:
+        _keyed.clear()
+
+
 def _apply(ls: Optional[LabelSet]) -> "contextvars.Token[Optional[LabelSet]]":
     global on_first_use
     if on_first_use is not None:
@@ -275,26 +304,31 @@ def _apply(ls: Optional[LabelSet]) -> "contextvars.Token[Optional[LabelSet]]":
 
 
 def _restore(token: "contextvars.Token[Optional[LabelSet]]") -> None:
+    if native_slot is not None:
+        _pop_token(_VAR, token)
+        return
     _VAR.reset(token)
-    cur = _VAR.get()
-    _set_native(cur if cur is not None else 0)
 
 
 class labels:
     """``with labels(k=v, ...)``: these labels (added to the current ones) for the block; also a
     decorator for functions and coroutine functions. A value of None removes that key."""
 
-    __slots__ = ("_kv", "_tokens")
+    __slots__ = ("_kv", "_key", "_tokens")
 
     def __init__(self, **kv: object) -> None:
         if "" in kv:
             raise ValueError("label keys must be non-empty")
         self._kv = kv
+        self._key: Any = _key_of(kv)
         self._tokens: Optional[List["contextvars.Token[Optional[LabelSet]]"]] = None
 
     def __enter__(self) -> Dict[str, str]:
         """The labels now in force (a shared dict: read it, do not modify it)."""
-        tok = push(self._kv)
+        key = self._key
+        tok = None if key is None else _push_cached(_VAR, _keyed, key)
+        if tok is None:
+            tok = push_keyed(key, self._kv)
         if self._tokens is None:
             self._tokens = [tok]
         else:
@@ -322,13 +356,49 @@ class labels:
         return cast(F, wrapper)
 
 
+def _key_of(kv: Dict[str, object]) -> Any:
+    """The pushes' cache key of ``kv``: its items, a value not a str with its type (1, 1.0 and
+    True are equal keys but different labels); None when a value is not hashable."""
+    key = tuple((k, v) if v.__class__ is str else (k, v, v.__class__) for k, v in kv.items())
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def push_keyed(key: Any, kv: Dict[str, object]) -> "contextvars.Token[Optional[LabelSet]]":
+    """``kv`` added to the current labels, ``key`` standing for ``kv`` (hashable: the same key
+    always means the same labels; None: not cached); undo with :func:`pop`. A hit is one C call
+    (``_push_cached``); callers on a hot path try that first themselves."""
+    if key is not None and _span_of is None:
+        tok = _push_cached(_VAR, _keyed, key)
+        if tok is not None:
+            return tok
+    cur = _VAR.get()
+    if _span_of is not None:
+        return _apply(_merged(cur, _with_span(kv)))
+    ls = _merged(cur, kv)
+    if key is not None and ls is not registry.overflow:
+        inner = _keyed.get(key)
+        if inner is None:
+            if len(_keyed) >= _KEYED_MAX:
+                _keyed.clear()
+            inner = _keyed[key] = {}
+        if len(inner) >= _KEYED_INNER_MAX:
+            inner.clear()
+        inner[cur] = ls
+    return _apply(ls)
+
+
 def push(kv: Dict[str, object]) -> "contextvars.Token[Optional[LabelSet]]":
     """The fast path of ``labels``/``set_labels`` (no key check): ``kv`` added to the current
     labels; undo with :func:`pop`."""
-    return _apply(_merged(_VAR.get(), kv if _span_of is None else _with_span(kv)))
+    return push_keyed(_key_of(kv), kv)
 
 
 def pop(token: "contextvars.Token[Optional[LabelSet]]") -> None:
+    """Undoes a :func:`push` (one C call where built)."""
     _restore(token)
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Awaitable, Callable, Dict, Iterable, Iterator
 
-from asprof.context import pop, push
+from asprof.context import _VAR, _keyed, _pop_token, _push_cached, push_keyed
 
 __all__ = ["ASGILabels", "WSGILabels", "asgi_route", "wsgi_route"]
 
@@ -61,17 +61,33 @@ class ASGILabels:
 
     async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Any]],
                        send: Callable[[Any], Awaitable[None]]) -> None:
-        if scope.get("type") not in ("http", "websocket"):
+        t = scope.get("type")
+        if t != "http" and t != "websocket":
             await self.app(scope, receive, send)
             return
-        kv: Dict[str, object] = {self.key: self.route(scope)}
-        if self.method and scope.get("method"):
-            kv["method"] = scope["method"]
-        token = push(kv)
+        route = self.route(scope)
+        method = scope.get("method") if self.method else None
+        # the request's labels in one C call when this (route, method) was seen with the current
+        # labels before (else computed and cached: push_keyed)
+        key = (_ASGI, self.key, route, method)
+        token = _push_cached(_VAR, _keyed, key)
+        if token is None:
+            token = push_keyed(key, _kv(self.key, route, method))
         try:
             await self.app(scope, receive, send)
         finally:
-            pop(token)
+            _pop_token(_VAR, token)
+
+
+_ASGI = object()  # (markers: the keys of the pushes' cache never meet those of labels())
+_WSGI = object()
+
+
+def _kv(key: str, route: object, method: object) -> Dict[str, object]:
+    kv: Dict[str, object] = {key: route}
+    if method:
+        kv["method"] = method
+    return kv
 
 
 class WSGILabels:
@@ -86,43 +102,46 @@ class WSGILabels:
         self.method = method
 
     def __call__(self, environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        kv: Dict[str, object] = {self.key: self.route(environ)}
-        if self.method and environ.get("REQUEST_METHOD"):
-            kv["method"] = environ["REQUEST_METHOD"]
-        token = push(kv)
+        route = self.route(environ)
+        method = environ.get("REQUEST_METHOD") if self.method else None
+        key = (_WSGI, self.key, route, method)
+        token = _push_cached(_VAR, _keyed, key)
+        if token is None:
+            token = push_keyed(key, _kv(self.key, route, method))
         try:
             result = self.app(environ, start_response)
         finally:
-            pop(token)
+            _pop_token(_VAR, token)
         if isinstance(result, (list, tuple)):  # nothing runs while it is iterated
             return result
-        return _Labelled(result, kv)
+        return _Labelled(result, key, _kv(self.key, route, method))
 
 
 class _Labelled:
     """A WSGI response whose iteration (and close) runs with the request's labels."""
 
-    def __init__(self, result: Iterable[bytes], kv: Dict[str, object]) -> None:
+    def __init__(self, result: Iterable[bytes], key: Any, kv: Dict[str, object]) -> None:
         self._result = result
+        self._key = key
         self._kv = kv
 
     def __iter__(self) -> Iterator[bytes]:
         it = iter(self._result)
         while True:
-            token = push(self._kv)
+            token = push_keyed(self._key, self._kv)
             try:
                 chunk = next(it)
             except StopIteration:
                 return
             finally:
-                pop(token)
+                _pop_token(_VAR, token)
             yield chunk
 
     def close(self) -> None:
         close = getattr(self._result, "close", None)
         if close is not None:
-            token = push(self._kv)
+            token = push_keyed(self._key, self._kv)
             try:
                 close()
             finally:
-                pop(token)
+                _pop_token(_VAR, token)

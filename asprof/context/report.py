@@ -55,12 +55,12 @@ class ContextEvents:
             import asprof.context as _c
 
             threshold = self.threshold_ns
-            _c.on_first_use = lambda: (_steps.install(threshold, record=False), None)[1]
+            _c.set_on_first_use(lambda: (_steps.install(threshold, record=False), None)[1])
 
     def stop(self) -> None:
         import asprof.context as _c
 
-        _c.on_first_use = None
+        _c.set_on_first_use(None)
         if self.otel:
             from asprof.context import enable_otel
 

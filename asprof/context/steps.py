@@ -81,6 +81,49 @@ def _record(handle: Any) -> None:
         pass
 
 
+class _Raiser:
+    """A stand-in ``Handle._context`` whose ``run`` raises the exception the step raised; the
+    rest is the handle's Context (for an exception handler that looks at it)."""
+
+    __slots__ = ("exc", "ctx")
+
+    def __init__(self, exc: BaseException, ctx: Any) -> None:
+        self.exc: Optional[BaseException] = exc
+        self.ctx = ctx
+
+    def run(self, *args: Any) -> None:
+        exc, self.exc = self.exc, None
+        assert exc is not None
+        raise exc
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.ctx, name)
+
+    def __getitem__(self, var: Any) -> Any:
+        return self.ctx[var]
+
+    def __contains__(self, var: Any) -> bool:
+        return var in self.ctx
+
+    def __iter__(self) -> Any:
+        return iter(self.ctx)
+
+    def __len__(self) -> int:
+        return len(self.ctx)
+
+
+def _step_failed(orig: Callable[[Any], None], handle: Any, exc: BaseException) -> None:
+    """The C hook ran a step (``handle._context.run(handle._callback, *handle._args)``) and it
+    raised ``exc``: the original ``_run`` handles it as it would have (its message, the loop's
+    exception handler: whatever this Python version does), its ``run`` re-raising ``exc``."""
+    ctx = handle._context
+    handle._context = _Raiser(exc, ctx)
+    try:
+        orig(handle)
+    finally:
+        handle._context = ctx
+
+
 def _make_run(orig: Callable[[Any], None], record: bool = True) -> Callable[[Any], None]:
     enter = native_slot.enter  # type: ignore[union-attr]
     leave = native_slot.leave  # type: ignore[union-attr]
@@ -201,7 +244,7 @@ def install(threshold_ns: int, record: bool = True) -> bool:
             return True
         make = getattr(native_slot, "make_run", None)
         # in C where built (one method descriptor: no Python frame per step), else the wrapper
-        hook = make(handle, orig, _VAR, _record if record else None) if make is not None \
+        hook = make(handle, orig, _VAR, _record if record else None, _step_failed) if make is not None \
             else _make_run(orig, record)
         _orig = orig
         handle._run = hook

@@ -98,6 +98,63 @@ static PyObject *c_set_label(PyObject *self, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
+/* The slot after the label ContextVar changed in the current Context (read ts->context after
+   the change: a thread's first ContextVar.set creates its Context). */
+static inline void slot_follow(uint32_t id) {
+    PyThreadState *ts = PyThreadState_Get();
+    put_pair(id, id ? (uintptr_t)ts->context : 0);
+    if (id != 0 && slot.step_label == 0) slot.step_label = id;
+}
+
+/* push_cached(var, cache, key) -> Token, or None: the fast path of asprof.context's push. cache
+   is {key: {current label set or None: the label set to push}} (filled by the Python side); on a
+   hit: var.set(that set) and the slot follows; a miss changes nothing (the caller computes). */
+static PyObject *c_push_cached(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 3 || !PyDict_CheckExact(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "push_cached(var, dict, key)");
+        return NULL;
+    }
+    PyObject *inner = PyDict_GetItemWithError(args[1], args[2]);  /* borrowed */
+    if (inner == NULL) {
+        if (PyErr_Occurred()) return NULL;
+        Py_RETURN_NONE;
+    }
+    if (!PyDict_CheckExact(inner)) Py_RETURN_NONE;
+    PyObject *cur;
+    if (PyContextVar_Get(args[0], Py_None, &cur) < 0) return NULL;
+    PyObject *ls = PyDict_GetItemWithError(inner, cur);  /* borrowed; the cache holds it */
+    Py_DECREF(cur);
+    if (ls == NULL) {
+        if (PyErr_Occurred()) return NULL;
+        Py_RETURN_NONE;
+    }
+    uint32_t id;
+    if (label_arg(ls, &id) != 0) return NULL;
+    Py_INCREF(ls);  /* (var.set may run code that clears the cache) */
+    PyObject *token = PyContextVar_Set(args[0], ls);
+    Py_DECREF(ls);
+    if (token == NULL) return NULL;
+    slot_follow(id);
+    return token;
+}
+
+/* pop_token(var, token): var.reset(token), and the slot follows. */
+static PyObject *c_pop_token(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 2) {
+        PyErr_SetString(PyExc_TypeError, "pop_token(var, token)");
+        return NULL;
+    }
+    if (PyContextVar_Reset(args[0], args[1]) < 0) return NULL;
+    PyObject *cur;
+    if (PyContextVar_Get(args[0], Py_None, &cur) < 0) return NULL;
+    uint32_t id;
+    int bad = label_arg(cur, &id);
+    Py_DECREF(cur);
+    if (bad != 0) return NULL;
+    slot_follow(id);
+    Py_RETURN_NONE;
+}
+
 /* enter(ctx, id): an event-loop step is about to run in Context ctx, whose label is id. */
 static PyObject *c_enter(PyObject *self, PyObject *const *args, Py_ssize_t n) {
     if (n != 2) {
@@ -163,13 +220,60 @@ static PyObject *c_simulate_sample(PyObject *self, PyObject *noargs) {
 /* ---- the step hook in C (asprof.context.steps): Handle._run replaced by a method descriptor
    doing enter, the original _run, leave (and, for a step to record, the Python recorder) ---- */
 
-static PyObject *run_orig, *run_var, *run_record, *str_context, *str_get;
+static PyObject *run_orig, *run_var, *run_record, *run_fail, *str_context, *str_get, *str_callback, *str_args,
+    *str_run;
+
+/* What Handle._run does, without its Python frame: self._context.run(self._callback, *self._args).
+   Returns 1 done, 0 failed (exception set: the caller decides), -1 "not a plain handle" (nothing
+   ran: the caller calls the original). */
+static PyObject *take_exception(void) {
+#if PY_VERSION_HEX >= 0x030C0000
+    return PyErr_GetRaisedException();
+#else
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    PyErr_NormalizeException(&t, &v, &tb);
+    if (v != NULL && tb != NULL) PyException_SetTraceback(v, tb);
+    Py_XDECREF(t);
+    Py_XDECREF(tb);
+    return v;
+#endif
+}
+
+#define RUN_MAX_ARGS 8
+static int run_direct(PyObject *self, PyObject *ctx) {
+    if (ctx == NULL || !PyContext_CheckExact(ctx)) return -1;
+    PyObject *cb = PyObject_GetAttr(self, str_callback);
+    if (cb == NULL) {
+        PyErr_Clear();
+        return -1;
+    }
+    PyObject *args = PyObject_GetAttr(self, str_args);
+    if (args == NULL) PyErr_Clear();
+    if (args == NULL || !PyTuple_CheckExact(args) || PyTuple_GET_SIZE(args) > RUN_MAX_ARGS) {
+        Py_DECREF(cb);
+        Py_XDECREF(args);
+        return -1;
+    }
+    PyObject *vec[RUN_MAX_ARGS + 2];
+    Py_ssize_t n = PyTuple_GET_SIZE(args);
+    vec[0] = ctx;
+    vec[1] = cb;
+    for (Py_ssize_t i = 0; i < n; i++) vec[2 + i] = PyTuple_GET_ITEM(args, i);
+    PyObject *r = PyObject_VectorcallMethod(str_run, vec, (size_t)(n + 2), NULL);
+    Py_DECREF(cb);
+    Py_DECREF(args);
+    if (r == NULL) return 0;
+    Py_DECREF(r);
+    return 1;
+}
 
 static PyObject *c_handle_run(PyObject *self, PyObject *noargs) {
-    PyObject *orig = run_orig, *record = run_record;
+    PyObject *orig = run_orig, *record = run_record, *fail = run_fail;
     if (orig == NULL) Py_RETURN_NONE;
     Py_INCREF(orig);
     Py_XINCREF(record);
+    Py_XINCREF(fail);
     ctx_slot *s = &slot;
     PyObject *ctx = PyObject_GetAttr(self, str_context);
     uint32_t id = 0;
@@ -191,9 +295,29 @@ static PyObject *c_handle_run(PyObject *self, PyObject *noargs) {
     s->step_samples = s->samples;
     s->step_label = id;
     s->step_start = mono_ns();
+    /* with a fail handler: the step run here (no Python frame for _run); an exception other than
+       SystemExit / KeyboardInterrupt goes to fail(orig, handle, exc), which hands it to the
+       original _run's own handling (the loop's exception handler, as without the hook) */
+    int done = fail != NULL ? run_direct(self, ctx) : -1;
     Py_XDECREF(ctx);  /* the handle keeps its Context alive for the step */
-    PyObject *r = PyObject_CallOneArg(orig, self);
+    PyObject *r;
+    if (done == 1) {
+        r = Py_NewRef(Py_None);
+    } else if (done == 0) {
+        r = NULL;
+        if (!PyErr_ExceptionMatches(PyExc_SystemExit) && !PyErr_ExceptionMatches(PyExc_KeyboardInterrupt)) {
+            PyObject *exc = take_exception();
+            if (exc != NULL) {
+                PyObject *fargs[3] = {orig, self, exc};
+                r = PyObject_Vectorcall(fail, fargs, 3, NULL);
+                Py_DECREF(exc);
+            }
+        }
+    } else {
+        r = PyObject_CallOneArg(orig, self);
+    }
     Py_DECREF(orig);
+    Py_XDECREF(fail);
     if (r == NULL) {  /* SystemExit, KeyboardInterrupt: _run lets them through */
         Py_XDECREF(record);
         return NULL;
@@ -214,12 +338,22 @@ static PyObject *c_handle_run(PyObject *self, PyObject *noargs) {
 
 static PyMethodDef run_def = {"_run", c_handle_run, METH_NOARGS, "asprof's step hook around asyncio's Handle._run"};
 
-/* make_run(handle_type, orig, var, record_or_None) -> the descriptor to set as Handle._run. */
+/* make_run(handle_type, orig, var, record_or_None[, fail]) -> the descriptor to set as Handle._run.
+   fail(orig, handle, exc): with it the step is run in C (see run_direct). */
 static PyObject *c_make_run(PyObject *self, PyObject *args) {
-    PyObject *type, *orig, *var, *record;
-    if (!PyArg_ParseTuple(args, "O!OOO:make_run", &PyType_Type, &type, &orig, &var, &record)) return NULL;
+    PyObject *type, *orig, *var, *record, *fail = Py_None;
+    if (!PyArg_ParseTuple(args, "O!OOO|O:make_run", &PyType_Type, &type, &orig, &var, &record, &fail)) return NULL;
     if (str_context == NULL && (str_context = PyUnicode_InternFromString("_context")) == NULL) return NULL;
     if (str_get == NULL && (str_get = PyUnicode_InternFromString("get")) == NULL) return NULL;
+    if (str_callback == NULL && (str_callback = PyUnicode_InternFromString("_callback")) == NULL) return NULL;
+    if (str_args == NULL && (str_args = PyUnicode_InternFromString("_args")) == NULL) return NULL;
+    if (str_run == NULL && (str_run = PyUnicode_InternFromString("run")) == NULL) return NULL;
+    if (fail == Py_None) {
+        Py_CLEAR(run_fail);
+    } else {
+        Py_INCREF(fail);
+        Py_XSETREF(run_fail, fail);
+    }
     Py_INCREF(orig);
     Py_XSETREF(run_orig, orig);
     Py_INCREF(var);
@@ -237,6 +371,10 @@ static void atfork_child(void) { slot.tid = 0; }
 
 static PyMethodDef methods[] = {
     {"set_label", c_set_label, METH_O, "set_label(id): the label-set id of this thread in its current Context"},
+    {"push_cached", (PyCFunction)(void (*)(void))c_push_cached, METH_FASTCALL,
+     "push_cached(var, cache, key) -> Token or None (a miss): var.set(cache[key][var.get()]), the slot follows"},
+    {"pop_token", (PyCFunction)(void (*)(void))c_pop_token, METH_FASTCALL,
+     "pop_token(var, token): var.reset(token), the slot follows"},
     {"enter", (PyCFunction)(void (*)(void))c_enter, METH_FASTCALL, "enter(ctx, id): an event-loop step starts"},
     {"leave", c_leave, METH_NOARGS, "leave() -> bool: the step ended; True when it is to be recorded"},
     {"last_step", c_last_step, METH_NOARGS, "last_step() -> (tid, start_ns, end_ns, samples, start label)"},
