@@ -16,7 +16,10 @@ Configurations:
   ddtrace's heap snapshot; memray's file closed);
 - ``ddtrace``: ddtrace's memory profiler (``MemoryCollector``, the allocation and heap
   profiles) at the same 512 KiB sampling interval, heap snapshot at the end;
-- ``memray``: ``memray.Tracker`` to a file (it records every allocation: no sampling).
+- ``memray``: ``memray.Tracker`` to a file (it records every allocation: no sampling);
+- not in the default list, the breakdown of ``asprof``: ``asprof_import`` (its modules imported,
+  nothing started: more objects for the cyclic GC to scan) and ``asprof_hooks`` (the C hooks and
+  samples alone, no collector thread, no report).
 
 The workload (``work``): builds dicts, lists and strings, keeps a rolling window of them alive
 (frees as many as it allocates, so the live set stays ~constant) and retains a small steady
@@ -100,6 +103,15 @@ def child(config: str, units: int) -> Dict[str, Any]:
         def stop() -> None:
             data = sampler.stop()
             extra["report_bytes"] = len(data or b"")
+    elif config == "asprof_import":  # the breakdown: what the asprof configuration imports, nothing started
+        from asprof.engines import alloc as _alloc_mod  # noqa: F401
+        from asprof.options import DEFAULT_PYTHON_ALLOC  # noqa: F401
+    elif config == "asprof_hooks":  # the breakdown: the C hooks and samples alone (no collector, no report)
+        from asprof.engines import _alloc
+        from asprof.options import DEFAULT_PYTHON_ALLOC
+
+        _alloc.start(int(DEFAULT_PYTHON_ALLOC))
+        stop = _alloc.stop  # type: ignore[assignment]
     elif config == "ddtrace":
         from ddtrace.profiling.collector.memalloc import MemoryCollector
 
@@ -127,6 +139,8 @@ def child(config: str, units: int) -> Dict[str, Any]:
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     work(units)
+    wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
     rss = _rss_kb()
     if sampler is not None:
         st = sampler.stats()
@@ -135,16 +149,19 @@ def child(config: str, units: int) -> Dict[str, Any]:
         extra["samples"] = st.get("samples", 0)
     # the profiler's stop is timed too: its last report holds every sample of the run (a service
     # pays for writing them in its periodic reports). The workload's pending garbage collection is
-    # settled first, in every configuration: else whichever allocates next (the report) pays it.
+    # settled first, untimed, in every configuration: else whichever allocates next (the report)
+    # pays it, or a full collection forced in the window weighs each configuration's imports.
     if not os.environ.get("BENCH_ALLOC_NO_GC"):
         gc.collect()
+    r2 = resource.getrusage(resource.RUSAGE_SELF)
+    t2 = time.perf_counter()
     stop()
-    wall = time.perf_counter() - t0
-    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    wall += time.perf_counter() - t2
+    r3 = resource.getrusage(resource.RUSAGE_SELF)
     for f in os.listdir(tmp):
         os.unlink(os.path.join(tmp, f))
     os.rmdir(tmp)
-    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime) + (r3.ru_utime - r2.ru_utime) + (r3.ru_stime - r2.ru_stime)
     return {"config": config, "wall": wall, "cpu": cpu, "rss_kb": rss, **extra}
 
 
