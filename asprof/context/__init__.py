@@ -372,7 +372,7 @@ def push_keyed(key: Any, kv: Dict[str, object]) -> "contextvars.Token[Optional[L
     always means the same labels; None: not cached); undo with :func:`pop`. A hit is one C call
     (``_push_cached``); callers on a hot path try that first themselves."""
     if key is not None and _span_of is None:
-        tok = _push_cached(_VAR, _keyed, key)
+        tok: Optional["contextvars.Token[Optional[LabelSet]]"] = _push_cached(_VAR, _keyed, key)
         if tok is not None:
             return tok
     cur = _VAR.get()
