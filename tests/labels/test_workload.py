@@ -2,8 +2,9 @@
 with two routes of known CPU cost and injected stalls of known length, profiled by each engine.
 
 - ``asprof top --by endpoint`` splits the routes' CPU as the service timed it (±3 points);
-- ``asprof longsteps --min 50ms`` lists the stalls (>= 95%, durations within 10%) with the
-  blocking call's frames, and no step shorter than the threshold.
+- ``asprof longsteps --min 50ms`` lists the stalls (>= 95%, durations within 10% of the
+  blocking call's measured duration) with the blocking call's frames, and no step shorter than
+  the threshold.
 """
 from __future__ import annotations
 
@@ -21,8 +22,11 @@ import pytest
 from conftest import REAL_LIB, ROOT, child_env
 
 SERVER = ROOT / "examples" / "labels_server.py"
-STALL_MS = 80.0
-STALL_EVERY = 40
+# Stalls long enough that the step around one (the request's 1 ms of work + the stall) is within
+# 10% of the stall even when this shared machine preempts the service for a few ms; 22 of them,
+# so ">= 95%" can be told from "all but two".
+STALL_MS = 150.0
+STALL_EVERY = 20
 
 
 def _load(port: int, seconds_requests: int, conn_id: int, stall: bool) -> None:
@@ -128,12 +132,20 @@ def test_routes_and_stalls(engine: str, tmp_path: Path) -> None:
     assert all(d >= 50.0 for d, _t in entries), text
     found = [d for d, block in entries if "blocking_call" in block]
     # every stall is listed with the blocking call's frames; its step lasts the stall plus the
-    # request's own few ms (the held-out check: >= 95% within 10%; on this shared 2-core machine a
-    # preempted request can stretch a step, so >= 80% here, and never one shorter than the stall)
-    timed = sorted(d / 1e6 for _t0, d in stalls)  # as the service timed them (sleep can overshoot)
+    # request's own ms: >= 95% of the stalls have a step of their own within 10% of the blocking
+    # call's duration as the service measured it (time.sleep can overshoot: the truth is what it took)
+    timed = sorted(d / 1e6 for _t0, d in stalls)
     # (a step preempted right after a stall can show the stall's stack again: the built-in engine
     # repeats an idle-looking thread's last sleeping stack; so count the stall-long ones)
     long_enough = [d for d in found if d >= 0.95 * min(timed)]
     assert len(long_enough) >= len(stalls), (found, timed, text[:3000])
-    matched = sum(1 for d in found if any(abs(d - t) <= 0.1 * t for t in timed))
-    assert matched >= 0.8 * len(stalls), (matched, len(stalls), found, timed)
+    # one step per stall: each stall takes the closest step not yet taken, within 10%
+    left = sorted(found)
+    matched = 0
+    for t in timed:
+        near = [d for d in left if abs(d - t) <= 0.1 * t]
+        if near:
+            left.remove(min(near, key=lambda d: abs(d - t)))
+            matched += 1
+    print(f"{engine}: {matched}/{len(stalls)} stalls matched, steps {found}, stalls {timed}")
+    assert len(stalls) >= 20 and matched >= 0.95 * len(stalls), (matched, len(stalls), found, timed)
