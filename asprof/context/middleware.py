@@ -58,6 +58,7 @@ class ASGILabels:
         self.route = route
         self.key = key
         self.method = method
+        self._plain_route = route is asgi_route
 
     async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Any]],
                        send: Callable[[Any], Awaitable[None]]) -> None:
@@ -65,7 +66,12 @@ class ASGILabels:
         if t != "http" and t != "websocket":
             await self.app(scope, receive, send)
             return
-        route = self.route(scope)
+        if self._plain_route and "route" not in scope:  # asgi_route inlined (a call per request)
+            route = scope.get("path")
+            if route.__class__ is not str or not route:
+                route = asgi_route(scope)
+        else:
+            route = self.route(scope)
         method = scope.get("method") if self.method else None
         # the request's labels in one C call when this (route, method) was seen with the current
         # labels before (else computed and cached: push_keyed)
