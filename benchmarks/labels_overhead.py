@@ -199,8 +199,17 @@ if kind == "asyncio":
     args = ["--out", out, "--engine", "none" if config == "none" else engine,
             "--cpu-interval", "0.01", "--wall-interval", "0.1"]
     # labels: the middleware + the step hook; mw: the middleware alone (the labels-only hook);
-    # steps: the step hook alone
-    args += {"labels": [], "mw": ["--no-steps"], "steps": ["--no-labels"]}.get(config, ["--no-labels", "--no-steps"])
+    # steps: the step hook alone; passmw: an empty ASGI middleware in its place (what any costs)
+    if config == "passmw":
+        import asprof.context.middleware as mw
+        class Pass:
+            def __init__(self, app, **kw):
+                self.app = app
+            async def __call__(self, scope, receive, send):
+                await self.app(scope, receive, send)
+        mw.ASGILabels = Pass
+    args += {"labels": [], "mw": ["--no-steps"], "steps": ["--no-labels"], "passmw": ["--no-steps"]}.get(
+        config, ["--no-labels", "--no-steps"])
     sys.argv = [os.path.join(root, "examples", "labels_server.py")] + args
     runpy.run_path(sys.argv[0], run_name="__main__")
 else:
@@ -469,7 +478,8 @@ def main() -> int:
                     help="--pairs: KIND:ROUTE,... (kind asyncio or wsgi; /ping: no work, /search: 1 ms of CPU)")
     ap.add_argument("--configs", default="profiler/profiler,labels/profiler,labels/none",
                     help="--pairs: X/BASE,... (none, profiler, labels; asyncio also mw: the middleware "
-                         "without step events, steps: step events without the middleware); X/X is the A/A row")
+                         "without step events, steps: step events without the middleware, passmw: an empty ASGI "
+                         "middleware: the floor of any middleware); X/X is the A/A row")
     ap.add_argument("--requests", type=int, default=0, help="--pairs: requests per server per pair")
     a = ap.parse_args()
     import shutil
