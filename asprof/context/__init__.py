@@ -204,11 +204,11 @@ _KEYED_INNER_MAX = 256
 def _merged(cur: Optional[LabelSet], kv: Dict[str, object]) -> Optional[LabelSet]:
     """The label set of ``cur`` updated with ``kv`` (a value None removes the key); the
     result of the same (current set, labels) is cached."""
-    try:
-        key = (int(cur) if cur is not None else 0, tuple(kv.items()))
-        got = _merge_cache.get(key, _MISSING)
-    except TypeError:  # an unhashable value: no caching
+    items = _key_of(kv)  # (with the values' types: 1 and True are equal keys, not equal labels)
+    if items is None:  # an unhashable value: no caching
         return _merge(cur, kv)
+    key = (int(cur) if cur is not None else 0, items)
+    got = _merge_cache.get(key, _MISSING)
     if got is not _MISSING:
         return got  # type: ignore[no-any-return]
     ls = _merge(cur, kv)

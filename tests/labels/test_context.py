@@ -288,3 +288,55 @@ def test_without_step_events_the_hook_comes_with_the_first_labels() -> None:
     finally:
         ce.stop()
     assert not steps.installed() and ctxmod.on_first_use is None
+
+
+def test_cached_pushes_follow_the_current_labels_and_value_types() -> None:
+    # the pushes' cache is keyed by the labels and the current set: the same labels() object
+    # entered under different outer labels, and equal values of different types (1, True, 1.0),
+    # each give their own set, on the slot too
+    inner = labels(x=1)
+    for outer in ("a", "b", "a"):
+        with labels(outer=outer):
+            with inner as got:
+                assert got == {"outer": outer, "x": "1"} and slot_labels() == got
+            assert slot_labels() == {"outer": outer}
+    for v, text in ((1, "1"), (True, "True"), (1.0, "1.0"), (1, "1")):
+        with labels(x=v) as got:
+            assert got == {"x": text} and slot_labels() == {"x": text}
+    assert _ctx.current_label() == 0
+
+
+def test_step_hook_keeps_asyncio_exception_handling() -> None:
+    # the C hook runs the step itself: a callback's exception still reaches the loop's exception
+    # handler as without asprof (same message, exception and handle), KeyboardInterrupt still
+    # stops the loop, and the handle keeps its Context
+    def run() -> List[Any]:
+        got: List[Any] = []
+        loop = asyncio.new_event_loop()
+        loop.set_exception_handler(lambda _l, c: got.append((c["message"], c["exception"].args, c["handle"])))
+
+        def bad(x: int) -> None:
+            raise ValueError(x)
+
+        def interrupt() -> None:
+            raise KeyboardInterrupt
+
+        h = loop.call_soon(bad, 7)
+        loop.call_soon(loop.stop)
+        loop.run_forever()
+        loop.call_soon(interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            loop.run_forever()
+        loop.close()
+        assert got and got[0][2] is h and type(h._context).__name__ == "Context"
+        return [(m.split(" at ")[0], a) for m, a, _h in got]
+
+    without = run()
+    steps.install(10**9)
+    try:
+        assert type(asyncio.events.Handle.__dict__["_run"]).__name__ == "method_descriptor"  # the C hook
+        hooked = run()
+    finally:
+        steps.uninstall()
+    assert hooked == without == [("Exception in callback test_step_hook_keeps_asyncio_exception_handling."
+                                  "<locals>.run.<locals>.bad(7)", (7,))]
