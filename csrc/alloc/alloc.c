@@ -16,8 +16,9 @@
  * small objects, ~s for large ones).
  *
  * Safety:
- *  - the fast path is a thread-local counter; no allocation, no lock anywhere in the hooks:
- *    every buffer is mmap-ed once at the first start();
+ *  - the fast path is a byte countdown (OBJ/MEM: one counter serialised by the GIL their callers
+ *    hold; RAW: per thread); no allocation, no lock anywhere in the hooks: every buffer is
+ *    mmap-ed once at the first start();
  *  - a thread-local re-entrancy flag: while an OBJ/MEM hook runs (pymalloc hands large blocks
  *    to PyMem_RawMalloc) and while collect() builds its Python objects, nested hooks only pass
  *    the call on;
