@@ -200,15 +200,27 @@ if kind == "asyncio":
             "--cpu-interval", "0.01", "--wall-interval", "0.1"]
     # labels: the middleware + the step hook; mw: the middleware alone (the labels-only hook);
     # steps: the step hook alone; passmw: an empty ASGI middleware in its place (what any costs)
-    if config == "passmw":
+    # varmw: an empty middleware that sets and resets a ContextVar per request (the floor of any
+    # contextvar-based request label)
+    if config in ("passmw", "varmw"):
+        import contextvars
         import asprof.context.middleware as mw
+        var = contextvars.ContextVar("bench")
         class Pass:
             def __init__(self, app, **kw):
                 self.app = app
             async def __call__(self, scope, receive, send):
                 await self.app(scope, receive, send)
-        mw.ASGILabels = Pass
-    args += {"labels": [], "mw": ["--no-steps"], "steps": ["--no-labels"], "passmw": ["--no-steps"]}.get(
+        class Var(Pass):
+            async def __call__(self, scope, receive, send):
+                t = var.set(scope["path"])
+                try:
+                    await self.app(scope, receive, send)
+                finally:
+                    var.reset(t)
+        mw.ASGILabels = Pass if config == "passmw" else Var
+    args += {"labels": [], "mw": ["--no-steps"], "steps": ["--no-labels"], "passmw": ["--no-steps"],
+             "varmw": ["--no-steps"]}.get(
         config, ["--no-labels", "--no-steps"])
     sys.argv = [os.path.join(root, "examples", "labels_server.py")] + args
     runpy.run_path(sys.argv[0], run_name="__main__")
@@ -479,7 +491,8 @@ def main() -> int:
     ap.add_argument("--configs", default="profiler/profiler,labels/profiler,labels/none",
                     help="--pairs: X/BASE,... (none, profiler, labels; asyncio also mw: the middleware "
                          "without step events, steps: step events without the middleware, passmw: an empty ASGI "
-                         "middleware: the floor of any middleware); X/X is the A/A row")
+                         "middleware: the floor of any middleware, varmw: the same setting a ContextVar per request); "
+                         "X/X is the A/A row")
     ap.add_argument("--requests", type=int, default=0, help="--pairs: requests per server per pair")
     a = ap.parse_args()
     import shutil
