@@ -59,21 +59,28 @@ try:
 
     native_slot: Optional[Any] = _native_ctx
     _set_native: Callable[[int], None] = _native_ctx.set_label
-    #: push_cached(var, cache, key) -> Token or None (a miss): one C call for a cached push
-    _push_cached: Callable[[Any, Dict[Any, Any], Any], Any] = _native_ctx.push_cached
-    #: pop_token(var, token): var.reset(token) and the slot follows, in one C call
-    _pop_token: Callable[[Any, Any], None] = _native_ctx.pop_token
 except ImportError:  # not built here: labels still apply to contexts, samples do not carry them
     native_slot = None
 
     def _set_native(id: int) -> None:
         return None
 
-    def _push_cached(var: Any, cache: Dict[Any, Any], key: Any) -> Any:
-        return None
 
-    def _pop_token(var: Any, token: Any) -> None:
-        var.reset(token)
+def _no_push_cached(var: Any, cache: Dict[Any, Any], key: Any) -> Any:
+    return None
+
+
+def _py_pop_token(var: Any, token: Any) -> None:
+    var.reset(token)
+    cur = var.get()
+    _set_native(cur if cur is not None else 0)
+
+
+#: push_cached(var, cache, key) -> Token or None (a miss): one C call for a cached push (an
+#: extension built before it existed: always a miss)
+_push_cached: Callable[[Any, Dict[Any, Any], Any], Any] = getattr(native_slot, "push_cached", _no_push_cached)
+#: pop_token(var, token): var.reset(token) and the slot follows, in one C call
+_pop_token: Callable[[Any, Any], None] = getattr(native_slot, "pop_token", _py_pop_token)
 
 
 class LabelSet(int):
@@ -304,10 +311,7 @@ def _apply(ls: Optional[LabelSet]) -> "contextvars.Token[Optional[LabelSet]]":
 
 
 def _restore(token: "contextvars.Token[Optional[LabelSet]]") -> None:
-    if native_slot is not None:
-        _pop_token(_VAR, token)
-        return
-    _VAR.reset(token)
+    _pop_token(_VAR, token)
 
 
 class labels:

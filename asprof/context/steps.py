@@ -244,8 +244,13 @@ def install(threshold_ns: int, record: bool = True) -> bool:
             return True
         make = getattr(native_slot, "make_run", None)
         # in C where built (one method descriptor: no Python frame per step), else the wrapper
-        hook = make(handle, orig, _VAR, _record if record else None, _step_failed) if make is not None \
-            else _make_run(orig, record)
+        if make is None:
+            hook = _make_run(orig, record)
+        else:
+            try:
+                hook = make(handle, orig, _VAR, _record if record else None, _step_failed)
+            except TypeError:  # an extension built before the step ran in C: it calls _run
+                hook = make(handle, orig, _VAR, _record if record else None)
         _orig = orig
         handle._run = hook
     check_loops()
