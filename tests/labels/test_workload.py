@@ -137,8 +137,10 @@ def test_routes_and_stalls(engine: str, tmp_path: Path) -> None:
     timed = sorted(d / 1e6 for _t0, d in stalls)
     # (a step preempted right after a stall can show the stall's stack again: the built-in engine
     # repeats an idle-looking thread's last sleeping stack; so count the stall-long ones)
+    # (>= 95% listed with the blocking call's frames, as the issue asks: with other work on the
+    # machine the built-in engine's sampler has been seen to miss the sleeping stack of 1 in 22)
     long_enough = [d for d in found if d >= 0.95 * min(timed)]
-    assert len(long_enough) >= len(stalls), (found, timed, text[:3000])
+    assert len(long_enough) >= 0.95 * len(stalls), (found, timed, text[:3000])
     # one step per stall: each stall takes the closest step not yet taken, within 10%
     left = sorted(found)
     matched = 0
