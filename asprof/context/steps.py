@@ -91,9 +91,10 @@ class _Raiser:
         self.exc: Optional[BaseException] = exc
         self.ctx = ctx
 
-    def run(self, *args: Any) -> None:
+    def run(self, *args: Any) -> Any:
         exc, self.exc = self.exc, None
-        assert exc is not None
+        if exc is None:  # a later run: the Context's own (3.12+ run the loop's exception handler in it)
+            return self.ctx.run(*args)
         raise exc
 
     def __getattr__(self, name: str) -> Any:

@@ -338,5 +338,8 @@ def test_step_hook_keeps_asyncio_exception_handling() -> None:
         hooked = run()
     finally:
         steps.uninstall()
-    assert hooked == without == [("Exception in callback test_step_hook_keeps_asyncio_exception_handling."
-                                  "<locals>.run.<locals>.bad(7)", (7,))]
+    # the message as this Python version writes it (3.14 leaves the arguments out unless in debug mode)
+    assert hooked == without
+    assert len(without) == 1 and without[0][1] == (7,)
+    assert without[0][0].startswith("Exception in callback test_step_hook_keeps_asyncio_exception_handling."
+                                    "<locals>.run.<locals>.bad(")
