@@ -76,6 +76,9 @@ def test_a_forked_child_records_python_frames_too(tmp_path: Path) -> None:
 
     for f in files:
         collapsed = asprof.jfr.to_collapsed(asprof.jfr.open(str(f)).samples("cpu"))
-        lines = [line for line in collapsed.splitlines() if line]
-        with_alpha = [line for line in lines if "__main__.alpha" in line]
-        assert len(with_alpha) >= len(lines) // 2, (f.name, collapsed[:500])
+        # by samples, not distinct stacks: the agent's own start-up (imports on its thread) makes
+        # many distinct stacks of few samples, more of them on a loaded machine
+        weights = [(line, int(line.rsplit(" ", 1)[1])) for line in collapsed.splitlines() if line]
+        total = sum(n for _line, n in weights)
+        with_alpha = sum(n for line, n in weights if "__main__.alpha" in line)
+        assert total > 0 and with_alpha >= total // 2, (f.name, with_alpha, total, collapsed[:500])
