@@ -37,6 +37,7 @@ class _Source:
     by_mono: Dict[int, List[Tuple[int, int]]] = field(default_factory=dict)
     steps: List[Step] = field(default_factory=list)
     records: int = 0
+    keyed: bool = False  # records carry exact join keys: a sample without one has no labels
     bad: int = 0
 
 
@@ -86,6 +87,7 @@ class ContextData:
                         src.records += 1
                         if r.key:
                             src.exact[(r.tid, r.key)] = r.label
+                            src.keyed = True
                         if r.tsc:
                             src.by_tsc.setdefault(r.tid, []).append((r.tsc, r.label))
                         src.by_mono.setdefault(r.tid, []).append((r.mono, r.label))
@@ -115,6 +117,11 @@ class ContextData:
             return None
         lab = src.exact.get((tid, ticks))
         if lab is None:
+            if src.keyed:
+                # Only labelled samples have a record: with exact keys, none means no labels.
+                # (A timestamp join would give an unlabelled sample the label of the next
+                # labelled one on its thread: event-loop work was counted to the request after.)
+                return None
             series = (src.by_mono if clock == "monotonic" else src.by_tsc).get(tid)
             if not series:
                 return None

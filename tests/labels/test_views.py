@@ -39,7 +39,10 @@ def recording(tmp_path_factory: pytest.TempPathFactory) -> Path:
     recs = b""
     labels = []
     t = T0
-    for name, n, lab in (("checkout", 60, 2), ("search", 30, 3), ("loop", 10, 0)):
+    # event-loop work (unlabelled) between requests, 1 ms before the next request's samples:
+    # it stays unlabelled (its samples have no label record; the next sample's is not theirs)
+    for name, n, lab in (("checkout", 30, 2), ("loop", 5, 0), ("search", 30, 3), ("loop", 5, 0),
+                         ("checkout", 30, 2)):
         for _ in range(n):
             t += 1_000_000
             recs += SAMPLE.pack(t, TID, idx[name], KIND_CPU, 0, 0)

@@ -119,7 +119,8 @@ def test_routes_and_stalls(engine: str, tmp_path: Path) -> None:
     table = by_label_table(asprof_cli("top", str(tmp_path), "--cpu", "--by", "endpoint", "-n", "0"))
     assert "/checkout" in table and "/search" in table, table
     labelled = table["/checkout"] + table["/search"]
-    assert table.get("<none>", 0.0) < 15.0, table  # event loop, HTTP parsing: small
+    # unlabelled: the event loop and HTTP parsing between requests (6-11% here)
+    assert table.get("<none>", 0.0) < 25.0, table
     for route in ("/checkout", "/search"):
         got = 100.0 * table[route] / labelled
         want = 100.0 * cpu[route] / total
