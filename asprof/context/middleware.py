@@ -17,14 +17,25 @@ context (a task per request, as ASGI servers do), the WSGI application inside
 """
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable, Dict, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, Iterable, Iterator, Tuple, cast
 
-from asprof.context import _VAR, _keyed, _pop_token, _push_cached, push_keyed
+import asprof.context as _context
+from asprof.context import (
+    _KEYED_INNER_MAX,
+    _KEYED_MAX,
+    _VAR,
+    _keyed,
+    _pop_token,
+    _push_cached,
+    native_slot,
+    push_keyed,
+    registry,
+)
 
 __all__ = ["ASGILabels", "WSGILabels", "asgi_route", "wsgi_route"]
 
 Scope = Dict[str, Any]
-ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[Any]]
 WSGIApp = Callable[[Dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 
@@ -49,30 +60,36 @@ def wsgi_route(environ: Dict[str, Any]) -> str:
     return p or "/"
 
 
-class ASGILabels:
-    """ASGI middleware: each HTTP / WebSocket request runs inside ``asprof.labels(endpoint=...)``."""
+class _PyASGILabels:
+    """ASGI middleware: each HTTP / WebSocket request runs inside ``asprof.labels(endpoint=...)``.
+    (The call in Python: the one used when the C extension is not built.)"""
 
     def __init__(self, app: ASGIApp, route: Callable[[Scope], str] = asgi_route, key: str = "endpoint",
                  method: bool = True) -> None:
+        if not isinstance(key, str) or not key:
+            raise ValueError("ASGILabels: the label key must be a non-empty str")
         self.app = app
         self.route = route
         self.key = key
-        self.method = method
+        self.method = bool(method)
         self._plain_route = route is asgi_route
 
     async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Any]],
-                       send: Callable[[Any], Awaitable[None]]) -> None:
+                       send: Callable[[Any], Awaitable[None]]) -> Any:
         t = scope.get("type")
         if t != "http" and t != "websocket":
-            await self.app(scope, receive, send)
-            return
+            return await self.app(scope, receive, send)
         if self._plain_route and "route" not in scope:  # asgi_route inlined (a call per request)
             route = scope.get("path")
             if route.__class__ is not str or not route:
                 route = asgi_route(scope)
         else:
             route = self.route(scope)
+            if route.__class__ is not str:  # (its text is the label)
+                route = str(route)
         method = scope.get("method") if self.method else None
+        if method is not None and method.__class__ is not str:
+            method = str(method)
         # the request's labels in one C call when this (route, method) was seen with the current
         # labels before (else computed and cached: push_keyed)
         key = (_ASGI, self.key, route, method)
@@ -80,13 +97,74 @@ class ASGILabels:
         if token is None:
             token = push_keyed(key, _kv(self.key, route, method))
         try:
-            await self.app(scope, receive, send)
-        finally:
+            result = await self.app(scope, receive, send)
+        except GeneratorExit:  # closed: maybe an abandoned request collected in another context
+            try:
+                _pop_token(_VAR, token)
+            except ValueError:  # (that context is gone with its task)
+                pass
+            raise
+        except BaseException:
             _pop_token(_VAR, token)
+            raise
+        _pop_token(_VAR, token)
+        return result
+
+
+_CLabels: Any = getattr(native_slot, "ASGILabels", None)
+if TYPE_CHECKING or _CLabels is None:
+    ASGILabels = _PyASGILabels
+else:
+    # In C (csrc/context/context.c), the same behaviour: calling it returns an awaitable that,
+    # when first awaited, pushes the labels (a cached lookup and a ContextVar.set), runs the
+    # application and pops them when it ends, with no Python frame of its own: an empty request
+    # costs tens of microseconds, and the coroutine frame, attribute reads and try/finally of
+    # the Python version were a few percent of it.
+    ASGILabels = _CLabels
+
+_CACHE_KEYS: Dict[Tuple[str, bool], object] = {}
+
+
+def _cache_key(key: str, method: bool) -> object:
+    """The C call's cache key for (label key, method on): one object each, hashed by address."""
+    return _CACHE_KEYS.setdefault((key, bool(method)), object())
+
+
+def _asgi_miss(mw: Any, route: Any, method: Any) -> Any:
+    """The C call's miss: the labels of (route, method) pushed, and cached for its next requests
+    in ``_keyed[mw's cache key][route][method][current set]`` (what the C call looks up)."""
+    key = mw.key
+    if route.__class__ is not str:  # a route function returning another type: its text is the label
+        route = str(route)
+    if method is not None and method.__class__ is not str:
+        method = str(method)
+    cur = _VAR.get()
+    token = push_keyed((_ASGI, key, route, method), _kv(key, route, method))
+    ls = _VAR.get()
+    if (_context._span_of is None and ls is not registry.overflow and route.__class__ is str
+            and (method is None or method.__class__ is str)):
+        keyed = cast(Dict[Any, Dict[Any, Any]], _keyed)
+        ckey = _cache_key(key, mw.method)
+        routes = keyed.get(ckey)
+        if routes is None:
+            if len(keyed) >= _KEYED_MAX:
+                keyed.clear()
+            routes = keyed[ckey] = {}
+        if len(routes) >= _KEYED_MAX:
+            routes.clear()
+        sets = routes.setdefault(route, {})
+        if mw.method:  # keyed[ckey][route][method][current set]; without the method level when off
+            sets = sets.setdefault(method, {})
+        if len(sets) >= _KEYED_INNER_MAX:
+            sets.clear()
+        sets[cur] = ls
+    return token
 
 
 _ASGI = object()  # (markers: the keys of the pushes' cache never meet those of labels())
 _WSGI = object()
+if _CLabels is not None and native_slot is not None:
+    native_slot.asgi_setup(_VAR, _keyed, _asgi_miss, asgi_route, _cache_key)
 
 
 def _kv(key: str, route: object, method: object) -> Dict[str, object]:

@@ -23,6 +23,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 
 #include <pthread.h>
 #include <stdatomic.h>
@@ -32,6 +33,13 @@
 #include <unistd.h>
 
 #include "asprof_ctx.h"
+
+#if PY_VERSION_HEX < 0x030A0000
+static inline PyObject *Py_NewRef(PyObject *o) {
+    Py_INCREF(o);
+    return o;
+}
+#endif
 
 typedef struct {
     volatile uint32_t label;
@@ -268,22 +276,60 @@ static int run_direct(PyObject *self, PyObject *ctx) {
     return 1;
 }
 
-static PyObject *c_handle_run(PyObject *self, PyObject *noargs) {
-    PyObject *orig = run_orig, *record = run_record, *fail = run_fail;
-    if (orig == NULL) Py_RETURN_NONE;
-    Py_INCREF(orig);
-    Py_XINCREF(record);
-    Py_XINCREF(fail);
-    ctx_slot *s = &slot;
-    PyObject *ctx = PyObject_GetAttr(self, str_context);
-    uint32_t id = 0;
-    if (ctx == NULL) {
+/* Handle's attributes read from its slots (asyncio.events.Handle has __slots__: member
+   descriptors at fixed offsets) instead of three attribute lookups per step; for Handle and the
+   subclasses whose three attributes are Handle's own slots (TimerHandle), else the lookups. */
+static Py_ssize_t off_context = -1, off_callback = -1, off_args = -1;
+#define FAST_TYPES 4
+static PyTypeObject *fast_types[FAST_TYPES], *slow_types[FAST_TYPES];
+
+static Py_ssize_t member_offset(PyObject *type, const char *name) {
+    PyObject *d = PyObject_GetAttrString(type, name);
+    if (d == NULL) {
         PyErr_Clear();
-    } else {
-        PyObject *ls = PyObject_CallMethodOneArg(ctx, str_get, run_var);
-        if (ls == NULL) {
+        return -1;
+    }
+    Py_ssize_t off = -1;
+    if (Py_TYPE(d) == &PyMemberDescr_Type) {
+        PyMemberDef *m = ((PyMemberDescrObject *)d)->d_member;
+        if (m->type == T_OBJECT_EX && !(m->flags & READONLY)) off = m->offset;
+    }
+    Py_DECREF(d);
+    return off;
+}
+
+static int fast_handle(PyTypeObject *tp) {
+    for (int i = 0; i < FAST_TYPES; i++) {
+        if (fast_types[i] == tp) return 1;
+        if (slow_types[i] == tp) return 0;
+    }
+    PyObject *t = (PyObject *)tp;
+    int ok = off_args >= 0 && member_offset(t, "_context") == off_context &&
+             member_offset(t, "_callback") == off_callback && member_offset(t, "_args") == off_args;
+    PyTypeObject **cache = ok ? fast_types : slow_types;
+    for (int i = 0; i < FAST_TYPES; i++) {
+        if (cache[i] == NULL) {
+            Py_INCREF(t);
+            cache[i] = tp;
+            break;
+        }
+    }
+    return ok;
+}
+
+#define SLOT_AT(o, off) (*(PyObject **)((char *)(o) + (off)))
+
+/* The step of a plain handle run here: enter its Context, the slot gets the Context's labels,
+   the callback, exit (what Context.run does). 1 done, 0 failed (exception set). */
+static int run_fast(PyObject *ctx, PyObject *cb, PyObject *args) {
+    ctx_slot *s = &slot;
+    uint32_t id = 0;
+    int entered = PyContext_Enter(ctx) == 0;
+    if (entered) {
+        PyObject *ls = NULL;
+        if (PyContextVar_Get(run_var, NULL, &ls) < 0) {
             PyErr_Clear();
-        } else {
+        } else if (ls != NULL) {
             if (ls != Py_None && label_arg(ls, &id) != 0) {
                 PyErr_Clear();
                 id = 0;
@@ -291,15 +337,67 @@ static PyObject *c_handle_run(PyObject *self, PyObject *noargs) {
             Py_DECREF(ls);
         }
     }
-    put_pair(id, id && ctx != NULL ? (uintptr_t)ctx : 0);  /* an identity only: never dereferenced */
+    put_pair(id, id ? (uintptr_t)ctx : 0); /* an identity only: never dereferenced */
     s->step_samples = s->samples;
     s->step_label = id;
     s->step_start = mono_ns();
-    /* with a fail handler: the step run here (no Python frame for _run); an exception other than
-       SystemExit / KeyboardInterrupt goes to fail(orig, handle, exc), which hands it to the
-       original _run's own handling (the loop's exception handler, as without the hook) */
-    int done = fail != NULL ? run_direct(self, ctx) : -1;
-    Py_XDECREF(ctx);  /* the handle keeps its Context alive for the step */
+    if (!entered) return 0; /* (as Context.run: "cannot enter context", to the loop's handler) */
+    PyObject *r = PyObject_Vectorcall(cb, &PyTuple_GET_ITEM(args, 0), (size_t)PyTuple_GET_SIZE(args), NULL);
+    if (PyContext_Exit(ctx) < 0) Py_CLEAR(r);
+    if (r == NULL) return 0;
+    Py_DECREF(r);
+    return 1;
+}
+
+static PyObject *c_handle_run(PyObject *self, PyObject *noargs) {
+    PyObject *orig = run_orig, *record = run_record, *fail = run_fail;
+    if (orig == NULL) Py_RETURN_NONE;
+    Py_INCREF(orig);
+    Py_XINCREF(record);
+    Py_XINCREF(fail);
+    ctx_slot *s = &slot;
+    int done = -1;
+    if (fail != NULL && off_args >= 0 && fast_handle(Py_TYPE(self))) {
+        PyObject *ctx = SLOT_AT(self, off_context), *cb = SLOT_AT(self, off_callback),
+                 *args = SLOT_AT(self, off_args);
+        if (ctx != NULL && cb != NULL && args != NULL && PyContext_CheckExact(ctx) && PyTuple_CheckExact(args)) {
+            /* (held: the callback may cancel its own handle, which clears them) */
+            Py_INCREF(ctx);
+            Py_INCREF(cb);
+            Py_INCREF(args);
+            done = run_fast(ctx, cb, args);
+            Py_DECREF(ctx);
+            Py_DECREF(cb);
+            Py_DECREF(args);
+        }
+    }
+    if (done < 0) {
+        PyObject *ctx = PyObject_GetAttr(self, str_context);
+        uint32_t id = 0;
+        if (ctx == NULL) {
+            PyErr_Clear();
+        } else {
+            PyObject *ls = PyObject_CallMethodOneArg(ctx, str_get, run_var);
+            if (ls == NULL) {
+                PyErr_Clear();
+            } else {
+                if (ls != Py_None && label_arg(ls, &id) != 0) {
+                    PyErr_Clear();
+                    id = 0;
+                }
+                Py_DECREF(ls);
+            }
+        }
+        put_pair(id, id && ctx != NULL ? (uintptr_t)ctx : 0); /* an identity only: never dereferenced */
+        s->step_samples = s->samples;
+        s->step_label = id;
+        s->step_start = mono_ns();
+        /* with a fail handler: the step run here (no Python frame for _run); an exception other
+           than SystemExit / KeyboardInterrupt goes to fail(orig, handle, exc), which hands it to
+           the original _run's own handling (the loop's exception handler, as without the hook) */
+        done = fail != NULL ? run_direct(self, ctx) : -1;
+        Py_XDECREF(ctx); /* the handle keeps its Context alive for the step */
+    }
     PyObject *r;
     if (done == 1) {
         r = Py_NewRef(Py_None);
@@ -318,7 +416,7 @@ static PyObject *c_handle_run(PyObject *self, PyObject *noargs) {
     }
     Py_DECREF(orig);
     Py_XDECREF(fail);
-    if (r == NULL) {  /* SystemExit, KeyboardInterrupt: _run lets them through */
+    if (r == NULL) { /* SystemExit, KeyboardInterrupt: _run lets them through */
         Py_XDECREF(record);
         return NULL;
     }
@@ -348,6 +446,14 @@ static PyObject *c_make_run(PyObject *self, PyObject *args) {
     if (str_callback == NULL && (str_callback = PyUnicode_InternFromString("_callback")) == NULL) return NULL;
     if (str_args == NULL && (str_args = PyUnicode_InternFromString("_args")) == NULL) return NULL;
     if (str_run == NULL && (str_run = PyUnicode_InternFromString("run")) == NULL) return NULL;
+    off_context = member_offset(type, "_context");
+    off_callback = member_offset(type, "_callback");
+    off_args = member_offset(type, "_args");
+    if (off_context < 0 || off_callback < 0) off_args = -1; /* (off_args >= 0: the fast path is on) */
+    for (int i = 0; i < FAST_TYPES; i++) {
+        Py_CLEAR(fast_types[i]);
+        Py_CLEAR(slow_types[i]);
+    }
     if (fail == Py_None) {
         Py_CLEAR(run_fail);
     } else {
@@ -367,6 +473,624 @@ static PyObject *c_make_run(PyObject *self, PyObject *args) {
     return PyDescr_NewMethod((PyTypeObject *)type, &run_def);
 }
 
+/* ---- the ASGI labels middleware's call in C (asprof.context.middleware.ASGILabels) ----
+   An empty request costs tens of microseconds: a Python coroutine frame for the middleware, its
+   attribute reads and its try/finally were a few percent of it. Here the middleware's call
+   returns a small awaitable that, when first resumed (in the context that awaits it, as the
+   body of an `async def` would), pushes the request's labels (one cached lookup, a
+   ContextVar.set), calls the application and drives its awaitable, and pops the labels (the
+   ContextVar.reset) when it ends, however it ends. */
+
+/* After an iterator gave NULL: 0 and *res its return value (StopIteration's value, None when no
+   exception is set), or -1 with another exception left set. */
+static int fetch_stop_value(PyObject **res) {
+    *res = NULL;
+    if (!PyErr_Occurred()) {
+        *res = Py_NewRef(Py_None);
+        return 0;
+    }
+    if (!PyErr_ExceptionMatches(PyExc_StopIteration)) return -1;
+    PyObject *exc = take_exception();
+    if (exc == NULL) {
+        *res = Py_NewRef(Py_None);
+        return 0;
+    }
+    *res = PyObject_GetAttrString(exc, "value");
+    Py_DECREF(exc);
+    return *res != NULL ? 0 : -1;
+}
+
+#if PY_VERSION_HEX < 0x030A0000
+#define PYGEN_RETURN 0
+#define PYGEN_ERROR (-1)
+#define PYGEN_NEXT 1
+#endif
+
+static PyObject *mw_var, *mw_keyed, *mw_miss, *mw_plain, *mw_ckey;
+static PyObject *str_type, *str_http, *str_websocket, *str_route, *str_path, *str_method, *str_throw, *str_close,
+    *str_send, *str_endpoint;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *app, *route, *key, *method, *ckey;
+    vectorcallfunc vectorcall;
+    int with_method;
+} asgi_mw;
+
+typedef struct {
+    PyObject_HEAD
+    asgi_mw *mw;
+    PyObject *scope, *receive, *send; /* until started */
+    PyObject *it;                     /* the application's awaitable, as an iterator */
+    PyObject *token;                  /* the labels pushed (NULL: none) */
+    int state;                        /* 0 created, 1 started, 2 ended */
+    int running;
+    int label;                        /* an HTTP / WebSocket request: labelled */
+} asgi_call;
+
+static PyTypeObject asgi_call_type;
+
+/* send arg into an iterator: PYGEN_NEXT (*res yielded), PYGEN_RETURN (*res returned), PYGEN_ERROR */
+static int iter_send(PyObject *it, PyObject *arg, PyObject **res) {
+#if PY_VERSION_HEX >= 0x030A0000
+    return (int)PyIter_Send(it, arg, res);
+#else
+    PyObject *r;
+    if (arg == Py_None && Py_TYPE(it)->tp_iternext != NULL)
+        r = Py_TYPE(it)->tp_iternext(it);
+    else
+        r = PyObject_CallMethodObjArgs(it, str_send, arg, NULL);
+    if (r != NULL) {
+        *res = r;
+        return PYGEN_NEXT;
+    }
+    *res = NULL;
+    if (fetch_stop_value(res) == 0) return PYGEN_RETURN;
+    return PYGEN_ERROR;
+#endif
+}
+
+/* What `await o` iterates (as CPython's _PyCoro_GetAwaitableIter). */
+static PyObject *await_iter(PyObject *o) {
+    if (PyCoro_CheckExact(o)) return Py_NewRef(o);
+    unaryfunc getter = Py_TYPE(o)->tp_as_async != NULL ? Py_TYPE(o)->tp_as_async->am_await : NULL;
+    if (getter == NULL) {
+        if (PyGen_CheckExact(o)) return Py_NewRef(o); /* a @types.coroutine generator */
+        PyErr_Format(PyExc_TypeError, "'%.100s' object can't be awaited", Py_TYPE(o)->tp_name);
+        return NULL;
+    }
+    PyObject *r = getter(o);
+    if (r == NULL) return NULL;
+    if (PyCoro_CheckExact(r) || !PyIter_Check(r)) {
+        PyErr_Format(PyExc_TypeError, "__await__() returned %s of type '%.100s'",
+                     PyCoro_CheckExact(r) ? "a coroutine" : "non-iterator", Py_TYPE(r)->tp_name);
+        Py_DECREF(r);
+        return NULL;
+    }
+    return r;
+}
+
+/* scope[key] (new reference), NULL without an error when absent */
+static PyObject *scope_get(PyObject *scope, PyObject *key) {
+    if (PyDict_CheckExact(scope)) {
+        PyObject *v = PyDict_GetItemWithError(scope, key);
+        Py_XINCREF(v);
+        return v;
+    }
+    PyObject *v = PyObject_GetItem(scope, key);
+    if (v == NULL && PyErr_ExceptionMatches(PyExc_KeyError)) PyErr_Clear();
+    return v;
+}
+
+/* d[k] when d is a dict and k is there (borrowed), else NULL (no error) */
+static PyObject *dict_at(PyObject *d, PyObject *k) {
+    if (d == NULL || !PyDict_CheckExact(d)) return NULL;
+    PyObject *v = PyDict_GetItemWithError(d, k);
+    if (v == NULL) PyErr_Clear();
+    return v;
+}
+
+/* The request's labels pushed: a new token, NULL with an error set. */
+static PyObject *asgi_push(asgi_mw *mw, PyObject *scope) {
+    PyObject *route = NULL, *method;
+    if (mw->route == mw_plain) {
+        int has = PyDict_CheckExact(scope) ? PyDict_Contains(scope, str_route) : PyMapping_HasKey(scope, str_route);
+        if (has < 0) return NULL;
+        if (!has) {
+            route = scope_get(scope, str_path);
+            if (route == NULL && PyErr_Occurred()) return NULL;
+            if (route != NULL && (!PyUnicode_CheckExact(route) || PyUnicode_GET_LENGTH(route) == 0)) Py_CLEAR(route);
+        }
+    }
+    if (route == NULL && (route = PyObject_CallOneArg(mw->route, scope)) == NULL) return NULL;
+    method = mw->with_method ? scope_get(scope, str_method) : NULL;
+    if (method == NULL) {
+        if (PyErr_Occurred()) {
+            Py_DECREF(route);
+            return NULL;
+        }
+        method = Py_NewRef(Py_None);
+    }
+    PyObject *token = NULL, *ls = NULL, *cur;
+    if (PyContextVar_Get(mw_var, Py_None, &cur) < 0) goto done;
+    if (PyUnicode_CheckExact(route) && (method == Py_None || PyUnicode_CheckExact(method))) {
+        /* keyed[cache key][route]([method])[current set]: mw->ckey is one object per (key,
+           method) (hashed by address), the route's hash is the str's own (computed once) */
+        PyObject *d = dict_at(dict_at(mw_keyed, mw->ckey), route);
+        if (mw->with_method) d = dict_at(d, method);
+        ls = dict_at(d, cur);
+    }
+    Py_DECREF(cur);
+    if (ls != NULL) {
+        uint32_t id;
+        if (label_arg(ls, &id) != 0) goto done;
+        Py_INCREF(ls); /* (var.set may run code that clears the cache) */
+        token = PyContextVar_Set(mw_var, ls);
+        Py_DECREF(ls);
+        if (token != NULL) slot_follow(id);
+    } else {
+        PyObject *a[3] = {(PyObject *)mw, route, method};
+        token = PyObject_Vectorcall(mw_miss, a, 3, NULL);
+    }
+done:
+    Py_DECREF(route);
+    Py_DECREF(method);
+    return token;
+}
+
+/* The labels popped (when pushed). quiet: a failing reset is ignored (closing a request
+   abandoned in another context: that context is gone). */
+static int asgi_pop(asgi_call *c, int quiet) {
+    PyObject *token = c->token;
+    if (token == NULL) return 0;
+    c->token = NULL;
+    int bad = PyContextVar_Reset(mw_var, token);
+    Py_DECREF(token);
+    if (bad < 0) {
+        if (!quiet) return -1;
+        PyErr_Clear();
+    }
+    PyObject *cur;
+    if (PyContextVar_Get(mw_var, Py_None, &cur) < 0) return quiet ? (PyErr_Clear(), 0) : -1;
+    uint32_t id;
+    bad = label_arg(cur, &id);
+    Py_DECREF(cur);
+    if (bad != 0) return quiet ? (PyErr_Clear(), 0) : -1;
+    slot_follow(id);
+    return 0;
+}
+
+/* raise exc again, as it was (steals the reference) */
+static void give_back(PyObject *exc) {
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(exc);
+#else
+    PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(exc)), exc, PyException_GetTraceback(exc));
+#endif
+}
+
+/* The call ends with r (PYGEN_RETURN: *res its value; PYGEN_ERROR: the exception set). */
+static int asgi_end(asgi_call *c, int r, PyObject **res, int quiet) {
+    c->state = 2;
+    Py_CLEAR(c->it);
+    if (c->token == NULL) return r;
+    if (r == PYGEN_ERROR) {
+        PyObject *exc = take_exception();
+        if (asgi_pop(c, quiet) < 0) { /* as a `finally` raising: the new exception, the old as its context */
+            PyObject *exc2 = take_exception();
+            if (exc2 == NULL) {
+                exc2 = exc;
+            } else if (exc != NULL) {
+                PyException_SetContext(exc2, exc); /* steals exc */
+            }
+            if (exc2 != NULL) give_back(exc2);
+            return PYGEN_ERROR;
+        }
+        if (exc != NULL) give_back(exc);
+        return PYGEN_ERROR;
+    }
+    if (asgi_pop(c, quiet) < 0) {
+        Py_CLEAR(*res);
+        return PYGEN_ERROR;
+    }
+    return r;
+}
+
+static int asgi_start(asgi_call *c) {
+    c->state = 1;
+    PyObject *scope = c->scope, *receive = c->receive, *send = c->send;
+    c->scope = c->receive = c->send = NULL;
+    int r = 0;
+    if (c->label && (c->token = asgi_push(c->mw, scope)) == NULL) {
+        r = -1;
+    } else {
+        PyObject *a[3] = {scope, receive, send};
+        PyObject *inner = PyObject_Vectorcall(c->mw->app, a, 3, NULL);
+        if (inner != NULL) {
+            c->it = await_iter(inner);
+            Py_DECREF(inner);
+        }
+        if (c->it == NULL) {
+            PyObject *none = NULL;
+            asgi_end(c, PYGEN_ERROR, &none, 0);
+            r = -1;
+        }
+    }
+    if (r < 0) c->state = 2;
+    Py_DECREF(scope);
+    Py_DECREF(receive);
+    Py_DECREF(send);
+    return r;
+}
+
+static int asgi_send(asgi_call *c, PyObject *arg, PyObject **res) {
+    *res = NULL;
+    if (c->state == 2) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot reuse already awaited coroutine");
+        return PYGEN_ERROR;
+    }
+    if (c->running) {
+        PyErr_SetString(PyExc_ValueError, "coroutine already executing");
+        return PYGEN_ERROR;
+    }
+    if (c->state == 0) {
+        if (arg != Py_None) {
+            PyErr_SetString(PyExc_TypeError, "can't send non-None value to a just-started coroutine");
+            return PYGEN_ERROR;
+        }
+        if (asgi_start(c) < 0) return PYGEN_ERROR;
+    }
+    c->running = 1;
+    int r = iter_send(c->it, arg, res);
+    c->running = 0;
+    if (r == PYGEN_NEXT) return r;
+    return asgi_end(c, r, res, 0);
+}
+
+static PyObject *return_value(int r, PyObject *res) {
+    if (r == PYGEN_NEXT) return res;
+    if (r == PYGEN_RETURN) {
+        if (res == Py_None) {
+            Py_DECREF(res);
+            PyErr_SetNone(PyExc_StopIteration);
+            return NULL;
+        }
+        PyObject *e = PyObject_CallOneArg(PyExc_StopIteration, res);
+        Py_DECREF(res);
+        if (e != NULL) {
+            PyErr_SetObject(PyExc_StopIteration, e);
+            Py_DECREF(e);
+        }
+    }
+    return NULL;
+}
+
+static PyObject *asgi_call_iternext(PyObject *self) {
+    PyObject *res;
+    int r = asgi_send((asgi_call *)self, Py_None, &res);
+    if (r == PYGEN_RETURN && res == Py_None) { /* exhausted: no StopIteration object needed */
+        Py_DECREF(res);
+        return NULL;
+    }
+    return return_value(r, res);
+}
+
+static PyObject *asgi_call_send(PyObject *self, PyObject *arg) {
+    PyObject *res;
+    int r = asgi_send((asgi_call *)self, arg, &res);
+    return return_value(r, res);
+}
+
+#if PY_VERSION_HEX >= 0x030A0000
+static PySendResult asgi_call_am_send(PyObject *self, PyObject *arg, PyObject **res) {
+    return (PySendResult)asgi_send((asgi_call *)self, arg, res);
+}
+#endif
+
+/* raise the exception throw() was given, as thrown at a yield of this awaitable */
+static void raise_thrown(PyObject *args) {
+    PyObject *typ = PyTuple_GET_ITEM(args, 0);
+    PyObject *val = PyTuple_GET_SIZE(args) > 1 ? PyTuple_GET_ITEM(args, 1) : Py_None;
+    if (PyExceptionInstance_Check(typ))
+        PyErr_SetObject((PyObject *)Py_TYPE(typ), typ);
+    else if (PyExceptionClass_Check(typ))
+        PyErr_SetObject(typ, val);
+    else
+        PyErr_SetString(PyExc_TypeError, "exceptions must be classes or instances deriving from BaseException");
+}
+
+static PyObject *asgi_call_throw(PyObject *self, PyObject *args) {
+    asgi_call *c = (asgi_call *)self;
+    if (PyTuple_GET_SIZE(args) < 1 || PyTuple_GET_SIZE(args) > 3) {
+        PyErr_SetString(PyExc_TypeError, "throw expected 1 to 3 arguments");
+        return NULL;
+    }
+    if (c->running) {
+        PyErr_SetString(PyExc_ValueError, "coroutine already executing");
+        return NULL;
+    }
+    if (c->state == 0) { /* as a coroutine thrown into before it ran: its body never runs */
+        c->state = 2;
+        Py_CLEAR(c->scope);
+        Py_CLEAR(c->receive);
+        Py_CLEAR(c->send);
+        raise_thrown(args);
+        return NULL;
+    }
+    if (c->state == 2) {
+        raise_thrown(args);
+        return NULL;
+    }
+    PyObject *res = NULL;
+    int r;
+    PyObject *meth = PyObject_GetAttr(c->it, str_throw);
+    c->running = 1;
+    if (meth == NULL) { /* a plain iterator: the exception is raised here */
+        PyErr_Clear();
+        raise_thrown(args);
+        r = PYGEN_ERROR;
+    } else {
+        res = PyObject_Call(meth, args, NULL);
+        Py_DECREF(meth);
+        if (res != NULL)
+            r = PYGEN_NEXT;
+        else
+            r = fetch_stop_value(&res) == 0 ? PYGEN_RETURN : PYGEN_ERROR;
+    }
+    c->running = 0;
+    if (r != PYGEN_NEXT) r = asgi_end(c, r, &res, 0);
+    return return_value(r, res);
+}
+
+static PyObject *asgi_call_close(PyObject *self, PyObject *noargs) {
+    asgi_call *c = (asgi_call *)self;
+    if (c->running) {
+        PyErr_SetString(PyExc_ValueError, "coroutine already executing");
+        return NULL;
+    }
+    if (c->state != 1) {
+        c->state = 2;
+        Py_CLEAR(c->scope);
+        Py_CLEAR(c->receive);
+        Py_CLEAR(c->send);
+        Py_RETURN_NONE;
+    }
+    PyObject *res = NULL;
+    int r = PYGEN_RETURN;
+    PyObject *meth = PyObject_GetAttr(c->it, str_close);
+    if (meth == NULL) {
+        PyErr_Clear();
+    } else {
+        c->running = 1;
+        res = PyObject_CallNoArgs(meth);
+        c->running = 0;
+        Py_DECREF(meth);
+        if (res == NULL) r = PYGEN_ERROR;
+    }
+    if (res == NULL && r == PYGEN_RETURN) res = Py_NewRef(Py_None);
+    r = asgi_end(c, r, &res, 1);
+    if (r == PYGEN_ERROR) return NULL;
+    Py_XDECREF(res);
+    Py_RETURN_NONE;
+}
+
+static PyObject *asgi_call_await(PyObject *self) { return Py_NewRef(self); }
+
+static int asgi_call_traverse(PyObject *self, visitproc visit, void *arg) {
+    asgi_call *c = (asgi_call *)self;
+    Py_VISIT(c->mw);
+    Py_VISIT(c->scope);
+    Py_VISIT(c->receive);
+    Py_VISIT(c->send);
+    Py_VISIT(c->it);
+    Py_VISIT(c->token);
+    return 0;
+}
+
+static int asgi_call_clear(PyObject *self) {
+    asgi_call *c = (asgi_call *)self;
+    Py_CLEAR(c->mw);
+    Py_CLEAR(c->scope);
+    Py_CLEAR(c->receive);
+    Py_CLEAR(c->send);
+    Py_CLEAR(c->it);
+    Py_CLEAR(c->token); /* abandoned while running: its context is gone with it (not reset) */
+    return 0;
+}
+
+static void asgi_call_dealloc(PyObject *self) {
+    PyObject_GC_UnTrack(self);
+    asgi_call_clear(self);
+    PyObject_GC_Del(self);
+}
+
+static PyMethodDef asgi_call_methods[] = {
+    {"send", asgi_call_send, METH_O, "send(value): resumes the request"},
+    {"throw", asgi_call_throw, METH_VARARGS, "throw(exc): raises exc in the request"},
+    {"close", asgi_call_close, METH_NOARGS, "close(): closes the request"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyAsyncMethods asgi_call_async = {
+    .am_await = asgi_call_await,
+#if PY_VERSION_HEX >= 0x030A0000
+    .am_send = asgi_call_am_send,
+#endif
+};
+
+static PyTypeObject asgi_call_type = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "asprof.context._ctx.LabelledRequest",
+    .tp_basicsize = sizeof(asgi_call),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "An ASGI request running with its labels (what ASGILabels(app)(scope, receive, send) returns).",
+    .tp_dealloc = asgi_call_dealloc,
+    .tp_traverse = asgi_call_traverse,
+    .tp_clear = asgi_call_clear,
+    .tp_as_async = &asgi_call_async,
+    .tp_iter = PyObject_SelfIter,
+    .tp_iternext = asgi_call_iternext,
+    .tp_methods = asgi_call_methods,
+};
+
+static PyObject *asgi_mw_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+    asgi_mw *mw = (asgi_mw *)self;
+    if (PyVectorcall_NARGS(nargsf) != 3 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames) != 0)) {
+        PyErr_SetString(PyExc_TypeError, "an ASGI application takes (scope, receive, send)");
+        return NULL;
+    }
+    if (mw->app == NULL || mw->ckey == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "ASGILabels: not initialised");
+        return NULL;
+    }
+    PyObject *scope = args[0];
+    PyObject *t = scope_get(scope, str_type);
+    if (t == NULL && PyErr_Occurred()) return NULL;
+    int label = 0;
+    if (t != NULL && PyUnicode_Check(t))
+        label = t == str_http || PyUnicode_Compare(t, str_http) == 0 || PyUnicode_Compare(t, str_websocket) == 0;
+    Py_XDECREF(t);
+    asgi_call *c = PyObject_GC_New(asgi_call, &asgi_call_type);
+    if (c == NULL) return NULL;
+    c->mw = (asgi_mw *)Py_NewRef(self);
+    c->scope = Py_NewRef(scope);
+    c->receive = Py_NewRef(args[1]);
+    c->send = Py_NewRef(args[2]);
+    c->it = c->token = NULL;
+    c->state = c->running = 0;
+    c->label = label;
+    PyObject_GC_Track((PyObject *)c);
+    return (PyObject *)c;
+}
+
+static int asgi_mw_init(PyObject *self, PyObject *args, PyObject *kw) {
+    asgi_mw *mw = (asgi_mw *)self;
+    static char *names[] = {"app", "route", "key", "method", NULL};
+    PyObject *app, *route = NULL, *key = NULL, *method = Py_True;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|OUO:ASGILabels", names, &app, &route, &key, &method)) return -1;
+    if (mw_plain == NULL || mw_ckey == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "ASGILabels: import asprof.context.middleware first");
+        return -1;
+    }
+    if (route == NULL || route == Py_None) route = mw_plain;
+    if (!PyCallable_Check(route)) {
+        PyErr_SetString(PyExc_TypeError, "ASGILabels: route must be a function of the scope");
+        return -1;
+    }
+    if (key == NULL) key = str_endpoint;
+    if (PyUnicode_GET_LENGTH(key) == 0) {
+        PyErr_SetString(PyExc_ValueError, "ASGILabels: the label key must be non-empty");
+        return -1;
+    }
+    int wm = PyObject_IsTrue(method);
+    if (wm < 0) return -1;
+    PyObject *ckey = PyObject_CallFunction(mw_ckey, "OO", key, wm ? Py_True : Py_False);
+    if (ckey == NULL) return -1;
+    Py_XSETREF(mw->app, Py_NewRef(app));
+    Py_XSETREF(mw->route, Py_NewRef(route));
+    Py_XSETREF(mw->key, Py_NewRef(key));
+    Py_XSETREF(mw->method, Py_NewRef(wm ? Py_True : Py_False));
+    Py_XSETREF(mw->ckey, ckey);
+    mw->with_method = wm;
+    mw->vectorcall = asgi_mw_vectorcall;
+    return 0;
+}
+
+static int asgi_mw_traverse(PyObject *self, visitproc visit, void *arg) {
+    asgi_mw *mw = (asgi_mw *)self;
+    Py_VISIT(Py_TYPE(self)); /* a heap subclass's instances keep their type */
+    Py_VISIT(mw->app);
+    Py_VISIT(mw->route);
+    Py_VISIT(mw->key);
+    Py_VISIT(mw->method);
+    Py_VISIT(mw->ckey);
+    return 0;
+}
+
+static int asgi_mw_clear(PyObject *self) {
+    asgi_mw *mw = (asgi_mw *)self;
+    Py_CLEAR(mw->app);
+    Py_CLEAR(mw->route);
+    Py_CLEAR(mw->key);
+    Py_CLEAR(mw->method);
+    Py_CLEAR(mw->ckey);
+    return 0;
+}
+
+static void asgi_mw_dealloc(PyObject *self) {
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    asgi_mw_clear(self);
+    tp->tp_free(self);
+    if (tp->tp_flags & Py_TPFLAGS_HEAPTYPE) Py_DECREF(tp);
+}
+
+static PyMemberDef asgi_mw_members[] = {
+    {"app", T_OBJECT, offsetof(asgi_mw, app), 0, "the application"},
+    {"route", T_OBJECT, offsetof(asgi_mw, route), READONLY, "route(scope) -> the endpoint label"},
+    {"key", T_OBJECT, offsetof(asgi_mw, key), READONLY, "the label's key"},
+    {"method", T_OBJECT, offsetof(asgi_mw, method), READONLY, "whether the method is a label too"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject asgi_mw_type = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "asprof.context.middleware.ASGILabels",
+    .tp_basicsize = sizeof(asgi_mw),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_vectorcall_offset = offsetof(asgi_mw, vectorcall),
+    .tp_doc = "ASGILabels(app, route=asgi_route, key='endpoint', method=True)\n--\n\n"
+              "ASGI middleware: each HTTP / WebSocket request runs with the labels {key: route(scope)}\n"
+              "(and method, unless method=False) added to the current ones. Calling it returns an\n"
+              "awaitable that, when first awaited (in the context that awaits it), pushes the labels,\n"
+              "runs the application and pops them when it ends, however it ends. route, key and\n"
+              "method are fixed at construction; app can be replaced.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = asgi_mw_init,
+    .tp_call = PyVectorcall_Call,
+    .tp_dealloc = asgi_mw_dealloc,
+    .tp_traverse = asgi_mw_traverse,
+    .tp_clear = asgi_mw_clear,
+    .tp_members = asgi_mw_members,
+};
+
+/* asgi_setup(var, keyed, miss, plain_route, cache_key): what the middleware's calls use.
+   keyed[cache_key(key, method)] is {route: ({method: ...} when method) {current label set or
+   None: the set to push}}; miss(mw, route, method) pushes on a miss (and fills it); plain_route
+   is asgi_route (inlined here). */
+static PyObject *c_asgi_setup(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 5 || !PyDict_CheckExact(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "asgi_setup(var, dict, miss, plain_route, cache_key)");
+        return NULL;
+    }
+    Py_XSETREF(mw_ckey, Py_NewRef(args[4]));
+    Py_XSETREF(mw_var, Py_NewRef(args[0]));
+    Py_XSETREF(mw_keyed, Py_NewRef(args[1]));
+    Py_XSETREF(mw_miss, Py_NewRef(args[2]));
+    Py_XSETREF(mw_plain, Py_NewRef(args[3]));
+    Py_RETURN_NONE;
+}
+
+static int asgi_init_module(PyObject *m) {
+#define INTERN(v, s) if (v == NULL && (v = PyUnicode_InternFromString(s)) == NULL) return -1
+    INTERN(str_type, "type");
+    INTERN(str_http, "http");
+    INTERN(str_websocket, "websocket");
+    INTERN(str_route, "route");
+    INTERN(str_path, "path");
+    INTERN(str_method, "method");
+    INTERN(str_throw, "throw");
+    INTERN(str_close, "close");
+    INTERN(str_send, "send");
+    INTERN(str_endpoint, "endpoint");
+#undef INTERN
+    if (PyType_Ready(&asgi_call_type) < 0 || PyType_Ready(&asgi_mw_type) < 0) return -1;
+    Py_INCREF(&asgi_mw_type);
+    if (PyModule_AddObject(m, "ASGILabels", (PyObject *)&asgi_mw_type) < 0) {
+        Py_DECREF(&asgi_mw_type);
+        return -1;
+    }
+    return 0;
+}
+
 static void atfork_child(void) { slot.tid = 0; }
 
 static PyMethodDef methods[] = {
@@ -383,6 +1107,8 @@ static PyMethodDef methods[] = {
     {"thread_samples", c_thread_samples, METH_NOARGS, "samples recorded on this thread"},
     {"simulate_sample", c_simulate_sample, METH_NOARGS, "tests: what a handler does, outside one"},
     {"make_run", c_make_run, METH_VARARGS, "make_run(handle_type, orig, var, record) -> a Handle._run descriptor"},
+    {"asgi_setup", (PyCFunction)(void (*)(void))c_asgi_setup, METH_FASTCALL,
+     "asgi_setup(var, cache, miss, plain_route, cache_key): what ASGILabels's calls use"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -396,6 +1122,10 @@ PyMODINIT_FUNC PyInit__ctx(void) {
     PyObject *cap = PyCapsule_New(&hooks, "asprof.context._ctx._hooks", NULL);
     if (cap == NULL || PyModule_AddObject(m, "_hooks", cap) != 0) {
         Py_XDECREF(cap);
+        Py_DECREF(m);
+        return NULL;
+    }
+    if (asgi_init_module(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }
