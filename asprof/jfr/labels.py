@@ -35,6 +35,8 @@ class _Source:
     exact: Dict[Tuple[int, int], int] = field(default_factory=dict)
     by_tsc: Dict[int, List[Tuple[int, int]]] = field(default_factory=dict)
     by_mono: Dict[int, List[Tuple[int, int]]] = field(default_factory=dict)
+    at_tsc: Dict[Tuple[int, int], int] = field(default_factory=dict)  # (tid, tsc) -> label
+    at_mono: Dict[Tuple[int, int], int] = field(default_factory=dict)
     steps: List[Step] = field(default_factory=list)
     records: int = 0
     keyed: bool = False  # records carry exact join keys: a sample without one has no labels
@@ -55,10 +57,12 @@ class ContextData:
 
     def __init__(self) -> None:
         self._sources: Dict[str, _Source] = {}
+        self._rec: Optional["Recording"] = None
 
     @classmethod
     def from_recording(cls, rec: "Recording") -> "ContextData":
         self = cls()
+        self._rec = rec  # (its Python-stack records: the timestamp join, see lookup)
         for chunk in rec.chunks:
             self._add_chunk(chunk)
         for src in self._sources.values():
@@ -78,25 +82,31 @@ class ContextData:
             data = ev.get("data")
             if not isinstance(data, str):
                 continue
-            try:
-                b = data.encode("latin-1")
-                if etype == ctxevents.LABEL_SET:
-                    src.sets.update(ctxevents.decode_label_sets(b))
-                elif etype == ctxevents.SAMPLE_LABEL:
-                    for r in ctxevents.decode_sample_labels(b):
-                        src.records += 1
-                        if r.key:
-                            src.exact[(r.tid, r.key)] = r.label
-                            src.keyed = True
-                        if r.tsc:
-                            src.by_tsc.setdefault(r.tid, []).append((r.tsc, r.label))
-                        src.by_mono.setdefault(r.tid, []).append((r.mono, r.label))
-                else:
-                    src.steps.extend(ctxevents.decode_steps(b))
-            except (ValueError, IndexError, UnicodeError):
-                src.bad += 1
+            self._decode(src, etype, data)
         if src.bad:
             log.debug("asprof: %d malformed label/step events in %s", src.bad, key)
+
+    @staticmethod
+    def _decode(src: _Source, etype: str, data: str) -> None:
+        try:
+            b = data.encode("latin-1")
+            if etype == ctxevents.LABEL_SET:
+                src.sets.update(ctxevents.decode_label_sets(b))
+            elif etype == ctxevents.SAMPLE_LABEL:
+                for r in ctxevents.decode_sample_labels(b):
+                    src.records += 1
+                    if r.key:
+                        src.exact[(r.tid, r.key)] = r.label
+                        src.keyed = True
+                    if r.tsc:
+                        src.by_tsc.setdefault(r.tid, []).append((r.tsc, r.label))
+                        src.at_tsc[(r.tid, r.tsc)] = r.label
+                    src.by_mono.setdefault(r.tid, []).append((r.mono, r.label))
+                    src.at_mono[(r.tid, r.mono)] = r.label
+            else:
+                src.steps.extend(ctxevents.decode_steps(b))
+        except (ValueError, IndexError, UnicodeError):
+            src.bad += 1
 
     @property
     def has_labels(self) -> bool:
@@ -122,6 +132,13 @@ class ContextData:
                 # (A timestamp join would give an unlabelled sample the label of the next
                 # labelled one on its thread: event-loop work was counted to the request after.)
                 return None
+            # The timestamp join (async-profiler 4.0-4.4): the sample's label record, if any,
+            # has the timestamp of the Python-stack record it joins (both written from one
+            # capture); only without those records, the first label record in the window.
+            own = self._joined_time(chunk, tid, ticks, clock)
+            if own is not None:
+                lab = (src.at_mono if clock == "monotonic" else src.at_tsc).get((tid, own))
+                return (src.sets.get(lab, (("asprof.label", f"#{lab}"),)) if lab else None)
             series = (src.by_mono if clock == "monotonic" else src.by_tsc).get(tid)
             if not series:
                 return None
@@ -135,6 +152,17 @@ class ContextData:
             else:
                 return None
         return src.sets.get(lab, (("asprof.label", f"#{lab}"),)) if lab else None
+
+    def _joined_time(self, chunk: "Chunk", tid: int, ticks: int, clock: Optional[str]) -> Optional[int]:
+        if self._rec is None:
+            return None
+        from asprof.jfr.pystacks import stacks_of
+
+        try:
+            return stacks_of(self._rec).joined_time(chunk, tid, ticks, clock)
+        except Exception:  # noqa: BLE001 - a recording without readable Python stacks: the window join
+            log.debug("asprof: Python stacks unreadable for the label join", exc_info=True)
+            return None
 
     def steps(self) -> List[SourceStep]:
         """Every step of the recording, in time order."""

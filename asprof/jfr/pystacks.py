@@ -306,6 +306,15 @@ class PythonStacks:
         sid = src.exact.get((tid, ticks))
         if sid is not None:
             return self._stack(src, sid), "exact"
+        got = self._time_join(src, chunk, tid, ticks, clock)
+        if got is not None:
+            return self._stack(src, got[1]), "timestamp"
+        return None, "none"
+
+    @staticmethod
+    def _time_join(src: _Source, chunk: "Chunk", tid: int, ticks: int, clock: Optional[str]) -> Optional[Tuple[int, int]]:
+        """(time, stack id) of our record a sample without an exact key joins: the first of its
+        thread at most :data:`TIMESTAMP_WINDOW_NS` after it."""
         series = (src.by_time_mono if clock == "monotonic" else src.by_time_tsc).get(tid)
         if series:
             window = TIMESTAMP_WINDOW_NS
@@ -314,8 +323,18 @@ class PythonStacks:
                 window = int(window * tps / 1e9)
             k = bisect.bisect_left(series, (ticks, -1))
             if k < len(series) and 0 <= series[k][0] - ticks <= window:
-                return self._stack(src, series[k][1]), "timestamp"
-        return None, "none"
+                return series[k]
+        return None
+
+    def joined_time(self, chunk: "Chunk", tid: int, ticks: int, clock: Optional[str] = None) -> Optional[int]:
+        """The timestamp (tsc, or monotonic ns) of the capture record the sample of thread ``tid``
+        at ``ticks`` joins by timestamp; None when it has an exact key or joins none. A label
+        record (issue #15) of that sample has this very timestamp."""
+        src = self._sources.get(getattr(chunk, "source", ""))
+        if src is None or src.exact:
+            return None
+        got = self._time_join(src, chunk, tid, ticks, clock)
+        return got[0] if got is not None else None
 
     def stack_hook(self, rec: "Recording", mode: str = "mixed", lines: str = "definition",
                    stats: Optional[JoinStats] = None) -> Callable[["Chunk", int, int, Sequence[Frame]], Optional[Sequence[Frame]]]:

@@ -121,3 +121,43 @@ def test_longsteps(recording: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "asprof", "longsteps", str(recording), "--min", "abc"],
                        capture_output=True, text=True, env=child_env())
     assert r.returncode == 2 and "invalid duration" in r.stderr
+
+
+def test_timestamp_join_takes_the_samples_own_record() -> None:
+    """async-profiler 4.0-4.4 (no exact keys): a sample's label record has the timestamp of the
+    Python-stack record it joins; an unlabelled sample does not get the next sample's label
+    (in the 2 ms window)."""
+    from types import SimpleNamespace
+
+    from asprof.jfr import labels as jlabels
+    from asprof.jfr import pystacks
+
+    def varint(v: int) -> bytes:
+        out = bytearray()
+        while True:
+            b, v = v & 0x7F, v >> 7
+            out.append(b | (0x80 if v else 0))
+            if not v:
+                return bytes(out)
+
+    ps = pystacks.PythonStacks()
+    psrc = ps._sources.setdefault("f.jfr", pystacks._Source())
+    # our records 10 ticks after each of three samples (tsc 1000, 2000, 3000); no exact keys
+    sample = b"\x01" + b"".join(varint(7) + varint(0) + varint(t + 10) + varint(t + 10) + varint(1)
+                                for t in (1000, 2000, 3000))
+    ps._decode(psrc, "asprof.PySample", sample)
+    for lst in list(psrc.by_time_tsc.values()) + list(psrc.by_time_mono.values()):
+        lst.sort()
+    rec = SimpleNamespace(chunks=[], _asprof_pystacks=ps)
+    cd = jlabels.ContextData()
+    cd._rec = rec  # type: ignore[assignment]
+    src = cd._sources.setdefault("f.jfr", jlabels._Source())
+    for p in ctxevents.encode_sample_labels([(7, 0, 3010, 3010, 5)]):  # only the third is labelled
+        cd._decode(src, ctxevents.SAMPLE_LABEL, p.decode("latin-1"))
+    for p in ctxevents.encode_label_sets([(5, (("endpoint", "/x"),))]):
+        cd._decode(src, ctxevents.LABEL_SET, p.decode("latin-1"))
+    chunk = SimpleNamespace(source="f.jfr", ticks_per_second=1_000_000)  # window: 2000 ticks
+    assert cd.lookup(chunk, 7, 2000, "tsc") is None  # its own record (2010) has no label
+    assert cd.lookup(chunk, 7, 1000, "tsc") is None
+    assert cd.lookup(chunk, 7, 3000, "tsc") == (("endpoint", "/x"),)
+    assert cd.lookup(chunk, 7, 3000, "monotonic") == (("endpoint", "/x"),)
