@@ -1,7 +1,8 @@
 """Many asyncio tasks (and a few threads) churning labels under fast sampling (issue #15 safety).
 
-Each task repeatedly picks a kind k, sets ``asprof.labels(fn=f"work_{k}")`` and computes
-``work_k`` (a function of its own per kind), yielding to the other tasks in between. A sample
+Each task repeatedly picks a kind k, sets ``asprof.labels(fn=f"work_{k}")`` (half the tasks:
+through the ASGI labels middleware, as a request to path ``work_k``) and computes ``work_k`` (a
+function of its own per kind), yielding to the other tasks in between. A sample
 whose stack is inside ``work_j`` and whose label is ``fn=work_k`` with j != k is a label
 attributed to the wrong task: :func:`check` counts them.
 
@@ -34,18 +35,39 @@ def _make(k: int) -> Callable[[int], int]:
 WORK = [_make(k) for k in range(KINDS)]
 
 
+async def _request(scope: Dict[str, Any], receive: Any, send: Any) -> None:
+    """An ASGI application: the request's work, under the middleware's label fn=<path>."""
+    k = int(scope["path"][5:])
+    for n in scope["sizes"]:
+        WORK[k](n)
+        await asyncio.sleep(0)
+
+
+_asgi: List[Any] = []
+
+
 async def task(seed: int, deadline: float) -> int:
     from asprof import labels
 
+    if not _asgi:
+        from asprof.context.middleware import ASGILabels
+
+        _asgi.append(ASGILabels(_request, key="fn", method=False))
     rnd = random.Random(seed)
     done = 0
     while time.monotonic() < deadline:
         k = rnd.randrange(KINDS)
-        with labels(fn=f"work_{k}", task=str(seed % 16)):
-            for _ in range(rnd.randrange(1, 4)):
-                WORK[k](rnd.randrange(200, 3000))
-                await asyncio.sleep(0)
+        sizes = [rnd.randrange(200, 3000) for _ in range(rnd.randrange(1, 4))]
+        if seed % 2:  # half the tasks: the labels of an ASGI request (the middleware's push and pop)
+            with labels(task=str(seed % 16)):
+                await _asgi[0]({"type": "http", "path": f"work_{k}", "sizes": sizes}, None, None)
             done += 1
+        else:
+            with labels(fn=f"work_{k}", task=str(seed % 16)):
+                for n in sizes:
+                    WORK[k](n)
+                    await asyncio.sleep(0)
+                done += 1
         await asyncio.sleep(0)
     return done
 
