@@ -17,7 +17,7 @@ context (a task per request, as ASGI servers do), the WSGI application inside
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, Iterable, Iterator, Tuple, cast
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, Iterable, Iterator, Optional, Tuple, cast
 
 import asprof.context as _context
 from asprof.context import (
@@ -64,10 +64,14 @@ class _PyASGILabels:
     """ASGI middleware: each HTTP / WebSocket request runs inside ``asprof.labels(endpoint=...)``.
     (The call in Python: the one used when the C extension is not built.)"""
 
-    def __init__(self, app: ASGIApp, route: Callable[[Scope], str] = asgi_route, key: str = "endpoint",
+    def __init__(self, app: ASGIApp, route: Optional[Callable[[Scope], str]] = None, key: str = "endpoint",
                  method: bool = True) -> None:
         if not isinstance(key, str) or not key:
             raise ValueError("ASGILabels: the label key must be a non-empty str")
+        if route is None:
+            route = asgi_route
+        elif not callable(route):
+            raise TypeError("ASGILabels: route must be a function of the scope")
         self.app = app
         self.route = route
         self.key = key

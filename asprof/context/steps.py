@@ -10,7 +10,7 @@ every callback and every task step it runs. Around each one:
   engines' signal handlers count them in the slot) or when it lasted at least the threshold
   (the wall interval: async-profiler records idle threads' wall samples without interrupting
   them, so a step blocked in a system call has no handler call). The cost of a step without
-  a sample: a few thread-local reads and two clock reads, in C.
+  a sample: a few thread-local reads and two clock reads (the second a coarse one), in C.
 
 A recorded step is (thread, start, end, samples, label set, name): the task's name and its
 coroutine for a task step, else the callback's name. Recorded steps wait in a bounded buffer

@@ -59,6 +59,35 @@ static inline uint64_t mono_ns(void) {
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
+/* CLOCK_MONOTONIC_COARSE: the same clock at the last tick (a few ns to read, against ~35 for
+   CLOCK_MONOTONIC on a VM). It lags the fine clock by up to a tick: twice its resolution is the
+   margin (0: not usable, the fine clock is read). */
+static uint64_t coarse_margin_ns;
+
+static void coarse_init(void) {
+    struct timespec res;
+    if (clock_getres(CLOCK_MONOTONIC_COARSE, &res) == 0 && res.tv_sec == 0 && res.tv_nsec > 0)
+        coarse_margin_ns = 2ull * (uint64_t)res.tv_nsec;
+}
+
+/* At the end of a step: worth recording (a sample of the thread was taken during it, or it
+   lasted at least the threshold)? Then step_end is set. A step without a sample that is surely
+   shorter than the threshold costs a coarse clock read only. */
+static inline int step_worth(ctx_slot *s) {
+    if (s->samples == s->step_samples && coarse_margin_ns != 0) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+        uint64_t c = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+        if (c + coarse_margin_ns < s->step_start + step_threshold_ns) return 0;
+    }
+    uint64_t now = mono_ns();
+    if (s->samples != s->step_samples || now - s->step_start >= step_threshold_ns) {
+        s->step_end = now;
+        return 1;
+    }
+    return 0;
+}
+
 static inline void put_pair(uint32_t label, uintptr_t ctx) {
     ctx_slot *s = &slot;
     s->ctx = 0;
@@ -181,12 +210,7 @@ static PyObject *c_enter(PyObject *self, PyObject *const *args, Py_ssize_t n) {
 
 /* leave() -> bool: the step ends; True when it is worth recording (then see last_step()). */
 static PyObject *c_leave(PyObject *self, PyObject *noargs) {
-    ctx_slot *s = &slot;
-    uint64_t now = mono_ns();
-    if (s->samples != s->step_samples || now - s->step_start >= step_threshold_ns) {
-        s->step_end = now;
-        Py_RETURN_TRUE;
-    }
+    if (step_worth(&slot)) Py_RETURN_TRUE;
     Py_RETURN_FALSE;
 }
 
@@ -422,9 +446,7 @@ static PyObject *c_handle_run(PyObject *self, PyObject *noargs) {
     }
     Py_DECREF(r);
     if (record != NULL) {
-        uint64_t now = mono_ns();
-        if (s->samples != s->step_samples || now - s->step_start >= step_threshold_ns) {
-            s->step_end = now;
+        if (step_worth(s)) {
             PyObject *x = PyObject_CallOneArg(record, self);
             if (x == NULL) PyErr_Clear();
             Py_XDECREF(x);
@@ -997,7 +1019,7 @@ static int asgi_mw_init(PyObject *self, PyObject *args, PyObject *kw) {
 
 static int asgi_mw_traverse(PyObject *self, visitproc visit, void *arg) {
     asgi_mw *mw = (asgi_mw *)self;
-    Py_VISIT(Py_TYPE(self)); /* a heap subclass's instances keep their type */
+    if (Py_TYPE(self)->tp_flags & Py_TPFLAGS_HEAPTYPE) Py_VISIT(Py_TYPE(self)); /* a subclass's instances keep it */
     Py_VISIT(mw->app);
     Py_VISIT(mw->route);
     Py_VISIT(mw->key);
@@ -1037,9 +1059,10 @@ static PyTypeObject asgi_mw_type = {
     .tp_basicsize = sizeof(asgi_mw),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
     .tp_vectorcall_offset = offsetof(asgi_mw, vectorcall),
-    .tp_doc = "ASGILabels(app, route=asgi_route, key='endpoint', method=True)\n--\n\n"
+    .tp_doc = "ASGILabels(app, route=None, key='endpoint', method=True)\n--\n\n"
               "ASGI middleware: each HTTP / WebSocket request runs with the labels {key: route(scope)}\n"
-              "(and method, unless method=False) added to the current ones. Calling it returns an\n"
+              "and, unless method=False, its method, added to the current ones (route None: asgi_route,\n"
+              "the route template when the scope has one, else the path). Calling it returns an\n"
               "awaitable that, when first awaited (in the context that awaits it), pushes the labels,\n"
               "runs the application and pops them when it ends, however it ends. route, key and\n"
               "method are fixed at construction; app can be replaced.",
@@ -1125,6 +1148,7 @@ PyMODINIT_FUNC PyInit__ctx(void) {
         Py_DECREF(m);
         return NULL;
     }
+    coarse_init();
     if (asgi_init_module(m) < 0) {
         Py_DECREF(m);
         return NULL;

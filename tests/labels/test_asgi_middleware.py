@@ -57,6 +57,20 @@ def test_the_c_call_is_the_one_used_where_built() -> None:
     m = mw.ASGILabels(lambda s, r, se: None)
     assert (m.key, m.method, m.route) == ("endpoint", True, mw.asgi_route)
     assert mw.ASGILabels.__module__ == "asprof.context.middleware"
+    import inspect
+
+    assert list(inspect.signature(mw.ASGILabels).parameters) == ["app", "route", "key", "method"]
+
+    class Sub(mw.ASGILabels):  # type: ignore[misc,valid-type]
+        pass
+
+    seen: List[Dict[str, str]] = []
+
+    async def app(scope: Dict[str, Any], receive: Any, send: Any) -> None:
+        seen.append(slot())
+
+    asyncio.run(Sub(app, method=False)(http("/sub"), None, None))
+    assert seen == [{"endpoint": "/sub"}]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -193,6 +207,9 @@ def test_route_function_and_key(impl: Any) -> None:
     assert seen == [{"route": "/users/{id}"}] * 2 + [{"route": "/other"}]
     with pytest.raises(ValueError):
         impl(app, key="")
+    with pytest.raises(TypeError):
+        impl(app, route="/fixed")
+    assert impl(app, route=None).route is mw.asgi_route
 
 
 @pytest.mark.parametrize("impl", IMPLS)
