@@ -384,15 +384,25 @@ def push_keyed(key: Any, kv: Dict[str, object]) -> "contextvars.Token[Optional[L
         return _apply(_merged(cur, _with_span(kv)))
     ls = _merged(cur, kv)
     if key is not None and ls is not registry.overflow:
-        inner = _keyed.get(key)
-        if inner is None:
-            if len(_keyed) >= _KEYED_MAX:
-                _keyed.clear()
-            inner = _keyed[key] = {}
-        if len(inner) >= _KEYED_INNER_MAX:
-            inner.clear()
-        inner[cur] = ls
+        _put_bounded(_child(_keyed, key, _KEYED_MAX), cur, ls, _KEYED_INNER_MAX)
     return _apply(ls)
+
+
+def _child(d: Dict[Any, Any], key: Any, cap: int) -> Dict[Any, Any]:
+    """``d[key]``, a dict, created when missing (``d`` emptied first when it holds ``cap``)."""
+    got = d.get(key)
+    if got is None:
+        if len(d) >= cap:
+            d.clear()
+        got = d[key] = {}
+    return got
+
+
+def _put_bounded(d: Dict[Any, Any], key: Any, value: Any, cap: int) -> None:
+    """``d[key] = value``, ``d`` emptied first when it holds ``cap``."""
+    if len(d) >= cap:
+        d.clear()
+    d[key] = value
 
 
 def push(kv: Dict[str, object]) -> "contextvars.Token[Optional[LabelSet]]":

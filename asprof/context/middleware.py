@@ -24,9 +24,11 @@ from asprof.context import (
     _KEYED_INNER_MAX,
     _KEYED_MAX,
     _VAR,
+    _child,
     _keyed,
     _pop_token,
     _push_cached,
+    _put_bounded,
     native_slot,
     push_keyed,
     registry,
@@ -147,21 +149,12 @@ def _asgi_miss(mw: Any, route: Any, method: Any) -> Any:
     ls = _VAR.get()
     if (_context._span_of is None and ls is not registry.overflow and route.__class__ is str
             and (method is None or method.__class__ is str)):
-        keyed = cast(Dict[Any, Dict[Any, Any]], _keyed)
-        ckey = _cache_key(key, mw.method)
-        routes = keyed.get(ckey)
-        if routes is None:
-            if len(keyed) >= _KEYED_MAX:
-                keyed.clear()
-            routes = keyed[ckey] = {}
-        if len(routes) >= _KEYED_MAX:
-            routes.clear()
-        sets = routes.setdefault(route, {})
-        if mw.method:  # keyed[ckey][route][method][current set]; without the method level when off
-            sets = sets.setdefault(method, {})
-        if len(sets) >= _KEYED_INNER_MAX:
-            sets.clear()
-        sets[cur] = ls
+        # keyed[cache key][route]([method])[current set]: without the method level when off
+        routes = _child(cast(Dict[Any, Any], _keyed), _cache_key(key, mw.method), _KEYED_MAX)
+        sets = _child(routes, route, _KEYED_MAX)
+        if mw.method:
+            sets = _child(sets, method, _KEYED_INNER_MAX)
+        _put_bounded(sets, cur, ls, _KEYED_INNER_MAX)
     return token
 
 
