@@ -27,7 +27,6 @@ from asprof.context import (
     _child,
     _keyed,
     _pop_token,
-    _push_cached,
     _put_bounded,
     native_slot,
     push_keyed,
@@ -96,12 +95,7 @@ class _PyASGILabels:
         method = scope.get("method") if self.method else None
         if method is not None and method.__class__ is not str:
             method = str(method)
-        # the request's labels in one C call when this (route, method) was seen with the current
-        # labels before (else computed and cached: push_keyed)
-        key = (_ASGI, self.key, route, method)
-        token = _push_cached(_VAR, _keyed, key)
-        if token is None:
-            token = push_keyed(key, _kv(self.key, route, method))
+        token = push_keyed((_ASGI, self.key, route, method), _kv(self.key, route, method))
         try:
             result = await self.app(scope, receive, send)
         except GeneratorExit:  # closed: maybe an abandoned request collected in another context
@@ -145,10 +139,9 @@ def _asgi_miss(mw: Any, route: Any, method: Any) -> Any:
     if method is not None and method.__class__ is not str:
         method = str(method)
     cur = _VAR.get()
-    token = push_keyed((_ASGI, key, route, method), _kv(key, route, method))
+    token = push_keyed(None, _kv(key, route, method))  # (cached below, where the C call looks)
     ls = _VAR.get()
-    if (_context._span_of is None and ls is not registry.overflow and route.__class__ is str
-            and (method is None or method.__class__ is str)):
+    if _context._span_of is None and ls is not registry.overflow:
         # keyed[cache key][route]([method])[current set]: without the method level when off
         routes = _child(cast(Dict[Any, Any], _keyed), _cache_key(key, mw.method), _KEYED_MAX)
         sets = _child(routes, route, _KEYED_MAX)
@@ -186,9 +179,7 @@ class WSGILabels:
         route = self.route(environ)
         method = environ.get("REQUEST_METHOD") if self.method else None
         key = (_WSGI, self.key, route, method)
-        token = _push_cached(_VAR, _keyed, key)
-        if token is None:
-            token = push_keyed(key, _kv(self.key, route, method))
+        token = push_keyed(key, _kv(self.key, route, method))
         try:
             result = self.app(environ, start_response)
         finally:

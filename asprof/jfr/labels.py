@@ -19,6 +19,7 @@ from asprof.jfrio.ctxevents import Step
 if TYPE_CHECKING:  # pragma: no cover
     from asprof.jfr.chunk import Chunk
     from asprof.jfr.chunk import RecordingLike as Recording
+    from asprof.jfr.pystacks import PythonStacks
 
 __all__ = ["ContextData", "LabelPairs", "context_of", "parse_where", "Step", "SourceStep"]
 
@@ -58,6 +59,7 @@ class ContextData:
     def __init__(self) -> None:
         self._sources: Dict[str, _Source] = {}
         self._rec: Optional["Recording"] = None
+        self._stacks: Optional["PythonStacks"] = None  # stacks_of(_rec), once needed
 
     @classmethod
     def from_recording(cls, rec: "Recording") -> "ContextData":
@@ -156,10 +158,12 @@ class ContextData:
     def _joined_time(self, chunk: "Chunk", tid: int, ticks: int, clock: Optional[str]) -> Optional[int]:
         if self._rec is None:
             return None
-        from asprof.jfr.pystacks import stacks_of
-
         try:
-            return stacks_of(self._rec).joined_time(chunk, tid, ticks, clock)
+            if self._stacks is None:
+                from asprof.jfr.pystacks import stacks_of
+
+                self._stacks = stacks_of(self._rec)
+            return self._stacks.joined_time(chunk, tid, ticks, clock)
         except Exception:  # noqa: BLE001 - a recording without readable Python stacks: the window join
             log.debug("asprof: Python stacks unreadable for the label join", exc_info=True)
             return None

@@ -143,6 +143,49 @@ static inline void slot_follow(uint32_t id) {
     if (id != 0 && slot.step_label == 0) slot.step_label = id;
 }
 
+/* var.set(ls) (ls: a label set from the pushes' caches) and the slot follows: the new Token. */
+static PyObject *push_set(PyObject *var, PyObject *ls) {
+    uint32_t id;
+    if (label_arg(ls, &id) != 0) return NULL;
+    Py_INCREF(ls); /* (var.set may run code that clears the cache holding it) */
+    PyObject *token = PyContextVar_Set(var, ls);
+    Py_DECREF(ls);
+    if (token != NULL) slot_follow(id);
+    return token;
+}
+
+/* The slot follows var's value in the current Context (after a reset): 0, or -1 with an error. */
+static int follow_var(PyObject *var) {
+    PyObject *cur;
+    if (PyContextVar_Get(var, Py_None, &cur) < 0) return -1;
+    uint32_t id;
+    int bad = label_arg(cur, &id);
+    Py_DECREF(cur);
+    if (bad != 0) return -1;
+    slot_follow(id);
+    return 0;
+}
+
+/* The label-set id of a value of the label ContextVar (0: none, or not an id). */
+static uint32_t label_of(PyObject *ls) {
+    uint32_t id = 0;
+    if (ls != Py_None && label_arg(ls, &id) != 0) {
+        PyErr_Clear();
+        id = 0;
+    }
+    return id;
+}
+
+/* A step starts: the slot gets its labels and Context (an identity only: never dereferenced),
+   the thread's sample count and the time. */
+static inline void step_begin(uint32_t id, uintptr_t ctx) {
+    ctx_slot *s = &slot;
+    put_pair(id, id ? ctx : 0);
+    s->step_samples = s->samples;
+    s->step_label = id;
+    s->step_start = mono_ns();
+}
+
 /* push_cached(var, cache, key) -> Token, or None: the fast path of asprof.context's push. cache
    is {key: {current label set or None: the label set to push}} (filled by the Python side); on a
    hit: var.set(that set) and the slot follows; a miss changes nothing (the caller computes). */
@@ -165,14 +208,7 @@ static PyObject *c_push_cached(PyObject *self, PyObject *const *args, Py_ssize_t
         if (PyErr_Occurred()) return NULL;
         Py_RETURN_NONE;
     }
-    uint32_t id;
-    if (label_arg(ls, &id) != 0) return NULL;
-    Py_INCREF(ls);  /* (var.set may run code that clears the cache) */
-    PyObject *token = PyContextVar_Set(args[0], ls);
-    Py_DECREF(ls);
-    if (token == NULL) return NULL;
-    slot_follow(id);
-    return token;
+    return push_set(args[0], ls);
 }
 
 /* pop_token(var, token): var.reset(token), and the slot follows. */
@@ -181,14 +217,7 @@ static PyObject *c_pop_token(PyObject *self, PyObject *const *args, Py_ssize_t n
         PyErr_SetString(PyExc_TypeError, "pop_token(var, token)");
         return NULL;
     }
-    if (PyContextVar_Reset(args[0], args[1]) < 0) return NULL;
-    PyObject *cur;
-    if (PyContextVar_Get(args[0], Py_None, &cur) < 0) return NULL;
-    uint32_t id;
-    int bad = label_arg(cur, &id);
-    Py_DECREF(cur);
-    if (bad != 0) return NULL;
-    slot_follow(id);
+    if (PyContextVar_Reset(args[0], args[1]) < 0 || follow_var(args[0]) < 0) return NULL;
     Py_RETURN_NONE;
 }
 
@@ -200,11 +229,7 @@ static PyObject *c_enter(PyObject *self, PyObject *const *args, Py_ssize_t n) {
     }
     uint32_t id;
     if (label_arg(args[1], &id) != 0) return NULL;
-    ctx_slot *s = &slot;
-    put_pair(id, id && args[0] != Py_None ? (uintptr_t)args[0] : 0);
-    s->step_samples = s->samples;
-    s->step_label = id;
-    s->step_start = mono_ns();
+    step_begin(id, args[0] != Py_None ? (uintptr_t)args[0] : 0);
     Py_RETURN_NONE;
 }
 
@@ -346,7 +371,6 @@ static int fast_handle(PyTypeObject *tp) {
 /* The step of a plain handle run here: enter its Context, the slot gets the Context's labels,
    the callback, exit (what Context.run does). 1 done, 0 failed (exception set). */
 static int run_fast(PyObject *ctx, PyObject *cb, PyObject *args) {
-    ctx_slot *s = &slot;
     uint32_t id = 0;
     int entered = PyContext_Enter(ctx) == 0;
     if (entered) {
@@ -354,17 +378,11 @@ static int run_fast(PyObject *ctx, PyObject *cb, PyObject *args) {
         if (PyContextVar_Get(run_var, NULL, &ls) < 0) {
             PyErr_Clear();
         } else if (ls != NULL) {
-            if (ls != Py_None && label_arg(ls, &id) != 0) {
-                PyErr_Clear();
-                id = 0;
-            }
+            id = label_of(ls);
             Py_DECREF(ls);
         }
     }
-    put_pair(id, id ? (uintptr_t)ctx : 0); /* an identity only: never dereferenced */
-    s->step_samples = s->samples;
-    s->step_label = id;
-    s->step_start = mono_ns();
+    step_begin(id, (uintptr_t)ctx);
     if (!entered) return 0; /* (as Context.run: "cannot enter context", to the loop's handler) */
     PyObject *r = PyObject_Vectorcall(cb, &PyTuple_GET_ITEM(args, 0), (size_t)PyTuple_GET_SIZE(args), NULL);
     if (PyContext_Exit(ctx) < 0) Py_CLEAR(r);
@@ -405,17 +423,11 @@ static PyObject *c_handle_run(PyObject *self, PyObject *noargs) {
             if (ls == NULL) {
                 PyErr_Clear();
             } else {
-                if (ls != Py_None && label_arg(ls, &id) != 0) {
-                    PyErr_Clear();
-                    id = 0;
-                }
+                id = label_of(ls);
                 Py_DECREF(ls);
             }
         }
-        put_pair(id, id && ctx != NULL ? (uintptr_t)ctx : 0); /* an identity only: never dereferenced */
-        s->step_samples = s->samples;
-        s->step_label = id;
-        s->step_start = mono_ns();
+        step_begin(id, (uintptr_t)ctx);
         /* with a fail handler: the step run here (no Python frame for _run); an exception other
            than SystemExit / KeyboardInterrupt goes to fail(orig, handle, exc), which hands it to
            the original _run's own handling (the loop's exception handler, as without the hook) */
@@ -644,12 +656,7 @@ static PyObject *asgi_push(asgi_mw *mw, PyObject *scope) {
     }
     Py_DECREF(cur);
     if (ls != NULL) {
-        uint32_t id;
-        if (label_arg(ls, &id) != 0) goto done;
-        Py_INCREF(ls); /* (var.set may run code that clears the cache) */
-        token = PyContextVar_Set(mw_var, ls);
-        Py_DECREF(ls);
-        if (token != NULL) slot_follow(id);
+        token = push_set(mw_var, ls);
     } else {
         PyObject *a[3] = {(PyObject *)mw, route, method};
         token = PyObject_Vectorcall(mw_miss, a, 3, NULL);
@@ -668,18 +675,12 @@ static int asgi_pop(asgi_call *c, int quiet) {
     c->token = NULL;
     int bad = PyContextVar_Reset(mw_var, token);
     Py_DECREF(token);
-    if (bad < 0) {
-        if (!quiet) return -1;
+    if (bad == 0) bad = follow_var(mw_var);
+    if (bad < 0 && quiet) {
         PyErr_Clear();
+        return follow_var(mw_var) < 0 ? (PyErr_Clear(), 0) : 0;
     }
-    PyObject *cur;
-    if (PyContextVar_Get(mw_var, Py_None, &cur) < 0) return quiet ? (PyErr_Clear(), 0) : -1;
-    uint32_t id;
-    bad = label_arg(cur, &id);
-    Py_DECREF(cur);
-    if (bad != 0) return quiet ? (PyErr_Clear(), 0) : -1;
-    slot_follow(id);
-    return 0;
+    return bad;
 }
 
 /* raise exc again, as it was (steals the reference) */
